@@ -1,0 +1,200 @@
+"""The `runjobs` command line: parses options, prints, and maps errors to exit codes.
+
+Exit codes: 0 every job succeeded; 1 a job failed or was cancelled; 2 a usage, spec or
+data error, an output directory that cannot be used, a cluster that cannot be reached
+or cannot meet the request (nothing was started); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from jobs.spec import FRAMEWORKS, OPTIMIZERS, PRESETS, Overrides, SpecError, parse_point
+
+EXIT_OK = 0
+EXIT_JOBS_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class RunjobsGroup(click.Group):
+    """A group whose errors are one line on stderr: `runjobs: error: ...`, no usage dump."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as error:
+            hint = f" (see '{error.ctx.command_path} --help')" if error.ctx is not None else ""
+            click.echo(f"runjobs: error: {error.format_message()}{hint}", err=True)
+            code = EXIT_USAGE
+        except click.ClickException as error:
+            click.echo(f"runjobs: error: {error.format_message()}", err=True)
+            code = error.exit_code
+        except click.Abort:
+            click.echo("runjobs: interrupted", err=True)
+            code = EXIT_INTERRUPTED
+        code = code if isinstance(code, int) else EXIT_OK
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+class InputError(click.ClickException):
+    """Bad input found before anything started."""
+
+    exit_code = EXIT_USAGE
+
+
+@click.group(cls=RunjobsGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="runjobs")
+def cli() -> None:
+    """Run TensorFlow and PyTorch training jobs as Ray tasks and compare them in one report.
+
+    Exit codes: 0 all jobs succeeded, 1 a job failed, 2 bad input or an unusable
+    cluster (nothing started), 130 interrupted.
+    """
+
+
+@cli.command()
+@click.option(
+    "--framework",
+    "frameworks",
+    multiple=True,
+    type=click.Choice(FRAMEWORKS),
+    help="Framework to run; repeat for several. Default: both.",
+)
+@click.option(
+    "--preset",
+    type=click.Choice(PRESETS),
+    help="article: the source article's exact settings (Keras defaults for TensorFlow).",
+)
+@click.option("--epochs", type=int, help="Passes over the data. Default 500.")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), help="Default adam.")
+@click.option("--lr", type=float, help="Learning rate. Default 0.01.")
+@click.option("--batch-size", type=int, help="Rows per step. Default: the full data.")
+@click.option("--seed", type=int, help="Seed for initialisation and shuffling. Default 0.")
+@click.option("--init", help="Initial parameters: framework, zeros or a number. Default zeros.")
+@click.option(
+    "--data", help="article, PATH.csv or synthetic:rows=N,features=K,noise=S,seed=R. Default article."
+)
+@click.option(
+    "--normalize/--no-normalize",
+    default=None,
+    help="Standardise features and target for training; parameters are reported in original units.",
+)
+@click.option(
+    "--predict",
+    "predictions",
+    multiple=True,
+    metavar="X",
+    help="Input to predict, e.g. 1800 (comma-separated for several features); repeatable. "
+    "Default: 1800 on the article data.",
+)
+@click.option(
+    "--gpus-per-job",
+    type=float,
+    help="GPUs per job (0, a fraction, or 1). Default: 1 where the cluster has GPUs, else 0.",
+)
+@click.option(
+    "--allow-cpu-fallback",
+    is_flag=True,
+    default=None,
+    help="Train on the CPU when Ray assigned a GPU that CUDA cannot use, instead of failing.",
+)
+@click.option(
+    "--address",
+    envvar="RAY_ADDRESS",
+    show_envvar=True,
+    help="Running Ray cluster (HOST:PORT, ray://HOST:10001 or auto). Default: an embedded local Ray.",
+)
+@click.option("--output", type=click.Path(path_type=Path), help="Output directory. Default runs/<run-id>.")
+@click.option(
+    "--set",
+    "assignments",
+    multiple=True,
+    metavar="[FRAMEWORK.]KEY=VALUE",
+    help="Set any job field, e.g. --set epochs=200 or --set torch.lr=0.05; repeatable, applied last.",
+)
+def submit(
+    frameworks,
+    preset,
+    epochs,
+    optimizer,
+    lr,
+    batch_size,
+    seed,
+    init,
+    data,
+    normalize,
+    predictions,
+    gpus_per_job,
+    allow_cpu_fallback,
+    address,
+    output,
+    assignments,
+) -> None:
+    """Train each framework's house-price model as a Ray task and print one comparison.
+
+    With no options: the built-in comparison, TensorFlow and PyTorch on the article's
+    10 houses, 500 epochs, full batch, Adam lr 0.01, both starting from zeros. Fields
+    are layered: defaults, then --preset, then the options, then --set.
+
+    Writes report.json, report.csv and report.md to the output directory and exits 0
+    when every job succeeded, 1 when any failed, 2 on bad input (nothing started).
+    """
+    from jobs.submit import SubmitRequest
+    from jobs.submit import submit as run_submit
+
+    try:
+        overrides = Overrides()
+        flags = dict(
+            epochs=epochs,
+            optimizer=optimizer,
+            lr=lr,
+            batch_size=batch_size,
+            seed=seed,
+            init=init,
+            data=data,
+            normalize=normalize,
+            gpus_per_job=gpus_per_job,
+            allow_cpu_fallback=allow_cpu_fallback,
+        )
+        overrides.common.update({key: value for key, value in flags.items() if value is not None})
+        if predictions:
+            overrides.common["predict"] = tuple(parse_point(text) for text in predictions)
+        for assignment in assignments:
+            overrides.add_assignment(assignment)
+        request = SubmitRequest(tuple(frameworks), overrides, preset, address, output)
+        outcome = run_submit(request, say=_say)
+    except (SpecError, ValueError, RuntimeError) as error:
+        if not _is_input_error(error):
+            raise
+        raise InputError(str(error)) from None
+
+    from jobs.report import render_table
+
+    click.echo(render_table(outcome.report), nl=False)
+    click.echo(f"report: {outcome.output_dir / 'report.json'} (also report.csv, report.md)")
+    click.get_current_context().exit(outcome.exit_code)
+
+
+def _is_input_error(error: Exception) -> bool:
+    from jobs.cluster import ClusterUnreachableError, ResourceRequestError
+    from jobs.output import OutputError
+    from workers.data import DataError
+
+    return isinstance(
+        error, (SpecError, DataError, OutputError, ClusterUnreachableError, ResourceRequestError)
+    )
+
+
+def _say(message: str) -> None:
+    click.echo(f"[{time.strftime('%H:%M:%S')}] {message}", err=True)
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,174 @@
+"""Connecting to Ray: an embedded local instance, or a running cluster by address.
+
+`--address` (or RAY_ADDRESS) names a running cluster: `HOST:PORT` for its GCS (as
+`ray start --head` prints), `ray://HOST:10001` for Ray Client, or `auto` for the
+cluster started on this machine. Without either, runjobs starts an embedded local Ray
+and shuts it down afterwards. A cluster with token authentication (Ray's default for
+clusters started with `ray start`) needs its token: on the head's machine Ray reads
+~/.ray/auth_token; elsewhere copy that file there or set RAY_AUTH_TOKEN.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+# How long to keep trying a cluster's port before giving up on it (a head that is
+# still starting takes a few seconds to listen); RUNJOBS_CONNECT_TIMEOUT_S overrides it.
+REACH_TIMEOUT_S = 15.0
+
+
+class ClusterUnreachableError(RuntimeError):
+    """No Ray cluster answers at the given address."""
+
+
+class ResourceRequestError(ValueError):
+    """The jobs ask for more than the cluster has."""
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    address: str
+    embedded: bool
+    nodes: int
+    cpus: float
+    gpus: float
+    largest_node_gpus: float
+
+    def to_record(self) -> dict:
+        return {
+            "address": self.address,
+            "embedded": self.embedded,
+            "nodes": self.nodes,
+            "cpus": self.cpus,
+            "gpus": self.gpus,
+        }
+
+
+@contextmanager
+def connected(address: str | None) -> Iterator[ClusterInfo]:
+    """Connect for the duration of the block; shut down only what this call started."""
+    import ray
+
+    if ray.is_initialized():
+        # A caller (a test session, a notebook) already owns a connection: use it as is.
+        yield describe_cluster(embedded=False)
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        if address.startswith(("http://", "https://")):
+            raise ClusterUnreachableError(
+                f"{address} is a Ray Jobs (dashboard) address; pass the cluster's GCS address "
+                "(HOST:6379), ray://HOST:10001 or auto"
+            )
+        if address != "auto":
+            wait_until_reachable(address)
+        present_token_if_available()
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError, ValueError) as error:
+            raise ClusterUnreachableError(
+                f"cannot connect to the Ray cluster at {address}: {_first_line(error)}; if the cluster "
+                "uses token authentication, give its token in RAY_AUTH_TOKEN or ~/.ray/auth_token"
+            ) from None
+    else:
+        # Workers' output goes to Ray's log files; the driver prints its own summary.
+        # ERROR keeps Ray's notice that a local instance uses token auth off every run.
+        # address="local" starts a new instance even where `ray start` left one running
+        # (a bare ray.init() would join that one instead).
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    try:
+        yield describe_cluster(embedded=not address)
+    finally:
+        ray.shutdown()
+
+
+def present_token_if_available() -> None:
+    """Send the cluster's token when this machine has one.
+
+    Ray turns token authentication on by default for clusters it starts, but a client
+    that connects by explicit address sends no token unless RAY_AUTH_MODE=token is set
+    (ray/_private/worker.py, ray.init). A user who has the token (RAY_AUTH_TOKEN,
+    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) expects it to be used, as `ray.init()`
+    does for a local cluster; RAY_AUTH_MODE set explicitly is always respected.
+    """
+    if os.environ.get("RAY_AUTH_MODE") is not None:
+        return
+    token_path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(token_path):
+        os.environ["RAY_AUTH_MODE"] = "token"
+        try:
+            from ray._raylet import Config
+
+            Config.initialize("")  # Ray caches its config; make it read RAY_AUTH_MODE again
+        except (ImportError, AttributeError):
+            pass
+
+
+def wait_until_reachable(address: str, timeout_s: float | None = None) -> None:
+    """Fail fast, with the address in the message, when nothing listens there."""
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("RUNJOBS_CONNECT_TIMEOUT_S", REACH_TIMEOUT_S))
+    host, port = split_address(address)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=min(5.0, timeout_s)):
+                return
+        except OSError as error:
+            if time.monotonic() >= deadline:
+                raise ClusterUnreachableError(
+                    f"no Ray cluster answers at {address} ({error.strerror or error}); "
+                    "start one with `ray start --head` or check --address / RAY_ADDRESS"
+                ) from None
+            time.sleep(0.5)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    text = address if "://" in address else f"gcs://{address}"
+    try:
+        parts = urlsplit(text)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host = port = None
+    if not host or not port:
+        raise ClusterUnreachableError(
+            f"cannot read {address!r} as a Ray address; use HOST:PORT, ray://HOST:PORT or auto"
+        )
+    return host, port
+
+
+def describe_cluster(embedded: bool) -> ClusterInfo:
+    import ray
+
+    alive = [node for node in ray.nodes() if node.get("Alive")]
+    resources = ray.cluster_resources()
+    return ClusterInfo(
+        address=ray.get_runtime_context().gcs_address,
+        embedded=embedded,
+        nodes=len(alive),
+        cpus=float(resources.get("CPU", 0.0)),
+        gpus=float(resources.get("GPU", 0.0)),
+        largest_node_gpus=max((float(node["Resources"].get("GPU", 0.0)) for node in alive), default=0.0),
+    )
+
+
+def check_fits(gpus_per_job: float, cluster: ClusterInfo) -> None:
+    """Refuse, before anything starts, a GPU request no node of the cluster can meet."""
+    if gpus_per_job > cluster.largest_node_gpus:
+        raise ResourceRequestError(
+            f"each job asks for {gpus_per_job:g} GPU(s) but the largest node of the cluster at "
+            f"{cluster.address} has {cluster.largest_node_gpus:g} ({cluster.gpus:g} GPU(s) in "
+            f"{cluster.nodes} node(s)); pass --gpus-per-job {cluster.largest_node_gpus:g} or fewer"
+        )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

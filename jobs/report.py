@@ -1,0 +1,341 @@
+"""The combined report: pure functions from job records to report.json, .csv, .md and a table.
+
+Nothing here talks to Ray or imports a framework, so a report can be rebuilt from
+recorded results at any time. Numbers that are not finite (a diverged job's NaN) are
+written as null: report.json is strict JSON.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from typing import Any
+
+COMPARED_FRAMEWORKS = ("tensorflow", "torch")
+
+
+def build_report(run_id: str, cluster: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
+    report = {
+        "run_id": run_id,
+        "cluster": cluster,
+        "jobs": records,
+        "comparison": compare(records),
+        "summary": {
+            "jobs": len(records),
+            "succeeded": sum(record["status"] == "succeeded" for record in records),
+            "failed": sum(record["status"] == "failed" for record in records),
+            "cancelled": sum(record["status"] == "cancelled" for record in records),
+        },
+    }
+    return finite_only(report)
+
+
+def finite_only(value: Any) -> Any:
+    """A copy of `value` with every non-finite float replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_only(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_only(item) for item in value]
+    return value
+
+
+def compare(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pair each TensorFlow job with the torch job of the same config.
+
+    When the run holds exactly one job of each framework but their configs differ (the
+    article preset), they are still paired, with `same_config` false and the differing
+    fields listed; the parameter difference is then not a parity measure and is omitted.
+    """
+    tensorflow_jobs = [record for record in records if record["framework"] == "tensorflow"]
+    torch_jobs = [record for record in records if record["framework"] == "torch"]
+    pairs = []
+    unpaired_torch = list(torch_jobs)
+    for tensorflow_job in tensorflow_jobs:
+        partner = next((job for job in unpaired_torch if _same_config(tensorflow_job, job)), None)
+        if partner is None and len(tensorflow_jobs) == 1 and len(unpaired_torch) == 1:
+            partner = unpaired_torch[0]
+        if partner is not None:
+            unpaired_torch.remove(partner)
+            pairs.append(_pair(tensorflow_job, partner))
+    return {"pairs": pairs}
+
+
+def _comparable_config(record: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in record["config"].items() if key != "framework"}
+
+
+def _same_config(first: dict[str, Any], second: dict[str, Any]) -> bool:
+    return _comparable_config(first) == _comparable_config(second)
+
+
+def _pair(tensorflow_job: dict[str, Any], torch_job: dict[str, Any]) -> dict[str, Any]:
+    first, second = _comparable_config(tensorflow_job), _comparable_config(torch_job)
+    differing = sorted(key for key in first if first[key] != second.get(key))
+    sides = {"tensorflow": tensorflow_job, "torch": torch_job}
+    both_succeeded = all(job["status"] == "succeeded" for job in sides.values())
+    pair: dict[str, Any] = {
+        "jobs": {name: job["id"] for name, job in sides.items()},
+        "same_config": not differing,
+        "differing_fields": differing,
+        "frameworks": {name: _side(job) for name, job in sides.items()},
+        "train_time_ratio": None,
+        "faster": None,
+        "max_param_difference": None,
+    }
+    if both_succeeded:
+        tensorflow_train = tensorflow_job["timings"]["train_s"]
+        torch_train = torch_job["timings"]["train_s"]
+        if torch_train > 0:
+            pair["train_time_ratio"] = {"tensorflow/torch": tensorflow_train / torch_train}
+        pair["faster"] = "tensorflow" if tensorflow_train < torch_train else "torch"
+        if not differing:
+            pair["max_param_difference"] = _param_difference(tensorflow_job["params"], torch_job["params"])
+    return pair
+
+
+def _side(job: dict[str, Any]) -> dict[str, Any]:
+    side: dict[str, Any] = {"status": job["status"], "error": job["error"]}
+    if job["status"] != "succeeded":
+        return side
+    params, reference = job["params"], job["reference"]
+    side.update(
+        convergence=job["convergence"],
+        weights=params["weights"],
+        bias=params["bias"],
+        gap_to_optimum={
+            "weights_max_abs": _max_abs_difference(params["weights"], reference["weights"]),
+            "bias_abs": _abs_difference(params["bias"], reference["bias"]),
+            "loss": _difference(job["loss"]["final"], reference["loss"]),
+            "r2": job["loss"]["r2_gap"],
+        },
+        predictions=[prediction["output"] for prediction in job["predictions"]],
+        startup_s=job["timings"]["startup_s"],
+        setup_s=job["timings"]["setup_s"],
+        train_s=job["timings"]["train_s"],
+        device=job["placement"]["device"],
+    )
+    return side
+
+
+def _param_difference(first: dict[str, Any], second: dict[str, Any]) -> dict[str, float | None]:
+    values_first = [*first["weights"], first["bias"]]
+    values_second = [*second["weights"], second["bias"]]
+    absolute = _max_abs_difference(values_first, values_second)
+    relative = max(
+        (
+            abs(a - b) / max(abs(a), abs(b), 1e-12)
+            for a, b in zip(values_first, values_second)
+            if _finite(a) and _finite(b)
+        ),
+        default=None,
+    )
+    return {"absolute": absolute, "relative": relative}
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _difference(value: Any, reference: Any) -> float | None:
+    return value - reference if _finite(value) and _finite(reference) else None
+
+
+def _abs_difference(value: Any, reference: Any) -> float | None:
+    difference = _difference(value, reference)
+    return None if difference is None else abs(difference)
+
+
+def _max_abs_difference(values: list[Any], references: list[Any]) -> float | None:
+    differences = [_abs_difference(value, reference) for value, reference in zip(values, references)]
+    return None if any(item is None for item in differences) else max(differences, default=0.0)
+
+
+# ---- rendering ---------------------------------------------------------------------------
+
+CSV_COLUMNS = (
+    "id", "framework", "variant", "workers", "status", "convergence", "weights", "bias",
+    "reference_weights", "reference_bias", "final_loss", "reference_loss", "r2_gap",
+    "predictions", "queued_s", "startup_s", "setup_s", "train_s", "epoch_s_median",
+    "predict_s", "total_s", "device", "gpu_ids", "hostname", "error",
+)  # fmt: skip
+
+
+def to_json(report: dict[str, Any]) -> str:
+    return json.dumps(report, indent=2, allow_nan=False) + "\n"
+
+
+def to_csv(report: dict[str, Any]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for job in report["jobs"]:
+        params = job["params"] or {}
+        reference = job["reference"] or {}
+        loss = job["loss"] or {}
+        timings = job["timings"] or {}
+        placement = job["placement"] or {}
+        writer.writerow(
+            {
+                "id": job["id"],
+                "framework": job["framework"],
+                "variant": job["variant"],
+                "workers": job["workers"],
+                "status": job["status"],
+                "convergence": job["convergence"],
+                "weights": _joined(params.get("weights")),
+                "bias": params.get("bias"),
+                "reference_weights": _joined(reference.get("weights")),
+                "reference_bias": reference.get("bias"),
+                "final_loss": loss.get("final"),
+                "reference_loss": reference.get("loss"),
+                "r2_gap": loss.get("r2_gap"),
+                "predictions": _joined([prediction["output"] for prediction in job["predictions"]]),
+                **{
+                    key: timings.get(key)
+                    for key in (
+                        "queued_s",
+                        "startup_s",
+                        "setup_s",
+                        "train_s",
+                        "epoch_s_median",
+                        "predict_s",
+                        "total_s",
+                    )
+                },  # fmt: skip
+                "device": placement.get("device"),
+                "gpu_ids": _joined(placement.get("gpu_ids")),
+                "hostname": placement.get("hostname"),
+                "error": job["error"],
+            }
+        )
+    return buffer.getvalue()
+
+
+def _joined(values: list[Any] | None) -> str:
+    return ";".join("" if value is None else repr(value) for value in values or [])
+
+
+def _number(value: Any) -> str:
+    return "-" if value is None else f"{value:.6g}"
+
+
+def _small(value: Any) -> str:
+    return "-" if value is None else ("0" if value == 0 else f"{value:.1e}")
+
+
+def _seconds(value: Any) -> str:
+    return "-" if value is None else f"{value:.2f}s"
+
+
+def _first_weight(weights: list[Any]) -> str:
+    """The first weight; a trailing + says there are more (see report.json)."""
+    return _number(weights[0]) + ("+" if len(weights) > 1 else "")
+
+
+def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The comparison table: one row per job, then the least-squares optimum."""
+    jobs = report["jobs"]
+    first_input = next((job["predictions"][0]["input"] for job in jobs if job["predictions"]), None)
+    predict_header = "predict" if first_input is None else f"y({','.join(f'{x:g}' for x in first_input)})"
+    header = ["job", "result", "w", "b", "R2 gap", predict_header, "startup", "train"]
+    rows = []
+    for job in jobs:
+        if job["status"] != "succeeded":
+            rows.append([job["id"], job["status"], "-", "-", "-", "-", "-", "-"])
+            continue
+        rows.append(
+            [
+                job["id"],
+                job["convergence"],
+                _first_weight(job["params"]["weights"]),
+                _number(job["params"]["bias"]),
+                _small(job["loss"]["r2_gap"]),
+                _number(job["predictions"][0]["output"] if job["predictions"] else None),
+                _seconds(job["timings"]["startup_s"]),
+                _seconds(job["timings"]["train_s"]),
+            ]
+        )
+    reference_job = next((job for job in jobs if job["reference"]), None)
+    if reference_job is not None:
+        reference = reference_job["reference"]
+        reference_prediction = None
+        if reference_job["predictions"]:
+            point = reference_job["predictions"][0]["input"]
+            reference_prediction = sum(w * x for w, x in zip(reference["weights"], point)) + reference["bias"]
+        rows.append(
+            [
+                "optimum", "least squares", _first_weight(reference["weights"]),
+                _number(reference["bias"]), "0", _number(reference_prediction), "", "",
+            ]
+        )  # fmt: skip
+    return header, rows
+
+
+def render_table(report: dict[str, Any]) -> str:
+    """A plain-text table that fits 80 columns, and a sentence per framework pair."""
+    header, rows = table_rows(report)
+    widths = [max(len(row[index]) for row in [header, *rows]) for index in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]
+    ]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    lines.extend(_pair_sentences(report))
+    lines.extend(f"{job['id']} {job['status']}: {job['error']}" for job in report["jobs"] if job["error"])
+    return "\n".join(lines) + "\n"
+
+
+def _pair_sentences(report: dict[str, Any]) -> list[str]:
+    sentences = []
+    for pair in report["comparison"]["pairs"]:
+        names = pair["jobs"]
+        if pair["train_time_ratio"] is None:
+            sentences.append(
+                f"{names['tensorflow']} vs {names['torch']}: not compared (a job did not succeed)"
+            )
+            continue
+        ratio = pair["train_time_ratio"]["tensorflow/torch"]
+        sentence = f"{names['tensorflow']} vs {names['torch']}: train time ratio tensorflow/torch {ratio:.2f}"
+        if pair["max_param_difference"] is not None:
+            relative = pair["max_param_difference"]["relative"]
+            sentence += f"; same config, parameters differ by {_small(relative)} (relative)"
+        else:
+            sentence += f"; configs differ in {', '.join(pair['differing_fields'])}"
+        sentences.append(sentence)
+    return sentences
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    header, rows = table_rows(report)
+    lines = [f"# runjobs report {report['run_id']}", ""]
+    cluster = report["cluster"]
+    lines.append(
+        f"Cluster `{cluster['address']}`: {cluster['nodes']} node(s), {cluster['cpus']:g} CPU(s), "
+        f"{cluster['gpus']:g} GPU(s)."
+    )
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["", *[f"- {sentence}" for sentence in _pair_sentences(report)]]
+    failed = [job for job in report["jobs"] if job["error"]]
+    if failed:
+        lines += ["", "## Failed jobs", ""]
+        lines += [f"- `{job['id']}`: {job['error']}" for job in failed]
+    lines += ["", "## Jobs", ""]
+    for job in report["jobs"]:
+        placement = job["placement"] or {}
+        timings = job["timings"] or {}
+        lines.append(
+            f"- `{job['id']}` ({job['framework']}, {job['variant']}): {job['status']}"
+            + (f", device `{placement.get('device')}` on {placement.get('hostname')}" if placement else "")
+            + (
+                f"; start-up {_seconds(timings.get('startup_s'))}, "
+                f"set-up {_seconds(timings.get('setup_s'))}, "
+                f"train {_seconds(timings.get('train_s'))}, total {_seconds(timings.get('total_s'))}"
+                if timings.get("train_s") is not None
+                else ""
+            )
+        )
+    return "\n".join(lines) + "\n"

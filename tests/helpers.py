@@ -1,0 +1,48 @@
+"""Helpers the tests share: running the CLI in-process, strict JSON, free ports."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from jobs.cli import cli
+
+RUNJOBS = str(Path(sys.executable).with_name("runjobs"))
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+class CliResult:
+    def __init__(self, exit_code: int, stdout: str, stderr: str, output_dir: Path | None):
+        self.exit_code = exit_code
+        self.stdout = stdout
+        self.stderr = stderr
+        self.output_dir = output_dir
+
+    def report(self) -> dict:
+        return load_strict_json(self.output_dir / "report.json")
+
+
+def run_cli(args: list[str], output_dir: Path | None = None) -> CliResult:
+    """Run `runjobs ARGS` in this process, as a user would type it."""
+    full_args = [*args, "--output", str(output_dir)] if output_dir is not None else list(args)
+    result = CliRunner().invoke(cli, full_args, catch_exceptions=False)
+    return CliResult(result.exit_code, result.stdout, result.stderr, output_dir)
+
+
+def load_strict_json(path: Path) -> dict:
+    """Load JSON, refusing NaN and Infinity, which strict JSON readers reject."""
+
+    def refuse(constant):
+        raise AssertionError(f"{path} holds the non-JSON number {constant}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -1,0 +1,70 @@
+"""GPU placement on a real `ray start --head` that declares 2 GPUs this machine lacks.
+
+The CLI runs as a separate process against the head's address, as a user would run it
+after `ray start --head --num-gpus 2`: it must present the cluster's token, take Ray's
+GPU assignment, fail a job whose framework cannot use that GPU, and fall back to the CPU
+only when asked, recording what it really used.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from tests.helpers import RUNJOBS, load_strict_json
+
+pytestmark = pytest.mark.slow
+
+
+def submit(address: str, output, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [RUNJOBS, "submit", "--address", address, "--output", str(output), "--epochs", "50", *args],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_a_job_without_usable_cuda_fails_while_the_fallback_job_trains_on_cpu(
+    ray_head_with_declared_gpus, tmp_path
+):
+    result = submit(ray_head_with_declared_gpus, tmp_path / "run", "--set", "torch.allow_cpu_fallback=true")
+    assert result.returncode == 1, result.stderr
+    report = load_strict_json(tmp_path / "run" / "report.json")
+    assert report["cluster"]["gpus"] == 2
+    jobs = {job["framework"]: job for job in report["jobs"]}
+
+    tensorflow = jobs["tensorflow"]
+    assert tensorflow["status"] == "failed"
+    assert tensorflow["config"]["gpus_per_job"] == 1, "a cluster with GPUs gives each job 1 by default"
+    assert "DeviceUnavailableError" in tensorflow["error"]
+    assert "--allow-cpu-fallback" in tensorflow["error"]
+
+    torch = jobs["torch"]
+    assert torch["status"] == "succeeded"
+    assert torch["convergence"] in ("converged", "not_converged")
+    placement = torch["placement"]
+    assert placement["device"] == "cpu" and placement["cpu_fallback"] is True
+    assert len(placement["gpu_ids"]) == 1 and placement["gpu_ids"][0] in ("0", "1")
+    assert placement["cuda_visible_devices"] == placement["gpu_ids"][0], "Ray's assignment reaches the worker"
+
+    assert "tensorflow failed: DeviceUnavailableError" in result.stdout
+    assert (tmp_path / "run" / "jobs" / "torch.json").exists()
+
+
+def test_fractional_gpus_let_both_frameworks_share_one_gpu(ray_head_with_declared_gpus, tmp_path):
+    result = submit(
+        ray_head_with_declared_gpus, tmp_path / "run", "--gpus-per-job", "0.5", "--allow-cpu-fallback"
+    )
+    assert result.returncode == 0, result.stderr
+    report = load_strict_json(tmp_path / "run" / "report.json")
+    for job in report["jobs"]:
+        assert job["config"]["gpus_per_job"] == 0.5
+        assert job["placement"]["cpu_fallback"] is True
+        assert len(job["placement"]["gpu_ids"]) == 1
+
+
+def test_gpus_per_job_zero_keeps_jobs_off_the_gpus(ray_head_with_declared_gpus, tmp_path):
+    result = submit(ray_head_with_declared_gpus, tmp_path / "run", "--gpus-per-job", "0")
+    assert result.returncode == 0, result.stderr
+    for job in load_strict_json(tmp_path / "run" / "report.json")["jobs"]:
+        assert job["placement"]["gpu_ids"] == [] and job["placement"]["cpu_fallback"] is False

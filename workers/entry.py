@@ -1,0 +1,122 @@
+"""The body of one job's Ray task: start the framework, train, judge, and return a result.
+
+The result is a plain JSON-ready dict, so the driver records it as it is and a report
+can be rebuilt from it later without Ray. The framework is imported here, inside the
+task, so the driver never pays for TensorFlow or torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import socket
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+
+from workers.data import Dataset
+from workers.devices import ray_gpu_ids
+from workers.reference import classify_convergence, least_squares, mean_squared_error, r2_gap
+from workers.training import Scaling, TrainingData
+
+TRAINER_MODULES = {"tensorflow": "workers.tensorflow_trainer", "torch": "workers.torch_trainer"}
+
+
+def run_job(spec, dataset: Dataset, submitted_at: float) -> dict[str, Any]:
+    """Train `spec` on `dataset` and return its result record (without id and status)."""
+    entered_at = time.time()
+    process_started_at = _process_start_time()
+    gpu_ids = ray_gpu_ids()
+
+    startup_began = time.perf_counter()
+    trainer = importlib.import_module(TRAINER_MODULES[spec.framework])
+    device = trainer.initialise(gpu_ids, spec.allow_cpu_fallback)
+    startup_in_task = time.perf_counter() - startup_began
+
+    scaling = Scaling.standardise(dataset) if spec.normalize else Scaling.identity(dataset.feature_count)
+    prediction_inputs = np.asarray(spec.predict, dtype=np.float64).reshape(-1, dataset.feature_count)
+    outcome = trainer.train(spec, TrainingData.prepare(dataset, scaling, prediction_inputs), device)
+
+    weights, bias = scaling.original_parameters(outcome.weights, outcome.bias)
+    predictions = scaling.original_target(outcome.predictions)
+    reference = least_squares(dataset)
+    final_loss = mean_squared_error(dataset, weights, bias)
+
+    # Ray prestarts idle workers, so a task usually lands in a process that already
+    # existed when the job was submitted: then only the import and initialisation are
+    # start-up. A process started for this job adds its own start to start-up.
+    if process_started_at >= submitted_at:
+        queued_s = process_started_at - submitted_at
+        startup_s = (entered_at - process_started_at) + startup_in_task
+    else:
+        queued_s = entered_at - submitted_at
+        startup_s = startup_in_task
+
+    return {
+        "convergence": classify_convergence(dataset, weights, bias, outcome.loss_history, reference),
+        "params": {"weights": weights.tolist(), "bias": bias},
+        "reference": {"weights": reference.weights.tolist(), "bias": reference.bias, "loss": reference.loss},
+        "loss": {
+            "final": final_loss,
+            "r2_gap": r2_gap(dataset, final_loss, reference),
+            "history_units": "standardised" if spec.normalize else "original",
+            "history": outcome.loss_history,
+        },
+        "predictions": [
+            {"input": point.tolist(), "output": float(output)}
+            for point, output in zip(prediction_inputs, predictions)
+        ],
+        "timings": {
+            "queued_s": max(queued_s, 0.0),
+            "startup_s": startup_s,
+            "setup_s": outcome.setup_s,
+            "train_s": outcome.train_s,
+            "epoch_s_median": statistics.median(outcome.epoch_seconds) if outcome.epoch_seconds else None,
+            "predict_s": outcome.predict_s,
+        },
+        "placement": {
+            "node_id": _ray_node_id(),
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "device": device.name,
+            "gpu_ids": list(device.gpu_ids),
+            "cpu_fallback": device.cpu_fallback,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "ray": _ray_version(),
+            spec.framework: trainer.VERSION,
+            "numpy": np.__version__,
+        },
+        "data": {
+            "source": dataset.source,
+            "rows": dataset.rows,
+            "features": list(dataset.feature_names),
+            "target": dataset.target_name,
+        },
+    }
+
+
+def _process_start_time() -> float:
+    try:
+        import psutil  # shipped with ray[default]
+
+        return psutil.Process().create_time()
+    except (ImportError, OSError):
+        return float("-inf")
+
+
+def _ray_node_id() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
+def _ray_version() -> str:
+    import ray
+
+    return ray.__version__

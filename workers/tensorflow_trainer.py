@@ -1,0 +1,195 @@
+"""TensorFlow trainer: a Keras Dense(1) trained on the device Ray assigned.
+
+Two loops: `fast` runs every epoch inside one compiled tf.function (autograph turns the
+epoch loop into a tf.while_loop, so 500 epochs are one graph call), and `article` calls
+Keras `model.fit` as the source article does. Importing this module imports TensorFlow;
+only a worker that trains with TensorFlow imports it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+# Keep TensorFlow's C++ start-up chatter (oneDNN, CUDA probing) out of job output.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from workers.devices import choose_device  # noqa: E402
+from workers.training import Device, TrainerOutcome, TrainingData, batch_size_for  # noqa: E402
+
+keras = tf.keras
+VERSION = tf.__version__
+
+
+def initialise(gpu_ids: tuple[str, ...], allow_cpu_fallback: bool) -> Device:
+    """Configure TensorFlow's devices for Ray's assignment before the runtime starts."""
+    gpus = tf.config.list_physical_devices("GPU")
+    try:
+        if not gpu_ids:
+            # Ray gave this job no GPU: keep TensorFlow off any GPU the node has.
+            tf.config.set_visible_devices([], "GPU")
+            gpus = []
+        else:
+            # Memory growth lets a TensorFlow job share its GPU with another job
+            # instead of reserving nearly all of the GPU's memory at start.
+            for gpu in gpus:
+                tf.config.experimental.set_memory_growth(gpu, True)
+    except RuntimeError:
+        # The runtime is already initialised: a reused worker that configured it before.
+        pass
+    device = choose_device(
+        "tensorflow",
+        gpu_ids,
+        len(gpus),
+        "/GPU:0",
+        allow_cpu_fallback,
+        f"TensorFlow {VERSION} built with CUDA: {tf.test.is_built_with_cuda()}",
+    )
+    with tf.device(_placement(device)):
+        tf.zeros(1).numpy()  # start the runtime now, so its cost counts as start-up
+    return device
+
+
+def train(spec, data: TrainingData, device: Device) -> TrainerOutcome:
+    setup_started = time.perf_counter()
+    with tf.device(_placement(device)):
+        keras.utils.set_random_seed(spec.seed)
+        feature_count = data.features.shape[1]
+        model = keras.Sequential([keras.Input(shape=(feature_count,)), keras.layers.Dense(1)])
+        if spec.initial_value is not None:
+            model.layers[0].set_weights(
+                [
+                    np.full((feature_count, 1), spec.initial_value, dtype=np.float32),
+                    np.full((1,), spec.initial_value, dtype=np.float32),
+                ]
+            )
+        optimizer = _optimizer(spec)
+        run = _fit_loop if spec.loop == "article" else _compiled_loop
+        return run(spec, data, model, optimizer, setup_started)
+
+
+def _optimizer(spec):
+    if spec.optimizer == "sgd":
+        return keras.optimizers.SGD(learning_rate=spec.lr)
+    return keras.optimizers.Adam(
+        learning_rate=spec.lr, beta_1=spec.beta_1, beta_2=spec.beta_2, epsilon=spec.epsilon
+    )
+
+
+def _compiled_loop(spec, data, model, optimizer, setup_started) -> TrainerOutcome:
+    features = tf.constant(data.features)
+    target = tf.constant(data.target)
+    rows = data.rows
+    batch = batch_size_for(spec.batch_size, rows)
+    steps_per_epoch = math.ceil(rows / batch)
+    variables = model.trainable_variables
+    optimizer.build(variables)
+
+    def step(batch_features, batch_target):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(model(batch_features, training=True) - batch_target))
+        gradients = tape.gradient(loss, variables)
+        optimizer.apply_gradients(zip(gradients, variables))
+        return loss
+
+    @tf.function
+    def run(epochs):
+        losses = tf.TensorArray(tf.float32, size=epochs)
+        stamps = tf.TensorArray(tf.float64, size=epochs + 1)
+        stamps = stamps.write(0, tf.timestamp())
+        for epoch in tf.range(epochs):
+            if steps_per_epoch == 1:
+                epoch_loss = step(features, target)
+            else:
+                # Keras fit's meaning of an epoch: every row once, in a fresh order.
+                order = tf.random.shuffle(tf.range(rows))
+                total = tf.constant(0.0)
+                for start in tf.range(0, rows, batch):
+                    indices = order[start : tf.minimum(start + batch, rows)]
+                    batch_loss = step(tf.gather(features, indices), tf.gather(target, indices))
+                    total += batch_loss * tf.cast(tf.size(indices), tf.float32)
+                epoch_loss = total / rows
+            losses = losses.write(epoch, epoch_loss)
+            stamps = stamps.write(epoch + 1, tf.timestamp())
+        return losses.stack(), stamps.stack()
+
+    epochs = tf.constant(spec.epochs)
+    compiled = run.get_concrete_function(epochs)  # tracing is set-up, not training
+    setup_s = time.perf_counter() - setup_started
+
+    train_started = time.perf_counter()
+    losses, stamps = compiled(epochs)
+    losses, stamps = losses.numpy(), stamps.numpy()
+    train_s = time.perf_counter() - train_started
+
+    predictions, predict_s = _predict(model, data.prediction_inputs, use_keras_predict=False)
+    return _outcome(
+        model, losses.tolist(), np.diff(stamps).tolist(), predictions, setup_s, train_s, predict_s
+    )
+
+
+def _fit_loop(spec, data, model, optimizer, setup_started) -> TrainerOutcome:
+    model.compile(optimizer=optimizer, loss="mse")
+    epoch_seconds: list[float] = []
+
+    class EpochTimer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            epoch_seconds.append(time.perf_counter() - self.started)
+
+    setup_s = time.perf_counter() - setup_started
+    train_started = time.perf_counter()
+    history = model.fit(
+        data.features,
+        data.target,
+        epochs=spec.epochs,
+        batch_size=spec.batch_size or data.rows,
+        verbose=0,
+        callbacks=[EpochTimer()],
+    )
+    train_s = time.perf_counter() - train_started
+    predictions, predict_s = _predict(model, data.prediction_inputs, use_keras_predict=True)
+    return _outcome(
+        model,
+        [float(value) for value in history.history["loss"]],
+        epoch_seconds,
+        predictions,
+        setup_s,
+        train_s,
+        predict_s,
+    )
+
+
+def _predict(model, inputs: np.ndarray, use_keras_predict: bool) -> tuple[np.ndarray, float]:
+    started = time.perf_counter()
+    if len(inputs) == 0:
+        outputs = np.zeros((0, 1), dtype=np.float32)
+    elif use_keras_predict:
+        outputs = model.predict(inputs, verbose=0)
+    else:
+        outputs = model(tf.constant(inputs), training=False).numpy()
+    return outputs.reshape(-1), time.perf_counter() - started
+
+
+def _outcome(model, losses, epoch_seconds, predictions, setup_s, train_s, predict_s) -> TrainerOutcome:
+    kernel, bias = model.layers[0].get_weights()
+    return TrainerOutcome(
+        weights=kernel.reshape(-1).astype(np.float64),
+        bias=float(bias[0]),
+        loss_history=[float(value) for value in losses],
+        epoch_seconds=[float(value) for value in epoch_seconds],
+        predictions=predictions,
+        setup_s=setup_s,
+        train_s=train_s,
+        predict_s=predict_s,
+    )
+
+
+def _placement(device: Device) -> str:
+    return "/CPU:0" if device.name == "cpu" else device.name

@@ -1,0 +1,104 @@
+"""What both trainers share: the arrays they train on, unit scaling, and what they hand back.
+
+Trainers see only float32 arrays in training units; this module standardises the data
+when asked (`normalize`) and maps the learned parameters back to the data's own units,
+so both frameworks are judged on the same scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from workers.data import Dataset
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """x_train = (x - feature_mean) / feature_scale and y_train = (y - target_mean) / target_scale."""
+
+    feature_mean: np.ndarray
+    feature_scale: np.ndarray
+    target_mean: float
+    target_scale: float
+
+    @classmethod
+    def identity(cls, feature_count: int) -> Scaling:
+        return cls(np.zeros(feature_count), np.ones(feature_count), 0.0, 1.0)
+
+    @classmethod
+    def standardise(cls, dataset: Dataset) -> Scaling:
+        # A constant column has no spread to divide by; leave its scale at 1.
+        feature_scale = dataset.features.std(axis=0)
+        feature_scale[feature_scale == 0] = 1.0
+        target_scale = float(dataset.target.std()) or 1.0
+        return cls(dataset.features.mean(axis=0), feature_scale, float(dataset.target.mean()), target_scale)
+
+    def scale_features(self, features: np.ndarray) -> np.ndarray:
+        return (features - self.feature_mean) / self.feature_scale
+
+    def scale_target(self, target: np.ndarray) -> np.ndarray:
+        return (target - self.target_mean) / self.target_scale
+
+    def original_target(self, target: np.ndarray) -> np.ndarray:
+        return np.asarray(target, dtype=np.float64) * self.target_scale + self.target_mean
+
+    def original_parameters(self, weights: np.ndarray, bias: float) -> tuple[np.ndarray, float]:
+        """Undo the scaling: y = x_train . w + b becomes y = x . w' + b' in the data's units."""
+        with np.errstate(all="ignore"):  # diverged parameters stay inf or nan, judged later
+            original_weights = np.asarray(weights, dtype=np.float64) * self.target_scale / self.feature_scale
+            original_bias = (
+                self.target_mean
+                + self.target_scale * float(bias)
+                - float(original_weights @ self.feature_mean)
+            )
+        return original_weights, original_bias
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    features: np.ndarray  # (rows, feature_count) float32, training units
+    target: np.ndarray  # (rows, 1) float32, training units
+    prediction_inputs: np.ndarray  # (points, feature_count) float32, training units
+
+    @classmethod
+    def prepare(cls, dataset: Dataset, scaling: Scaling, prediction_inputs: np.ndarray) -> TrainingData:
+        return cls(
+            features=scaling.scale_features(dataset.features).astype(np.float32),
+            target=scaling.scale_target(dataset.target).astype(np.float32).reshape(-1, 1),
+            prediction_inputs=scaling.scale_features(prediction_inputs).astype(np.float32),
+        )
+
+    @property
+    def rows(self) -> int:
+        return int(self.features.shape[0])
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where a job trained: the framework's device name and Ray's GPU assignment."""
+
+    name: str  # "cpu", "cuda:0", "/GPU:0"
+    gpu_ids: tuple[str, ...] = ()
+    cpu_fallback: bool = False  # Ray assigned a GPU but CUDA was not usable here
+
+
+@dataclass
+class TrainerOutcome:
+    """A trainer's result, still in training units."""
+
+    weights: np.ndarray
+    bias: float
+    loss_history: list[float]
+    epoch_seconds: list[float]
+    predictions: np.ndarray
+    setup_s: float
+    train_s: float
+    predict_s: float
+    notes: list[str] = field(default_factory=list)
+
+
+def batch_size_for(requested: int | None, rows: int) -> int:
+    """The rows per step: the full data when no batch size is set, never more than the data."""
+    return rows if requested is None else min(requested, rows)
