@@ -48,21 +48,41 @@ def run_jobs(jobs: list[PlannedJob], on_record: Callable[[dict[str, Any]], None]
 
     records: dict[str, dict[str, Any]] = {}
     pending = list(submitted)
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        for reference in ready:
-            job, submitted_at = submitted[reference]
-            try:
-                result = ray.get(reference)
-                record = job_record(job, "succeeded", None, result)
-            except RayTaskError as error:
-                record = job_record(job, "failed", describe_task_error(error), {})
-            except RayError as error:  # the worker or its node died
-                record = job_record(job, "failed", f"{type(error).__name__}: {error}", {})
-            record["timings"]["total_s"] = time.time() - submitted_at
-            records[job.id] = record
-            on_record(record)
+
+    def finish(reference: Any, record: dict[str, Any]) -> None:
+        job, submitted_at = submitted[reference]
+        record["timings"]["total_s"] = time.time() - submitted_at
+        records[job.id] = record
+        on_record(record)
+
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for reference in ready:
+                job = submitted[reference][0]
+                try:
+                    record = job_record(job, "succeeded", None, ray.get(reference))
+                except RayTaskError as error:
+                    record = job_record(job, "failed", describe_task_error(error), {})
+                except RayError as error:  # the worker or its node died
+                    record = job_record(job, "failed", f"{type(error).__name__}: {error}", {})
+                finish(reference, record)
+    except KeyboardInterrupt:
+        # Ctrl-C: stop what is still running, record it as cancelled, keep what finished.
+        for reference in pending:
+            ray.cancel(reference, force=True)
+            job = submitted[reference][0]
+            finish(reference, job_record(job, "cancelled", "cancelled: the run was interrupted", {}))
+        raise RunInterrupted([records[job.id] for job in jobs]) from None
     return [records[job.id] for job in jobs]
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """The run was interrupted; `records` holds every job, finished or cancelled."""
+
+    def __init__(self, records: list[dict[str, Any]]) -> None:
+        super().__init__("interrupted")
+        self.records = records
 
 
 def job_record(job: PlannedJob, status: str, error: str | None, result: dict[str, Any]) -> dict[str, Any]:

@@ -16,10 +16,17 @@ from typing import Any
 COMPARED_FRAMEWORKS = ("tensorflow", "torch")
 
 
-def build_report(run_id: str, cluster: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
+def build_report(
+    run_id: str,
+    cluster: dict[str, Any],
+    records: list[dict[str, Any]],
+    driver_timings: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """`driver_timings`: connect_s (Ray start or connection), jobs_s, disconnect_s."""
     report = {
         "run_id": run_id,
         "cluster": cluster,
+        "driver": {"timings": driver_timings or {}},
         "jobs": records,
         "comparison": compare(records),
         "summary": {

@@ -16,7 +16,7 @@ from typing import Any
 
 from jobs import cluster as clusters
 from jobs import report as reports
-from jobs.driver import PlannedJob, run_jobs
+from jobs.driver import PlannedJob, RunInterrupted, run_jobs
 from jobs.output import RunDirectory, check_usable
 from jobs.spec import JobSpec, Overrides, SpecError, build_job_specs, job_ids
 from workers.data import ARTICLE_PREDICTION_SQFT, Dataset, load_dataset
@@ -82,7 +82,11 @@ def submit(request: SubmitRequest, say: Callable[[str], None]) -> SubmitOutcome:
     output_dir = request.output or Path("runs") / run_id
     check_usable(output_dir)
 
+    # The driver's own time, for the report's start-up breakdown.
+    driver_timings: dict[str, float] = {}
+    connect_started = time.perf_counter()
     with clusters.connected(request.address) as cluster:
+        driver_timings["connect_s"] = time.perf_counter() - connect_started
         resolved = []
         for job in planned:
             gpus = job.spec.gpus_per_job
@@ -102,8 +106,19 @@ def submit(request: SubmitRequest, say: Callable[[str], None]) -> SubmitOutcome:
             detail = record["convergence"] if record["status"] == "succeeded" else record["error"]
             say(f"{record['id']} {record['status']} ({detail}) in {record['timings']['total_s']:.1f}s")
 
-        records = run_jobs(resolved, on_record)
+        jobs_started = time.perf_counter()
+        interrupted = None
+        try:
+            records = run_jobs(resolved, on_record)
+        except RunInterrupted as interruption:
+            records, interrupted = interruption.records, interruption
+        driver_timings["jobs_s"] = time.perf_counter() - jobs_started
+        disconnect_started = time.perf_counter()
+    driver_timings["disconnect_s"] = time.perf_counter() - disconnect_started
 
-    report = reports.build_report(run_id, cluster.to_record(), records)
+    report = reports.build_report(run_id, cluster.to_record(), records, driver_timings)
     directory.write_reports(report)
+    if interrupted is not None:
+        say(f"interrupted: finished jobs are kept and the report is in {output_dir}")
+        raise interrupted
     return SubmitOutcome(report, output_dir)

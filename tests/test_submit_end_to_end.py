@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import sys
 
 import pytest
 
@@ -18,10 +19,22 @@ JOB_KEYS = {
 TIMING_KEYS = {"queued_s", "startup_s", "setup_s", "train_s", "epoch_s_median", "predict_s", "total_s"}
 
 
+FRAMEWORK_MODULES = ("tensorflow", "torch", "keras")
+
+
 @pytest.fixture(scope="module")
 def default_run(ray_session, tmp_path_factory):
     """The built-in comparison, run once through the CLI for every test in this module."""
-    return run_cli(["submit"], tmp_path_factory.mktemp("default") / "run")
+    modules_before = set(sys.modules)
+    result = run_cli(["submit"], tmp_path_factory.mktemp("default") / "run")
+    result.driver_imports = {name.split(".")[0] for name in set(sys.modules) - modules_before}
+    return result
+
+
+def test_the_driver_never_imports_a_framework(default_run):
+    # Results must hold plain values: unpickling a framework object (torch's
+    # TorchVersion, say) would import the whole framework into the driver.
+    assert not default_run.driver_imports & set(FRAMEWORK_MODULES)
 
 
 def jobs_by_framework(report):

@@ -22,7 +22,7 @@ from workers.devices import choose_device  # noqa: E402
 from workers.training import Device, TrainerOutcome, TrainingData, batch_size_for  # noqa: E402
 
 keras = tf.keras
-VERSION = tf.__version__
+VERSION = str(tf.__version__)
 
 
 def initialise(gpu_ids: tuple[str, ...], allow_cpu_fallback: bool) -> Device:

@@ -16,7 +16,9 @@ import torch
 from workers.devices import choose_device
 from workers.training import Device, TrainerOutcome, TrainingData, batch_size_for
 
-VERSION = torch.__version__
+# torch.__version__ is a TorchVersion object; unpickling one in the driver would import
+# torch there (about 1 s), so results carry a plain str.
+VERSION = str(torch.__version__)
 
 
 def initialise(gpu_ids: tuple[str, ...], allow_cpu_fallback: bool) -> Device:

@@ -1,0 +1,44 @@
+"""Ctrl-C during a run: running jobs are cancelled and recorded, finished ones are kept."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.helpers import RUNJOBS, load_strict_json
+
+pytestmark = pytest.mark.slow
+
+
+def test_interrupting_a_run_keeps_finished_jobs_and_records_the_rest_cancelled(tmp_path):
+    output = tmp_path / "run"
+    # The article preset's TensorFlow job (Keras model.fit, 500 epochs) runs for several
+    # seconds after the torch job has finished: interrupt in between.
+    process = subprocess.Popen(
+        [RUNJOBS, "submit", "--preset", "article", "--output", str(output)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (output / "jobs" / "torch.json").exists():
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the torch job never finished"
+            time.sleep(0.1)
+        assert not (output / "jobs" / "tensorflow.json").exists(), "TensorFlow finished first"
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr
+    report = load_strict_json(output / "report.json")
+    jobs = {job["framework"]: job for job in report["jobs"]}
+    assert jobs["torch"]["status"] == "succeeded" and jobs["torch"]["params"] is not None
+    assert jobs["tensorflow"]["status"] == "cancelled"
+    assert report["summary"]["cancelled"] == 1
