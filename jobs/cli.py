@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from jobs.spec import FRAMEWORKS, OPTIMIZERS, PRESETS, Overrides, SpecError, parse_point
+from jobs.spec import FRAMEWORKS, OPTIMIZERS, PRESETS, VARIANTS, Overrides, SpecError, parse_point
 
 EXIT_OK = 0
 EXIT_JOBS_FAILED = 1
@@ -72,6 +72,17 @@ def cli() -> None:
     type=click.Choice(PRESETS),
     help="article: the source article's exact settings (Keras defaults for TensorFlow).",
 )
+@click.option(
+    "--variant",
+    "variants",
+    multiple=True,
+    type=click.Choice(VARIANTS),
+    help="single (default); mirrored or multiworker (TensorFlow, tf.distribute); ddp (torch). "
+    "Repeatable; each variant runs for the frameworks it belongs to.",
+)
+@click.option(
+    "--workers", type=int, help="Devices (mirrored) or worker processes (multiworker, ddp). Default 1."
+)
 @click.option("--epochs", type=int, help="Passes over the data. Default 500.")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), help="Default adam.")
 @click.option("--lr", type=float, help="Learning rate. Default 0.01.")
@@ -122,6 +133,8 @@ def cli() -> None:
 def submit(
     frameworks,
     preset,
+    variants,
+    workers,
     epochs,
     optimizer,
     lr,
@@ -152,6 +165,7 @@ def submit(
     try:
         overrides = Overrides()
         flags = dict(
+            workers=workers,
             epochs=epochs,
             optimizer=optimizer,
             lr=lr,
@@ -168,7 +182,7 @@ def submit(
             overrides.common["predict"] = tuple(parse_point(text) for text in predictions)
         for assignment in assignments:
             overrides.add_assignment(assignment)
-        request = SubmitRequest(tuple(frameworks), overrides, preset, address, output)
+        request = SubmitRequest(tuple(frameworks), overrides, preset, address, output, tuple(variants))
         outcome = run_submit(request, say=_say)
     except (SpecError, ValueError, RuntimeError) as error:
         if not _is_input_error(error):

@@ -159,13 +159,34 @@ def describe_cluster(embedded: bool) -> ClusterInfo:
     )
 
 
-def check_fits(gpus_per_job: float, cluster: ClusterInfo) -> None:
-    """Refuse, before anything starts, a GPU request no node of the cluster can meet."""
-    if gpus_per_job > cluster.largest_node_gpus:
+def check_fits(spec, cluster: ClusterInfo) -> None:
+    """Refuse, before anything starts, a job no placement on the cluster can hold.
+
+    A single or mirrored job is one task, so its GPUs must be on one node. A multiworker
+    or ddp job takes one CPU and gpus_per_job / workers GPUs per worker, anywhere.
+    """
+    gpus = spec.gpus_per_job or 0.0
+    where = (
+        f"the cluster at {cluster.address} "
+        f"({cluster.nodes} node(s), {cluster.cpus:g} CPU, {cluster.gpus:g} GPU)"
+    )
+    if spec.runs_one_task:
+        if gpus > cluster.largest_node_gpus:
+            raise ResourceRequestError(
+                f"each {spec.variant} job asks for {gpus:g} GPU(s) on one node but the largest node of "
+                f"{where} has {cluster.largest_node_gpus:g}; pass --gpus-per-job "
+                f"{cluster.largest_node_gpus:g} or fewer"
+            )
+        return
+    if spec.workers > cluster.cpus:
         raise ResourceRequestError(
-            f"each job asks for {gpus_per_job:g} GPU(s) but the largest node of the cluster at "
-            f"{cluster.address} has {cluster.largest_node_gpus:g} ({cluster.gpus:g} GPU(s) in "
-            f"{cluster.nodes} node(s)); pass --gpus-per-job {cluster.largest_node_gpus:g} or fewer"
+            f"a {spec.workers}-worker {spec.variant} job needs {spec.workers} CPU(s), one a worker, but "
+            f"{where} has {cluster.cpus:g}; pass --workers {int(cluster.cpus)} or fewer"
+        )
+    if gpus > cluster.gpus:
+        raise ResourceRequestError(
+            f"a {spec.workers}-worker {spec.variant} job asks for {gpus:g} GPU(s) but {where} has "
+            f"{cluster.gpus:g}; pass fewer --workers or --gpus-per-job"
         )
 
 

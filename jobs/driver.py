@@ -1,15 +1,19 @@
-"""The driver: submits each job as one Ray task and gathers a record per job as it ends.
+"""The driver: runs each job on Ray and gathers a record per job as it ends.
 
-A job that raises, or whose worker dies, becomes a failed record carrying the cause;
-the other jobs go on. Each record reaches `on_record` the moment its job ends, so the
-caller can persist it before waiting for the rest.
+A single or mirrored job is one Ray task with the job's GPUs. A multiworker or ddp job
+is gang-scheduled: a placement group reserves all of its workers' bundles at once (so a
+job never holds part of its devices while waiting for the rest), one actor per bundle
+reports an address, and then every worker trains with its rank. A job that raises, or
+whose worker dies, becomes a failed record carrying the cause; its actors and placement
+group are released at once and the other jobs go on. Each record reaches `on_record`
+the moment its job ends, so the caller can persist it before waiting for the rest.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from jobs.spec import JobSpec
@@ -23,66 +27,220 @@ class PlannedJob:
     dataset: Dataset
 
 
-def run_jobs(jobs: list[PlannedJob], on_record: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
-    """Run every job as a Ray task; return their records in the order given."""
-    import ray
-    from ray.exceptions import RayError, RayTaskError
-
-    from workers.entry import run_job
-
-    train_task = ray.remote(run_job)
-    # Jobs on the same data share one copy of it in Ray's object store.
-    dataset_refs: dict[int, Any] = {}
-    submitted: dict[Any, tuple[PlannedJob, float]] = {}
-    for job in jobs:
-        dataset_ref = dataset_refs.setdefault(id(job.dataset), ray.put(job.dataset))
-        submitted_at = time.time()
-        reference = train_task.options(
-            num_cpus=1,
-            num_gpus=job.spec.gpus_per_job or 0,
-            # A dead worker fails the job rather than silently training it twice.
-            max_retries=0,
-            name=f"runjobs:{job.id}",
-        ).remote(job.spec, dataset_ref, submitted_at)
-        submitted[reference] = (job, submitted_at)
-
-    records: dict[str, dict[str, Any]] = {}
-    pending = list(submitted)
-
-    def finish(reference: Any, record: dict[str, Any]) -> None:
-        job, submitted_at = submitted[reference]
-        record["timings"]["total_s"] = time.time() - submitted_at
-        records[job.id] = record
-        on_record(record)
-
-    try:
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            for reference in ready:
-                job = submitted[reference][0]
-                try:
-                    record = job_record(job, "succeeded", None, ray.get(reference))
-                except RayTaskError as error:
-                    record = job_record(job, "failed", describe_task_error(error), {})
-                except RayError as error:  # the worker or its node died
-                    record = job_record(job, "failed", f"{type(error).__name__}: {error}", {})
-                finish(reference, record)
-    except KeyboardInterrupt:
-        # Ctrl-C: stop what is still running, record it as cancelled, keep what finished.
-        for reference in pending:
-            ray.cancel(reference, force=True)
-            job = submitted[reference][0]
-            finish(reference, job_record(job, "cancelled", "cancelled: the run was interrupted", {}))
-        raise RunInterrupted([records[job.id] for job in jobs]) from None
-    return [records[job.id] for job in jobs]
-
-
 class RunInterrupted(KeyboardInterrupt):
     """The run was interrupted; `records` holds every job, finished or cancelled."""
 
     def __init__(self, records: list[dict[str, Any]]) -> None:
         super().__init__("interrupted")
         self.records = records
+
+
+@dataclass
+class Execution:
+    """One job on Ray: the references it waits on, and what to release when it ends."""
+
+    job: PlannedJob
+    submitted_at: float
+    waiting: list[Any] = field(default_factory=list)  # ObjectRefs still pending
+    results: dict[Any, Any] = field(default_factory=dict)  # ObjectRef -> result
+    actors: list[Any] = field(default_factory=list)
+    placement_group: Any = None
+    phase: str = "train"  # "address" while a gang's workers report their addresses
+
+    def release(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+        if self.placement_group is not None:
+            remove_placement_group(self.placement_group)
+            self.placement_group = None
+
+
+class Driver:
+    def __init__(self, on_record: Callable[[dict[str, Any]], None]) -> None:
+        import ray
+
+        from workers.entry import run_job
+        from workers.worker_actor import DistributedWorker
+
+        self.on_record = on_record
+        self.train_task = ray.remote(run_job)
+        # A GPU job, and a mirrored job that splits the CPU into logical devices, needs a
+        # fresh process: the frameworks fix their devices (and CUDA_VISIBLE_DEVICES) when
+        # they start, so a reused worker could train on the previous job's GPU; and a
+        # process that exits hands its GPU memory back. max_calls=1 ends each process
+        # after one job, and the runtime_env gives these tasks a worker pool of their own,
+        # so no process that ran another job is ever leased to one of them.
+        self.fresh_train_task = ray.remote(
+            max_calls=1, runtime_env={"env_vars": {"RUNJOBS_FRESH_PROCESS": "1"}}
+        )(run_job)
+        self.worker_actor = ray.remote(DistributedWorker)
+        self.dataset_refs: dict[int, Any] = {}
+        self.executions: dict[Any, Execution] = {}  # pending ObjectRef -> its job's execution
+        self.records: dict[str, dict[str, Any]] = {}
+
+    def run(self, jobs: list[PlannedJob]) -> list[dict[str, Any]]:
+        import ray
+
+        for job in jobs:
+            self._start(job)
+        try:
+            while self.executions:
+                ready, _ = ray.wait(list(self.executions), num_returns=1)
+                for reference in ready:
+                    self._collect(reference)
+        except KeyboardInterrupt:
+            # Ctrl-C: stop what is still running, record it as cancelled, keep what finished.
+            for execution in {id(item): item for item in self.executions.values()}.values():
+                for reference in execution.waiting:
+                    ray.cancel(reference, force=True)
+                execution.release()
+                self._finish(execution, "cancelled", "cancelled: the run was interrupted")
+            raise RunInterrupted([self.records[job.id] for job in jobs]) from None
+        return [self.records[job.id] for job in jobs]
+
+    def _dataset(self, dataset: Dataset) -> Any:
+        import ray
+
+        # Jobs on the same data share one copy of it in Ray's object store.
+        if id(dataset) not in self.dataset_refs:
+            self.dataset_refs[id(dataset)] = ray.put(dataset)
+        return self.dataset_refs[id(dataset)]
+
+    def _start(self, job: PlannedJob) -> None:
+        execution = Execution(job, time.time())
+        spec = job.spec
+        if spec.runs_one_task:
+            needs_fresh_process = bool(spec.gpus_per_job) or spec.variant == "mirrored"
+            task = self.fresh_train_task if needs_fresh_process else self.train_task
+            reference = task.options(
+                num_cpus=1,
+                num_gpus=spec.gpus_per_job or 0,
+                # A dead worker fails the job rather than silently training it twice.
+                max_retries=0,
+                name=f"runjobs:{job.id}",
+            ).remote(spec, self._dataset(job.dataset), execution.submitted_at)
+            self._wait_on(execution, [reference])
+        else:
+            self._start_gang(execution)
+
+    def _start_gang(self, execution: Execution) -> None:
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        spec = execution.job.spec
+        gpus_per_worker = (spec.gpus_per_job or 0) / spec.workers
+        bundle = {"CPU": 1.0, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
+        job_id = execution.job.id
+        execution.placement_group = placement_group(
+            [dict(bundle) for _ in range(spec.workers)],
+            strategy=spec.placement.upper(),
+            name=f"runjobs:{job_id}",
+        )
+        execution.actors = [
+            self.worker_actor.options(
+                num_cpus=1,
+                num_gpus=gpus_per_worker,
+                max_restarts=0,
+                # Named, so an operator (or a test) can find a job's workers in Ray's state.
+                name=f"runjobs:{job_id}:rank{rank}",
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    execution.placement_group, placement_group_bundle_index=rank
+                ),
+            ).remote()
+            for rank in range(spec.workers)
+        ]
+        execution.phase = "address"
+        self._wait_on(execution, [actor.address.remote() for actor in execution.actors])
+
+    def _wait_on(self, execution: Execution, references: list[Any]) -> None:
+        execution.waiting = list(references)
+        execution.results = {}
+        for reference in references:
+            self.executions[reference] = execution
+
+    def _collect(self, reference: Any) -> None:
+        import ray
+        from ray.exceptions import RayError, RayTaskError
+
+        execution = self.executions.pop(reference)
+        try:
+            execution.results[reference] = ray.get(reference)
+        except (RayTaskError, RayError) as error:
+            # One worker failed: the job has failed. Stop its other workers now rather
+            # than let them wait out a collective timeout.
+            for other in execution.waiting:
+                self.executions.pop(other, None)
+            execution.release()
+            message = describe_error(error)
+            if len(execution.waiting) > 1:
+                message += (
+                    f" (worker rank {execution.waiting.index(reference)} of {execution.job.spec.workers})"
+                )
+            self._finish(execution, "failed", message)
+            return
+        if len(execution.results) < len(execution.waiting):
+            return
+        results = [execution.results[item] for item in execution.waiting]
+        if execution.phase == "address":
+            self._start_training(execution, results)
+            return
+        execution.release()
+        self._finish(execution, "succeeded", None, merge_worker_results(results))
+
+    def _start_training(self, execution: Execution, addresses: list[str]) -> None:
+        from workers.distributed import WorkerContext
+
+        spec = execution.job.spec
+        execution.phase = "train"
+        dataset = self._dataset(execution.job.dataset)
+        references = [
+            actor.run.remote(
+                spec,
+                dataset,
+                execution.submitted_at,
+                WorkerContext(rank, spec.workers, tuple(addresses), spec.setup_timeout_s),
+            )
+            for rank, actor in enumerate(execution.actors)
+        ]
+        self._wait_on(execution, references)
+
+    def _finish(
+        self, execution: Execution, status: str, error: str | None, result: dict | None = None
+    ) -> None:
+        record = job_record(execution.job, status, error, result or {})
+        record["timings"]["total_s"] = time.time() - execution.submitted_at
+        self.records[execution.job.id] = record
+        self.on_record(record)
+
+
+def run_jobs(jobs: list[PlannedJob], on_record: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
+    """Run every job on Ray; return their records in the order given."""
+    return Driver(on_record).run(jobs)
+
+
+def merge_worker_results(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rank 0's result, with every rank's train time and placement."""
+    merged = dict(results[0])
+    if len(results) > 1:
+        merged["timings"] = {
+            **merged["timings"],
+            "rank_train_s": [item["timings"]["train_s"] for item in results],
+        }
+        merged["placement"] = {
+            **merged["placement"],
+            "workers": [
+                {
+                    key: item["placement"][key]
+                    for key in ("node_id", "hostname", "device", "gpu_ids", "cpu_fallback")
+                }
+                for item in results
+            ],
+        }
+    return merged
 
 
 def job_record(job: PlannedJob, status: str, error: str | None, result: dict[str, Any]) -> dict[str, Any]:
@@ -92,6 +250,7 @@ def job_record(job: PlannedJob, status: str, error: str | None, result: dict[str
         "framework": spec.framework,
         "variant": spec.variant,
         "workers": spec.workers,
+        "world_size": spec.workers,
         "config": spec.to_record(),
         "status": status,
         "error": error,
@@ -105,13 +264,14 @@ def job_record(job: PlannedJob, status: str, error: str | None, result: dict[str
         "versions": None,
     }
     record.update(result)
+    record.pop("rank", None)
     return record
 
 
-def describe_task_error(error: Exception) -> str:
+def describe_error(error: Exception) -> str:
     """The original exception's type and message, without Ray's traceback framing."""
     cause = getattr(error, "cause", None)
     if isinstance(cause, BaseException):
         return f"{type(cause).__name__}: {cause}"
     lines = [line for line in str(error).splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__

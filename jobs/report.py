@@ -23,12 +23,14 @@ def build_report(
     driver_timings: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """`driver_timings`: connect_s (Ray start or connection), jobs_s, disconnect_s."""
+    records = [{**record, "speed_vs_single": speed_vs_single(record, records)} for record in records]
     report = {
         "run_id": run_id,
         "cluster": cluster,
         "driver": {"timings": driver_timings or {}},
         "jobs": records,
         "comparison": compare(records),
+        "warnings": warnings(records),
         "summary": {
             "jobs": len(records),
             "succeeded": sum(record["status"] == "succeeded" for record in records),
@@ -48,6 +50,60 @@ def finite_only(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [finite_only(item) for item in value]
     return value
+
+
+# Fields that may differ between a multi-device job and its single-device twin.
+DISTRIBUTION_FIELDS = ("variant", "workers", "gpus_per_job", "placement", "setup_timeout_s", "loop")
+
+
+def single_twin(record: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The succeeded single-device job that trained the same config as this variant job."""
+
+    def training_fields(job: dict[str, Any]) -> dict[str, Any]:
+        return {key: value for key, value in job["config"].items() if key not in DISTRIBUTION_FIELDS}
+
+    if record["variant"] == "single":
+        return None
+    return next(
+        (
+            job
+            for job in records
+            if job["variant"] == "single"
+            and job["status"] == "succeeded"
+            and training_fields(job) == training_fields(record)
+        ),
+        None,
+    )
+
+
+def speed_vs_single(record: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """How a variant job's train time and parameters compare with its single-device twin's."""
+    twin = single_twin(record, records)
+    if twin is None or record["status"] != "succeeded":
+        return None
+    return {
+        "job": twin["id"],
+        "train_time_ratio": _ratio(record["timings"]["train_s"], twin["timings"]["train_s"]),
+        "max_param_difference": _param_difference(record["params"], twin["params"]),
+    }
+
+
+def warnings(records: list[dict[str, Any]]) -> list[str]:
+    """Plain sentences about results a reader should not miss."""
+    messages = []
+    for record in records:
+        speed = speed_vs_single(record, records)
+        if speed and speed["train_time_ratio"] is not None and speed["train_time_ratio"] > 1:
+            messages.append(
+                f"{record['id']} ({record['variant']}, {record['workers']} workers) trained "
+                f"{speed['train_time_ratio']:.1f}x slower than its single-device twin {speed['job']}: "
+                "for a model this small, synchronising gradients costs more than the arithmetic it splits"
+            )
+    return messages
+
+
+def _ratio(value: Any, reference: Any) -> float | None:
+    return value / reference if _finite(value) and _finite(reference) and reference > 0 else None
 
 
 def compare(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -292,6 +348,7 @@ def render_table(report: dict[str, Any]) -> str:
     lines.insert(1, "  ".join("-" * width for width in widths))
     lines.extend(_pair_sentences(report))
     lines.extend(f"{job['id']} {job['status']}: {job['error']}" for job in report["jobs"] if job["error"])
+    lines.extend(f"warning: {message}" for message in report.get("warnings", []))
     return "\n".join(lines) + "\n"
 
 
@@ -326,6 +383,7 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += ["", *[f"- {sentence}" for sentence in _pair_sentences(report)]]
+    lines += [f"- warning: {message}" for message in report.get("warnings", [])]
     failed = [job for job in report["jobs"] if job["error"]]
     if failed:
         lines += ["", "## Failed jobs", ""]

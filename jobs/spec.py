@@ -15,7 +15,15 @@ from typing import Any
 
 FRAMEWORKS = ("tensorflow", "torch")
 OPTIMIZERS = ("adam", "sgd")
-VARIANTS = ("single",)
+VARIANTS = ("single", "mirrored", "multiworker", "ddp")
+# Which framework each variant belongs to: tf.distribute for TensorFlow, DDP for torch.
+VARIANT_FRAMEWORKS = {
+    "single": FRAMEWORKS,
+    "mirrored": ("tensorflow",),
+    "multiworker": ("tensorflow",),
+    "ddp": ("torch",),
+}
+PLACEMENTS = ("pack", "spread")
 LOOPS = ("fast", "article")
 INIT_KEYWORDS = ("framework", "zeros")
 PRESETS = ("article",)
@@ -46,18 +54,39 @@ class JobSpec:
     target: str | None = None  # CSV target column; None means the last column
     normalize: bool = False
     predict: tuple[tuple[float, ...], ...] = ()
-    gpus_per_job: float | None = None  # None: 1 where the cluster has GPUs, else 0
+    # The job's GPUs in all, split evenly over its workers. None: 1 per worker where the
+    # cluster has GPUs, else 0.
+    gpus_per_job: float | None = None
     allow_cpu_fallback: bool = False
     loop: str = "fast"  # fast: each framework's quickest path; article: Keras model.fit
+    placement: str = "pack"  # how a multi-worker job's workers are spread over nodes
+    setup_timeout_s: float = 60.0  # for process group / strategy set-up and each collective
 
     def __post_init__(self) -> None:
         _require_choice("framework", self.framework, FRAMEWORKS)
         _require_choice("variant", self.variant, VARIANTS)
         _require_choice("optimizer", self.optimizer, OPTIMIZERS)
         _require_choice("loop", self.loop, LOOPS)
+        _require_choice("placement", self.placement, PLACEMENTS)
+        if self.framework not in VARIANT_FRAMEWORKS[self.variant]:
+            owners = " or ".join(VARIANT_FRAMEWORKS[self.variant])
+            raise SpecError(
+                f"variant={self.variant!r} is for {owners}, not {self.framework}; "
+                f"{self.framework} variants: "
+                + ", ".join(name for name, owners in VARIANT_FRAMEWORKS.items() if self.framework in owners)
+            )
         _require_whole("workers", self.workers, minimum=1)
         if self.variant == "single" and self.workers != 1:
-            raise SpecError(f"workers={self.workers}: the single variant runs exactly 1 worker")
+            raise SpecError(
+                f"workers={self.workers}: the single variant runs exactly 1 worker; "
+                "choose a multi-device variant (--variant mirrored|multiworker|ddp)"
+            )
+        if self.variant != "single" and self.loop != "fast":
+            raise SpecError(
+                f"loop={self.loop!r}: the {self.variant} variant runs the custom training loop (loop=fast); "
+                "Keras model.fit under MultiWorkerMirroredStrategy fails with Keras 3"
+            )
+        _require_positive("setup_timeout_s", self.setup_timeout_s)
         _require_whole("epochs", self.epochs, minimum=1)
         _require_whole("seed", self.seed, minimum=0)
         if self.batch_size is not None:
@@ -84,11 +113,23 @@ class JobSpec:
             gpus = self.gpus_per_job
             if not _is_number(gpus) or not math.isfinite(gpus) or gpus < 0:
                 raise SpecError(f"gpus_per_job={gpus!r}: must be a number >= 0")
-            if gpus > 1:
+            if self.variant == "single" and gpus > 1:
                 raise SpecError(
                     f"gpus_per_job={gpus:g}: a single-device job uses at most 1 GPU "
                     "(a fraction such as 0.5 lets two jobs share one)"
                 )
+            per_worker = gpus / self.workers
+            one_task = self.variant in ("single", "mirrored")
+            if (one_task and gpus > 1 and gpus != int(gpus)) or (not one_task and per_worker > 1):
+                raise SpecError(
+                    f"gpus_per_job={gpus:g} with workers={self.workers}: Ray gives a worker a fraction "
+                    "of one GPU or whole GPUs; multiworker and ddp workers use at most 1 GPU each"
+                )
+
+    @property
+    def runs_one_task(self) -> bool:
+        """single and mirrored run as one Ray task; multiworker and ddp as one actor per worker."""
+        return self.variant in ("single", "mirrored")
 
     @property
     def initial_value(self) -> float | None:
@@ -148,19 +189,43 @@ class Overrides:
 
 
 def build_job_specs(
-    frameworks: tuple[str, ...], overrides: Overrides, preset: str | None = None
+    frameworks: tuple[str, ...],
+    overrides: Overrides,
+    preset: str | None = None,
+    variants: tuple[str, ...] = (),
 ) -> list[JobSpec]:
-    """One spec per framework: defaults, then the preset, then the overrides."""
+    """One spec per (framework, variant): defaults, then the preset, then the overrides.
+
+    Variants pair only with their own framework (`--variant single --variant ddp` gives
+    tensorflow single, torch single and torch ddp); a framework named with --framework
+    that none of the variants fits is an error. `workers` applies to the multi-device
+    variants; a single job always has one worker.
+    """
     if preset is not None:
         _require_choice("preset", preset, PRESETS)
+    for variant in variants:
+        _require_choice("variant", variant, VARIANTS)
     specs = []
     for framework in frameworks or FRAMEWORKS:
-        fields: dict[str, Any] = {"framework": framework}
-        if preset is not None:
-            fields.update(PRESET_FIELDS[preset][framework])
-        fields.update(overrides.common)
-        fields.update(overrides.per_framework.get(framework, {}))
-        specs.append(make_spec(fields))
+        fitting = [variant for variant in variants or ("single",) if framework in VARIANT_FRAMEWORKS[variant]]
+        if frameworks and not fitting:
+            raise SpecError(
+                f"variant {', '.join(variants)} is not for {framework}; {framework} variants: "
+                + ", ".join(name for name, owners in VARIANT_FRAMEWORKS.items() if framework in owners)
+            )
+        for variant in fitting:
+            fields: dict[str, Any] = {"framework": framework}
+            if preset is not None:
+                fields.update(PRESET_FIELDS[preset][framework])
+            fields.update(overrides.common)
+            fields.update(overrides.per_framework.get(framework, {}))
+            if variants:
+                fields["variant"] = variant
+                if variant == "single":
+                    fields.pop("workers", None)
+            specs.append(make_spec(fields))
+    if not specs:
+        raise SpecError(f"no framework fits variant {', '.join(variants)}")
     return specs
 
 
@@ -175,16 +240,15 @@ def make_spec(fields: dict[str, Any]) -> JobSpec:
 
 
 def job_ids(specs: list[JobSpec]) -> list[str]:
-    """Each job's id: its framework, with a counter when a framework appears more than once."""
-    counts = {name: sum(spec.framework == name for spec in specs) for name in FRAMEWORKS}
+    """Each job's id: its framework (and variant, when not single), numbered when repeated."""
+    bases = [
+        spec.framework if spec.variant == "single" else f"{spec.framework}-{spec.variant}" for spec in specs
+    ]
     seen: dict[str, int] = {}
     identifiers = []
-    for spec in specs:
-        seen[spec.framework] = seen.get(spec.framework, 0) + 1
-        if counts[spec.framework] == 1:
-            identifiers.append(spec.framework)
-        else:
-            identifiers.append(f"{spec.framework}-{seen[spec.framework]}")
+    for base in bases:
+        seen[base] = seen.get(base, 0) + 1
+        identifiers.append(base if bases.count(base) == 1 else f"{base}-{seen[base]}")
     return identifiers
 
 
@@ -197,7 +261,7 @@ def parse_field(name: str, text: str) -> Any:
             return int(text)
         if name == "batch_size":
             return None if text.lower() in ("full", "none", "") else int(text)
-        if name in ("lr", "beta_1", "beta_2", "epsilon"):
+        if name in ("lr", "beta_1", "beta_2", "epsilon", "setup_timeout_s"):
             return float(text)
         if name == "gpus_per_job":
             return None if text.lower() in ("auto", "none", "") else float(text)

@@ -29,6 +29,7 @@ class SubmitRequest:
     preset: str | None = None
     address: str | None = None
     output: Path | None = None
+    variants: tuple[str, ...] = ()
 
 
 @dataclass
@@ -48,7 +49,7 @@ def new_run_id() -> str:
 
 def plan_jobs(request: SubmitRequest) -> list[PlannedJob]:
     """Build, load and check every job without touching Ray."""
-    specs = build_job_specs(request.frameworks, request.overrides, request.preset)
+    specs = build_job_specs(request.frameworks, request.overrides, request.preset, request.variants)
     datasets: dict[tuple, Dataset] = {}
     planned = []
     for job_id, spec in zip(job_ids(specs), specs):
@@ -91,9 +92,11 @@ def submit(request: SubmitRequest, say: Callable[[str], None]) -> SubmitOutcome:
         for job in planned:
             gpus = job.spec.gpus_per_job
             if gpus is None:
-                gpus = 1.0 if cluster.gpus > 0 else 0.0
-            clusters.check_fits(gpus, cluster)
-            resolved.append(dataclasses.replace(job, spec=dataclasses.replace(job.spec, gpus_per_job=gpus)))
+                # One GPU a device where the cluster has GPUs.
+                gpus = float(job.spec.workers) if cluster.gpus > 0 else 0.0
+            spec = dataclasses.replace(job.spec, gpus_per_job=gpus)
+            clusters.check_fits(spec, cluster)
+            resolved.append(dataclasses.replace(job, spec=spec))
 
         directory = RunDirectory.create(output_dir)
         say(

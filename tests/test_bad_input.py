@@ -46,6 +46,17 @@ def bad_csv(tmp_path):
         (["--set", "learning_rate=1"], "unknown job field 'learning_rate'"),
         (["--predict", "1800,3"], "predict 1800,3 has 2 value(s) but the data has 1 feature(s)"),
         (["--data", "synthetic:rows=1"], "need at least 2 rows"),
+        (["--framework", "tensorflow", "--variant", "ddp"], "variant ddp is not for tensorflow"),
+        (
+            ["--framework", "torch", "--set", "variant=mirrored"],
+            "variant='mirrored' is for tensorflow, not torch",
+        ),
+        (["--variant", "ddp", "--workers", "0"], "workers=0: must be a whole number >= 1"),
+        (["--workers", "2"], "the single variant runs exactly 1 worker"),
+        (
+            ["--variant", "ddp", "--workers", "2", "--gpus-per-job", "4"],
+            "multiworker and ddp workers use at most 1 GPU",
+        ),
     ],
 )
 def test_bad_options_are_refused_before_anything_starts(tmp_path, args, expected):

@@ -75,7 +75,8 @@ def test_unknown_field_lists_the_valid_ones():
         ({"init": "glorot"}, "init='glorot': use framework, zeros or a number"),
         ({"gpus_per_job": 2.0}, "a single-device job uses at most 1 GPU"),
         ({"gpus_per_job": -1.0}, "gpus_per_job=-1.0: must be a number >= 0"),
-        ({"variant": "ddp"}, "variant='ddp': choose one of single"),
+        ({"variant": "ddp", "framework": "tensorflow"}, "variant='ddp' is for torch, not tensorflow"),
+        ({"variant": "sharded"}, "variant='sharded': choose one of single, mirrored, multiworker, ddp"),
         ({"beta_1": 1.0}, "beta_1=1.0: must be a number in [0, 1)"),
     ],
 )

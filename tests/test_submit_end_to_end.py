@@ -187,6 +187,6 @@ def test_csv_data_with_named_columns_and_minibatches(ray_session, tmp_path):
 def test_a_gpu_request_the_cluster_cannot_meet_is_refused_with_the_numbers(ray_session, tmp_path):
     result = run_cli(["submit", "--gpus-per-job", "1"], tmp_path / "run")
     assert result.exit_code == 2
-    assert "asks for 1 GPU(s) but the largest node of the cluster" in result.stderr
+    assert "asks for 1 GPU(s) on one node but the largest node of the cluster" in result.stderr
     assert "has 0" in result.stderr
     assert not result.output_dir.exists()

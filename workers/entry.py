@@ -19,26 +19,29 @@ import numpy as np
 
 from workers.data import Dataset
 from workers.devices import ray_gpu_ids
+from workers.distributed import SINGLE_WORKER, WorkerContext
 from workers.reference import classify_convergence, least_squares, mean_squared_error, r2_gap
 from workers.training import Scaling, TrainingData
 
 TRAINER_MODULES = {"tensorflow": "workers.tensorflow_trainer", "torch": "workers.torch_trainer"}
 
 
-def run_job(spec, dataset: Dataset, submitted_at: float) -> dict[str, Any]:
-    """Train `spec` on `dataset` and return its result record (without id and status)."""
+def run_job(
+    spec, dataset: Dataset, submitted_at: float, context: WorkerContext = SINGLE_WORKER
+) -> dict[str, Any]:
+    """Train `spec` on `dataset` as worker `context` and return its result (without id and status)."""
     entered_at = time.time()
     process_started_at = _process_start_time()
     gpu_ids = ray_gpu_ids()
 
     startup_began = time.perf_counter()
     trainer = importlib.import_module(TRAINER_MODULES[spec.framework])
-    device = trainer.initialise(gpu_ids, spec.allow_cpu_fallback)
+    device = trainer.initialise(gpu_ids, spec.allow_cpu_fallback, spec, context)
     startup_in_task = time.perf_counter() - startup_began
 
     scaling = Scaling.standardise(dataset) if spec.normalize else Scaling.identity(dataset.feature_count)
     prediction_inputs = np.asarray(spec.predict, dtype=np.float64).reshape(-1, dataset.feature_count)
-    outcome = trainer.train(spec, TrainingData.prepare(dataset, scaling, prediction_inputs), device)
+    outcome = trainer.train(spec, TrainingData.prepare(dataset, scaling, prediction_inputs), device, context)
 
     weights, bias = scaling.original_parameters(outcome.weights, outcome.bias)
     predictions = scaling.original_target(outcome.predictions)
@@ -56,6 +59,9 @@ def run_job(spec, dataset: Dataset, submitted_at: float) -> dict[str, Any]:
         startup_s = startup_in_task
 
     return {
+        "rank": context.rank,
+        "world_size": max(context.world_size, len(device.replica_names)),
+        **outcome.distribution_fields(),
         "convergence": classify_convergence(dataset, weights, bias, outcome.loss_history, reference),
         "params": {"weights": weights.tolist(), "bias": bias},
         "reference": {"weights": reference.weights.tolist(), "bias": reference.bias, "loss": reference.loss},
@@ -82,6 +88,7 @@ def run_job(spec, dataset: Dataset, submitted_at: float) -> dict[str, Any]:
             "hostname": socket.gethostname(),
             "pid": os.getpid(),
             "device": device.name,
+            "devices": list(outcome.distribution.get("devices", [device.name])),
             "gpu_ids": list(device.gpu_ids),
             "cpu_fallback": device.cpu_fallback,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),

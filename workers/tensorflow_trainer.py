@@ -1,13 +1,17 @@
-"""TensorFlow trainer: a Keras Dense(1) trained on the device Ray assigned.
+"""TensorFlow trainer: a Keras Dense(1) on the devices Ray assigned, on one device or many.
 
-Two loops: `fast` runs every epoch inside one compiled tf.function (autograph turns the
-epoch loop into a tf.while_loop, so 500 epochs are one graph call), and `article` calls
-Keras `model.fit` as the source article does. Importing this module imports TensorFlow;
-only a worker that trains with TensorFlow imports it.
+One training function serves every variant: `single` runs under TensorFlow's default
+strategy, `mirrored` under MirroredStrategy over the task's devices, `multiworker` under
+MultiWorkerMirroredStrategy with TF_CONFIG from the worker context. Two loops: `fast`
+runs every epoch inside one compiled tf.function (autograph turns the epoch loop into a
+tf.while_loop, so 500 epochs are one graph call); `article` calls Keras `model.fit` as
+the source article does (single only). Importing this module imports TensorFlow; only a
+worker that trains with TensorFlow imports it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -19,14 +23,20 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from workers.devices import choose_device  # noqa: E402
+from workers.distributed import SINGLE_WORKER, WorkerContext  # noqa: E402
 from workers.training import Device, TrainerOutcome, TrainingData, batch_size_for  # noqa: E402
 
 keras = tf.keras
+STRATEGY_NAMES = {"mirrored": "MirroredStrategy", "multiworker": "MultiWorkerMirroredStrategy"}
+# A plain str: results are unpickled in the driver, which must not import TensorFlow.
 VERSION = str(tf.__version__)
 
 
-def initialise(gpu_ids: tuple[str, ...], allow_cpu_fallback: bool) -> Device:
+def initialise(
+    gpu_ids: tuple[str, ...], allow_cpu_fallback: bool, spec=None, context: WorkerContext = SINGLE_WORKER
+) -> Device:
     """Configure TensorFlow's devices for Ray's assignment before the runtime starts."""
+    device_count = spec.workers if spec is not None and spec.variant == "mirrored" else 1
     gpus = tf.config.list_physical_devices("GPU")
     try:
         if not gpu_ids:
@@ -38,6 +48,12 @@ def initialise(gpu_ids: tuple[str, ...], allow_cpu_fallback: bool) -> Device:
             # instead of reserving nearly all of the GPU's memory at start.
             for gpu in gpus:
                 tf.config.experimental.set_memory_growth(gpu, True)
+        if device_count > 1 and not gpus:
+            # MirroredStrategy without GPUs: split the CPU into logical devices, one a replica.
+            cpu = tf.config.list_physical_devices("CPU")[0]
+            tf.config.set_logical_device_configuration(
+                cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(device_count)]
+            )
     except RuntimeError:
         # The runtime is already initialised: a reused worker that configured it before.
         pass
@@ -49,14 +65,29 @@ def initialise(gpu_ids: tuple[str, ...], allow_cpu_fallback: bool) -> Device:
         allow_cpu_fallback,
         f"TensorFlow {VERSION} built with CUDA: {tf.test.is_built_with_cuda()}",
     )
-    with tf.device(_placement(device)):
-        tf.zeros(1).numpy()  # start the runtime now, so its cost counts as start-up
+    if device_count > 1:
+        kind = "CPU" if device.name == "cpu" else "GPU"
+        names = tuple(logical.name for logical in tf.config.list_logical_devices(kind))[:device_count]
+        if len(names) < device_count:
+            raise RuntimeError(
+                f"the mirrored variant needs {device_count} {kind} devices but this worker has "
+                f"{len(names)}; TensorFlow was initialised before runjobs could configure it"
+            )
+        device = Device(device.name, device.gpu_ids, device.cpu_fallback, names)
+    if not context.is_distributed:
+        # Start the runtime now, so its cost counts as start-up. Not for multiworker:
+        # MultiWorkerMirroredStrategy must be created before the runtime starts.
+        with tf.device(_placement(device)):
+            tf.zeros(1).numpy()
     return device
 
 
-def train(spec, data: TrainingData, device: Device) -> TrainerOutcome:
+def train(spec, data: TrainingData, device: Device, context: WorkerContext = SINGLE_WORKER) -> TrainerOutcome:
     setup_started = time.perf_counter()
-    with tf.device(_placement(device)):
+    strategy = _strategy(spec, device, context)
+    # A strategy places a multi-device job's variables itself; a single job is pinned here.
+    pinned = tf.device(_placement(device)) if spec.variant == "single" else contextlib.nullcontext()
+    with strategy.scope(), pinned:
         keras.utils.set_random_seed(spec.seed)
         feature_count = data.features.shape[1]
         model = keras.Sequential([keras.Input(shape=(feature_count,)), keras.layers.Dense(1)])
@@ -68,8 +99,35 @@ def train(spec, data: TrainingData, device: Device) -> TrainerOutcome:
                 ]
             )
         optimizer = _optimizer(spec)
-        run = _fit_loop if spec.loop == "article" else _compiled_loop
-        return run(spec, data, model, optimizer, setup_started)
+        if spec.loop == "article":
+            outcome = _fit_loop(spec, data, model, optimizer, setup_started)
+        else:
+            outcome = _compiled_loop(spec, data, model, optimizer, strategy, setup_started)
+    if spec.variant != "single":
+        outcome.distribution = {
+            # The public tf.distribute names (MultiWorkerMirroredStrategy's class is
+            # CollectiveAllReduceStrategy).
+            "strategy": STRATEGY_NAMES[spec.variant],
+            "devices": list(strategy.extended.worker_devices),
+        }
+    return outcome
+
+
+def _strategy(spec, device: Device, context: WorkerContext) -> tf.distribute.Strategy:
+    if spec.variant == "mirrored":
+        return tf.distribute.MirroredStrategy(devices=list(device.replica_names))
+    if spec.variant == "multiworker":
+        os.environ["TF_CONFIG"] = context.tf_config()
+        implementation = (
+            tf.distribute.experimental.CommunicationImplementation.NCCL
+            if device.name != "cpu"
+            else tf.distribute.experimental.CommunicationImplementation.RING
+        )
+        options = tf.distribute.experimental.CommunicationOptions(
+            implementation=implementation, timeout_seconds=context.setup_timeout_s
+        )
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    return tf.distribute.get_strategy()
 
 
 def _optimizer(spec):
@@ -80,7 +138,7 @@ def _optimizer(spec):
     )
 
 
-def _compiled_loop(spec, data, model, optimizer, setup_started) -> TrainerOutcome:
+def _compiled_loop(spec, data, model, optimizer, strategy, setup_started) -> TrainerOutcome:
     features = tf.constant(data.features)
     target = tf.constant(data.target)
     rows = data.rows
@@ -89,31 +147,40 @@ def _compiled_loop(spec, data, model, optimizer, setup_started) -> TrainerOutcom
     variables = model.trainable_variables
     optimizer.build(variables)
 
-    def step(batch_features, batch_target):
+    def replica_step(indices):
+        # Each replica takes every k-th row of the global batch and scales its summed
+        # loss by the global batch size, so the gradients the strategy sums over the
+        # replicas are exactly the single-device gradient of the global batch.
+        replica = tf.distribute.get_replica_context()
+        mine = indices[replica.replica_id_in_sync_group :: replica.num_replicas_in_sync]
         with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(tf.square(model(batch_features, training=True) - batch_target))
+            errors = model(tf.gather(features, mine), training=True) - tf.gather(target, mine)
+            squared_error = tf.reduce_sum(tf.square(errors))
+            loss = squared_error / tf.cast(tf.size(indices), tf.float32)
         gradients = tape.gradient(loss, variables)
         optimizer.apply_gradients(zip(gradients, variables))
-        return loss
+        return squared_error
 
     @tf.function
     def run(epochs):
         losses = tf.TensorArray(tf.float32, size=epochs)
         stamps = tf.TensorArray(tf.float64, size=epochs + 1)
         stamps = stamps.write(0, tf.timestamp())
+        all_rows = tf.range(rows)
         for epoch in tf.range(epochs):
             if steps_per_epoch == 1:
-                epoch_loss = step(features, target)
+                order = all_rows
             else:
-                # Keras fit's meaning of an epoch: every row once, in a fresh order.
-                order = tf.random.shuffle(tf.range(rows))
-                total = tf.constant(0.0)
-                for start in tf.range(0, rows, batch):
-                    indices = order[start : tf.minimum(start + batch, rows)]
-                    batch_loss = step(tf.gather(features, indices), tf.gather(target, indices))
-                    total += batch_loss * tf.cast(tf.size(indices), tf.float32)
-                epoch_loss = total / rows
-            losses = losses.write(epoch, epoch_loss)
+                # Keras fit's meaning of an epoch: every row once, in a fresh order. A
+                # stateless shuffle gives every worker (and the single-device twin) the
+                # same order for the same seed and epoch.
+                order = tf.random.experimental.stateless_shuffle(all_rows, seed=[spec.seed, epoch])
+            total = tf.constant(0.0)
+            for start in tf.range(0, rows, batch):
+                indices = order[start : tf.minimum(start + batch, rows)]
+                per_replica = strategy.run(replica_step, args=(indices,))
+                total += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+            losses = losses.write(epoch, total / rows)
             stamps = stamps.write(epoch + 1, tf.timestamp())
         return losses.stack(), stamps.stack()
 

@@ -1,19 +1,25 @@
-"""PyTorch trainer: an nn.Linear(1 feature or more, 1) trained on the device Ray assigned.
+"""PyTorch trainer: an nn.Linear on the device Ray assigned, on one worker or as one DDP rank.
 
-PyTorch's quickest path for a two-parameter model is its plain eager loop; torch.compile
-costs seconds of compilation that 500 tiny steps never win back, so `fast` and
-`article` run the same loop here. Importing this module imports torch; only a worker
-that trains with torch imports it.
+One training function serves `single` and `ddp`: with a world size above 1 it joins the
+job's process group (nccl on GPUs, gloo on the CPU), wraps the model in
+DistributedDataParallel, and takes its share of every global batch; it unwraps and
+leaves the group at the end. PyTorch's quickest path for a two-parameter model is its
+plain eager loop (torch.compile costs seconds that 500 tiny steps never win back), so
+`fast` and `article` run the same loop. Importing this module imports torch; only a
+worker that trains with torch imports it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import time
 
 import numpy as np
 import torch
 
 from workers.devices import choose_device
+from workers.distributed import SINGLE_WORKER, WorkerContext
 from workers.training import Device, TrainerOutcome, TrainingData, batch_size_for
 
 # torch.__version__ is a TorchVersion object; unpickling one in the driver would import
@@ -21,7 +27,9 @@ from workers.training import Device, TrainerOutcome, TrainingData, batch_size_fo
 VERSION = str(torch.__version__)
 
 
-def initialise(gpu_ids: tuple[str, ...], allow_cpu_fallback: bool) -> Device:
+def initialise(
+    gpu_ids: tuple[str, ...], allow_cpu_fallback: bool, spec=None, context: WorkerContext = SINGLE_WORKER
+) -> Device:
     """Pick the device for Ray's assignment: CUDA_VISIBLE_DEVICES makes it cuda:0."""
     visible = torch.cuda.device_count() if gpu_ids and torch.cuda.is_available() else 0
     device = choose_device(
@@ -39,56 +47,78 @@ def initialise(gpu_ids: tuple[str, ...], allow_cpu_fallback: bool) -> Device:
     return device
 
 
-def train(spec, data: TrainingData, device: Device) -> TrainerOutcome:
+def train(spec, data: TrainingData, device: Device, context: WorkerContext = SINGLE_WORKER) -> TrainerOutcome:
     setup_started = time.perf_counter()
-    torch.manual_seed(spec.seed)
     target_device = torch.device(device.name)
+    with _process_group(context, target_device) as backend:
+        # The DDP wrapper lives only inside _train_on_rank: it is gone before the group is
+        # destroyed. A DistributedDataParallel (its Reducer) that outlives
+        # destroy_process_group() holds the last reference to the gloo group, and the
+        # group's destructor can then hang joining its threads.
+        outcome = _train_on_rank(spec, data, target_device, context, setup_started)
+    if context.is_distributed:
+        outcome.distribution = {"backend": backend, "devices": [device.name]}
+    return outcome
+
+
+def _train_on_rank(spec, data, target_device, context, setup_started) -> TrainerOutcome:
+    torch.manual_seed(spec.seed)
     feature_count = data.features.shape[1]
     model = torch.nn.Linear(feature_count, 1).to(target_device)
     if spec.initial_value is not None:
         with torch.no_grad():
             model.weight.fill_(spec.initial_value)
             model.bias.fill_(spec.initial_value)
+    trained = model
+    if context.is_distributed:
+        trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[target_device.index or 0] if target_device.type == "cuda" else None
+        )
     if spec.optimizer == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr)
+        optimizer = torch.optim.SGD(trained.parameters(), lr=spec.lr)
     else:
         optimizer = torch.optim.Adam(
-            model.parameters(), lr=spec.lr, betas=(spec.beta_1, spec.beta_2), eps=spec.epsilon
+            trained.parameters(), lr=spec.lr, betas=(spec.beta_1, spec.beta_2), eps=spec.epsilon
         )
-    loss_function = torch.nn.MSELoss()
     features = torch.from_numpy(data.features).to(target_device)
     target = torch.from_numpy(data.target).to(target_device)
     rows = data.rows
     batch = batch_size_for(spec.batch_size, rows)
+    # Every rank draws the same order from the same seed, as the single-device twin does.
     shuffler = torch.Generator().manual_seed(spec.seed)
+    all_rows = torch.arange(rows, device=target_device)
     synchronise = torch.cuda.synchronize if target_device.type == "cuda" else (lambda: None)
 
-    def step(batch_features, batch_target):
+    def step(indices):
+        # This rank takes every world_size-th row of the global batch. DDP averages
+        # gradients over the ranks, so dividing the summed loss by global batch / world
+        # makes the averaged gradient exactly the global batch's mean gradient.
+        mine = indices[context.rank :: context.world_size]
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_function(model(batch_features), batch_target)
-        loss.backward()
+        squared_error = ((trained(features[mine]) - target[mine]) ** 2).sum()
+        (squared_error / (len(indices) / context.world_size)).backward()
         optimizer.step()
-        return loss.detach()
+        return squared_error.detach()
 
     setup_s = time.perf_counter() - setup_started
-    epoch_losses = []
+    epoch_errors = []
     epoch_seconds = []
     train_started = time.perf_counter()
     for _ in range(spec.epochs):
         epoch_started = time.perf_counter()
-        if batch >= rows:
-            epoch_losses.append(step(features, target))
-        else:
-            order = torch.randperm(rows, generator=shuffler).to(target_device)
-            total = torch.zeros((), device=target_device)
-            for start in range(0, rows, batch):
-                indices = order[start : start + batch]
-                total += step(features[indices], target[indices]) * len(indices)
-            epoch_losses.append(total / rows)
+        order = all_rows if batch >= rows else torch.randperm(rows, generator=shuffler).to(target_device)
+        total = torch.zeros((), device=target_device)
+        for start in range(0, rows, batch):
+            total += step(order[start : start + batch])
+        epoch_errors.append(total)
         synchronise()
         epoch_seconds.append(time.perf_counter() - epoch_started)
-    # One transfer for the whole history instead of a .item() sync every epoch.
-    losses = torch.stack(epoch_losses).cpu().tolist() if epoch_losses else []
+    # One transfer (and, with DDP, one all-reduce) for the whole loss history instead
+    # of a sync every epoch.
+    errors = torch.stack(epoch_errors) if epoch_errors else torch.zeros(0, device=target_device)
+    if context.is_distributed:
+        torch.distributed.all_reduce(errors)
+    losses = (errors / rows).cpu().tolist()
     train_s = time.perf_counter() - train_started
 
     predict_started = time.perf_counter()
@@ -108,3 +138,25 @@ def train(spec, data: TrainingData, device: Device) -> TrainerOutcome:
         train_s=train_s,
         predict_s=predict_s,
     )
+
+
+@contextlib.contextmanager
+def _process_group(context: WorkerContext, device: torch.device):
+    """Join the job's process group for the block, and always leave it."""
+    if not context.is_distributed:
+        yield None
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    torch.distributed.init_process_group(
+        backend,
+        init_method=f"tcp://{context.master_address}:{context.master_port}",
+        rank=context.rank,
+        world_size=context.world_size,
+        timeout=datetime.timedelta(seconds=context.setup_timeout_s),
+    )
+    try:
+        yield backend
+        # Every rank is done with its collectives before any rank tears the group down.
+        torch.distributed.barrier()
+    finally:
+        torch.distributed.destroy_process_group()

@@ -82,6 +82,7 @@ class Device:
     name: str  # "cpu", "cuda:0", "/GPU:0"
     gpu_ids: tuple[str, ...] = ()
     cpu_fallback: bool = False  # Ray assigned a GPU but CUDA was not usable here
+    replica_names: tuple[str, ...] = ()  # a mirrored job's devices, one per replica
 
 
 @dataclass
@@ -96,7 +97,12 @@ class TrainerOutcome:
     setup_s: float
     train_s: float
     predict_s: float
-    notes: list[str] = field(default_factory=list)
+    # For multi-device variants: the strategy or backend and the devices it used.
+    distribution: dict = field(default_factory=dict)
+
+    def distribution_fields(self) -> dict:
+        """`strategy` (TensorFlow) or `backend` (torch) for the result, when distributed."""
+        return {key: value for key, value in self.distribution.items() if key in ("strategy", "backend")}
 
 
 def batch_size_for(requested: int | None, rows: int) -> int:
