@@ -40,7 +40,9 @@ test-quick: install ## Run the quick subset (no end-to-end training through Ray)
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: install ## Run the benchmarks and print their tables (see docs/BENCHMARKS.md).
+	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/bench_submit.py
+	$(BIN)/python bench/bench_variants.py
 
 lint: install ## Check style with ruff.
 	$(BIN)/ruff check jobs workers tests bench

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 
@@ -152,3 +154,29 @@ def test_a_job_larger_than_the_cluster_is_refused_before_anything_starts(ray_ses
     assert "a 3-worker ddp job needs 3 CPU(s), one a worker" in result.stderr
     assert "has 2" in result.stderr and "--workers 2 or fewer" in result.stderr
     assert not result.output_dir.exists()
+
+
+def test_a_peer_that_never_arrives_fails_the_rank_within_the_timeout(tmp_path):
+    # Rank 0 of a 2-rank ddp job whose rank 1 never starts: joining the process group
+    # must give up after setup_timeout_s with an error, not hang. Run in a fresh process
+    # so this test process never imports torch.
+    program = """
+import sys, time
+from jobs.spec import JobSpec
+from workers.data import article_dataset
+from workers.distributed import WorkerContext, reserve_address
+spec = JobSpec("torch", variant="ddp", workers=2, epochs=5, batch_size=10, setup_timeout_s=3)
+context = WorkerContext(0, 2, (reserve_address(), "127.0.0.1:1"), setup_timeout_s=3)
+started = time.monotonic()
+try:
+    from workers.entry import run_job
+    run_job(spec, article_dataset(), time.time(), context)
+except Exception as error:
+    print(f"FAILED after {time.monotonic() - started:.1f}s: {type(error).__name__}: {error}")
+    sys.exit(0)
+print("no error")
+"""
+    finished = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert "FAILED after" in finished.stdout, finished.stdout + finished.stderr
+    seconds = float(finished.stdout.split("FAILED after ")[1].split("s:")[0])
+    assert seconds < 3 + 15, "the rank must give up soon after its set-up timeout"

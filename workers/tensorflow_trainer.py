@@ -147,19 +147,35 @@ def _compiled_loop(spec, data, model, optimizer, strategy, setup_started) -> Tra
     variables = model.trainable_variables
     optimizer.build(variables)
 
-    def replica_step(indices):
-        # Each replica takes every k-th row of the global batch and scales its summed
-        # loss by the global batch size, so the gradients the strategy sums over the
-        # replicas are exactly the single-device gradient of the global batch.
-        replica = tf.distribute.get_replica_context()
-        mine = indices[replica.replica_id_in_sync_group :: replica.num_replicas_in_sync]
+    def apply_step(batch_features, batch_target, global_batch_size):
+        # Each replica scales its summed loss by the global batch size, so the gradients
+        # the strategy sums over the replicas are exactly the single-device gradient of
+        # the global batch.
         with tf.GradientTape() as tape:
-            errors = model(tf.gather(features, mine), training=True) - tf.gather(target, mine)
-            squared_error = tf.reduce_sum(tf.square(errors))
-            loss = squared_error / tf.cast(tf.size(indices), tf.float32)
+            squared_error = tf.reduce_sum(tf.square(model(batch_features, training=True) - batch_target))
+            loss = squared_error / global_batch_size
         gradients = tape.gradient(loss, variables)
         optimizer.apply_gradients(zip(gradients, variables))
         return squared_error
+
+    def replica_step(indices):
+        # Each replica takes every k-th row of the global batch.
+        replica = tf.distribute.get_replica_context()
+        mine = indices[replica.replica_id_in_sync_group :: replica.num_replicas_in_sync]
+        global_batch_size = tf.cast(tf.size(indices), tf.float32)
+        return apply_step(tf.gather(features, mine), tf.gather(target, mine), global_batch_size)
+
+    def full_batch_step(shard_features, shard_target):
+        return apply_step(shard_features, shard_target, tf.constant(float(rows)))
+
+    # With the full batch every step sees the same rows: cut each replica's shard once
+    # rather than gathering the data again every step.
+    shards = strategy.experimental_distribute_values_from_function(
+        lambda replica: (
+            features[replica.replica_id_in_sync_group :: replica.num_replicas_in_sync],
+            target[replica.replica_id_in_sync_group :: replica.num_replicas_in_sync],
+        )
+    )
 
     @tf.function
     def run(epochs):
@@ -169,17 +185,18 @@ def _compiled_loop(spec, data, model, optimizer, strategy, setup_started) -> Tra
         all_rows = tf.range(rows)
         for epoch in tf.range(epochs):
             if steps_per_epoch == 1:
-                order = all_rows
+                per_replica = strategy.run(full_batch_step, args=shards)
+                total = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
             else:
                 # Keras fit's meaning of an epoch: every row once, in a fresh order. A
                 # stateless shuffle gives every worker (and the single-device twin) the
                 # same order for the same seed and epoch.
                 order = tf.random.experimental.stateless_shuffle(all_rows, seed=[spec.seed, epoch])
-            total = tf.constant(0.0)
-            for start in tf.range(0, rows, batch):
-                indices = order[start : tf.minimum(start + batch, rows)]
-                per_replica = strategy.run(replica_step, args=(indices,))
-                total += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+                total = tf.constant(0.0)
+                for start in tf.range(0, rows, batch):
+                    indices = order[start : tf.minimum(start + batch, rows)]
+                    per_replica = strategy.run(replica_step, args=(indices,))
+                    total += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
             losses = losses.write(epoch, total / rows)
             stamps = stamps.write(epoch + 1, tf.timestamp())
         return losses.stack(), stamps.stack()

@@ -86,19 +86,26 @@ def _train_on_rank(spec, data, target_device, context, setup_started) -> Trainer
     batch = batch_size_for(spec.batch_size, rows)
     # Every rank draws the same order from the same seed, as the single-device twin does.
     shuffler = torch.Generator().manual_seed(spec.seed)
-    all_rows = torch.arange(rows, device=target_device)
     synchronise = torch.cuda.synchronize if target_device.type == "cuda" else (lambda: None)
 
-    def step(indices):
-        # This rank takes every world_size-th row of the global batch. DDP averages
-        # gradients over the ranks, so dividing the summed loss by global batch / world
-        # makes the averaged gradient exactly the global batch's mean gradient.
-        mine = indices[context.rank :: context.world_size]
+    def apply_step(batch_features, batch_target, global_batch_size):
+        # DDP averages gradients over the ranks, so dividing the summed loss by
+        # global batch / world size makes the averaged gradient exactly the global
+        # batch's mean gradient.
         optimizer.zero_grad(set_to_none=True)
-        squared_error = ((trained(features[mine]) - target[mine]) ** 2).sum()
-        (squared_error / (len(indices) / context.world_size)).backward()
+        squared_error = ((trained(batch_features) - batch_target) ** 2).sum()
+        (squared_error / (global_batch_size / context.world_size)).backward()
         optimizer.step()
         return squared_error.detach()
+
+    def step(indices):
+        # This rank takes every world_size-th row of the global batch.
+        mine = indices[context.rank :: context.world_size]
+        return apply_step(features[mine], target[mine], len(indices))
+
+    # With the full batch every step sees the same rows: cut this rank's shard once.
+    shard_features = features[context.rank :: context.world_size]
+    shard_target = target[context.rank :: context.world_size]
 
     setup_s = time.perf_counter() - setup_started
     epoch_errors = []
@@ -106,10 +113,13 @@ def _train_on_rank(spec, data, target_device, context, setup_started) -> Trainer
     train_started = time.perf_counter()
     for _ in range(spec.epochs):
         epoch_started = time.perf_counter()
-        order = all_rows if batch >= rows else torch.randperm(rows, generator=shuffler).to(target_device)
-        total = torch.zeros((), device=target_device)
-        for start in range(0, rows, batch):
-            total += step(order[start : start + batch])
+        if batch >= rows:
+            total = apply_step(shard_features, shard_target, rows)
+        else:
+            order = torch.randperm(rows, generator=shuffler).to(target_device)
+            total = torch.zeros((), device=target_device)
+            for start in range(0, rows, batch):
+                total += step(order[start : start + batch])
         epoch_errors.append(total)
         synchronise()
         epoch_seconds.append(time.perf_counter() - epoch_started)
