@@ -7,6 +7,7 @@ or cannot meet the request (nothing was started); 130 interrupted.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -60,6 +61,7 @@ def cli() -> None:
 
 
 @cli.command()
+@click.argument("spec_file", required=False, type=click.Path(path_type=Path), metavar="[SPEC.yaml]")
 @click.option(
     "--framework",
     "frameworks",
@@ -123,6 +125,16 @@ def cli() -> None:
     help="Running Ray cluster (HOST:PORT, ray://HOST:10001 or auto). Default: an embedded local Ray.",
 )
 @click.option("--output", type=click.Path(path_type=Path), help="Output directory. Default runs/<run-id>.")
+@click.option("--dry-run", is_flag=True, help="Print the expanded jobs and start nothing.")
+@click.option(
+    "--json", "json_output", is_flag=True, help="Print one JSON summary on stdout instead of the table."
+)
+@click.option(
+    "--rerun",
+    type=click.Choice(["failed", "all"]),
+    help="Into an existing output directory: also re-run failed jobs, or every job.",
+)
+@click.option("--max-concurrent", type=int, help="Run at most N jobs at once. Default: as resources allow.")
 @click.option(
     "--set",
     "assignments",
@@ -131,6 +143,11 @@ def cli() -> None:
     help="Set any job field, e.g. --set epochs=200 or --set torch.lr=0.05; repeatable, applied last.",
 )
 def submit(
+    spec_file,
+    dry_run,
+    json_output,
+    rerun,
+    max_concurrent,
     frameworks,
     preset,
     variants,
@@ -159,7 +176,7 @@ def submit(
     Writes report.json, report.csv and report.md to the output directory and exits 0
     when every job succeeded, 1 when any failed, 2 on bad input (nothing started).
     """
-    from jobs.submit import SubmitRequest
+    from jobs.submit import SubmitRequest, plan_jobs
     from jobs.submit import submit as run_submit
 
     try:
@@ -182,27 +199,136 @@ def submit(
             overrides.common["predict"] = tuple(parse_point(text) for text in predictions)
         for assignment in assignments:
             overrides.add_assignment(assignment)
-        request = SubmitRequest(tuple(frameworks), overrides, preset, address, output, tuple(variants))
+        request = SubmitRequest(
+            tuple(frameworks),
+            overrides,
+            preset,
+            address,
+            output,
+            tuple(variants),
+            spec_file,
+            rerun,
+            max_concurrent,
+        )
+        if dry_run:
+            _print_plan(plan_jobs(request), json_output)
+            return
         outcome = run_submit(request, say=_say)
     except (SpecError, ValueError, RuntimeError) as error:
         if not _is_input_error(error):
             raise
         raise InputError(str(error)) from None
 
-    from jobs.report import render_table
+    from jobs.report import render_table, summary
 
-    click.echo(render_table(outcome.report), nl=False)
-    click.echo(f"report: {outcome.output_dir / 'report.json'} (also report.csv, report.md)")
+    if json_output:
+        click.echo(json.dumps(summary(outcome.report, outcome.output_dir, outcome.exit_code), indent=2))
+    else:
+        click.echo(render_table(outcome.report), nl=False)
+        click.echo(f"report: {outcome.output_dir / 'report.json'} (also report.csv, report.md)")
+        click.echo(f"next: runjobs status {outcome.output_dir} | runjobs list {outcome.output_dir}")
     click.get_current_context().exit(outcome.exit_code)
+
+
+def _print_plan(planned, json_output: bool) -> None:
+    if json_output:
+        click.echo(json.dumps([{"id": job.id, "config": job.spec.to_record()} for job in planned], indent=2))
+        return
+    columns = ("framework", "variant", "workers", "epochs", "optimizer", "lr", "batch_size", "seed", "data")
+    rows = [[job.id, *(str(job.spec.to_record()[column]) for column in columns)] for job in planned]
+    _echo_table(["id", *columns], rows)
+    click.echo(f"{len(planned)} job(s); nothing started (--dry-run)")
+
+
+def _echo_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(row[index]) for row in [header, *rows]) for index in range(len(header))]
+    for row in [header, *rows]:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+RUN_DIRECTORY = click.Path(path_type=Path, file_okay=False)
+
+
+@cli.command()
+@click.argument("directory", type=RUN_DIRECTORY)
+@click.option("--json", "json_output", is_flag=True, help="Print JSON.")
+def status(directory, json_output) -> None:
+    """Counts by state, running jobs, elapsed time and an estimate of what is left.
+
+    Reads the run's ledger only; works while the run goes on. Exit code 2 when DIRECTORY
+    holds no run.
+    """
+    from jobs.status import run_status
+
+    state = _input(lambda: run_status(directory))
+    if json_output:
+        click.echo(json.dumps(state, indent=2))
+        return
+    counts = ", ".join(f"{count} {name}" for name, count in state["counts"].items() if count)
+    click.echo(f"run {state['run_id']}: {state['jobs']} job(s): {counts or 'none'}")
+    click.echo(
+        f"elapsed {state['elapsed_s']:.0f}s"
+        + (f", about {state['eta_s']:.0f}s left" if state["eta_s"] else "")
+    )
+    for job_id in state["running"]:
+        click.echo(f"running: {job_id}")
+
+
+@cli.command(name="list")
+@click.argument("directory", type=RUN_DIRECTORY)
+@click.option("--json", "json_output", is_flag=True, help="Print JSON.")
+def list_jobs(directory, json_output) -> None:
+    """One line per job: id, state, attempts, convergence, train time."""
+    from jobs.status import job_rows
+
+    rows = _input(lambda: job_rows(directory))
+    if json_output:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    header = ["id", "state", "attempts", "convergence", "train_s"]
+    _echo_table(header, [[str(row[key]) if row[key] is not None else "-" for key in header] for row in rows])
+
+
+@cli.command()
+@click.argument("directory", type=RUN_DIRECTORY)
+@click.argument("job_id", metavar="JOB")
+def show(directory, job_id) -> None:
+    """One job's full record (its config, state and results) as JSON."""
+    from jobs.status import job_detail
+
+    click.echo(json.dumps(_input(lambda: job_detail(directory, job_id)), indent=2))
+
+
+@cli.command()
+@click.argument("directory", type=RUN_DIRECTORY)
+def report(directory) -> None:
+    """Rebuild report.json, report.csv and report.md from the run's ledger; no Ray needed."""
+    from jobs.report import render_table
+    from jobs.submit import rebuild_report
+
+    rebuilt = _input(lambda: rebuild_report(directory))
+    click.echo(render_table(rebuilt), nl=False)
+    click.echo(f"report: {directory / 'report.json'} (also report.csv, report.md)")
+
+
+def _input(action):
+    """Run `action`, turning a user-facing error into a one-line exit 2."""
+    try:
+        return action()
+    except (ValueError, RuntimeError) as error:
+        if not _is_input_error(error):
+            raise
+        raise InputError(str(error)) from None
 
 
 def _is_input_error(error: Exception) -> bool:
     from jobs.cluster import ClusterUnreachableError, ResourceRequestError
+    from jobs.ledger import LedgerError
     from jobs.output import OutputError
     from workers.data import DataError
 
     return isinstance(
-        error, (SpecError, DataError, OutputError, ClusterUnreachableError, ResourceRequestError)
+        error, (SpecError, DataError, OutputError, LedgerError, ClusterUnreachableError, ResourceRequestError)
     )
 
 

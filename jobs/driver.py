@@ -60,13 +60,20 @@ class Execution:
 
 
 class Driver:
-    def __init__(self, on_record: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(
+        self,
+        on_record: Callable[[dict[str, Any]], None],
+        on_start: Callable[[str], None] | None = None,
+        max_concurrent: int | None = None,
+    ) -> None:
         import ray
 
         from workers.entry import run_job
         from workers.worker_actor import DistributedWorker
 
         self.on_record = on_record
+        self.on_start = on_start or (lambda job_id: None)
+        self.max_concurrent = max_concurrent
         self.train_task = ray.remote(run_job)
         # A GPU job, and a mirrored job that splits the CPU into logical devices, needs a
         # fresh process: the frameworks fix their devices (and CUDA_VISIBLE_DEVICES) when
@@ -85,22 +92,31 @@ class Driver:
     def run(self, jobs: list[PlannedJob]) -> list[dict[str, Any]]:
         import ray
 
-        for job in jobs:
-            self._start(job)
+        queue = list(jobs)
         try:
-            while self.executions:
+            while queue or self.executions:
+                # Ray starts each job as resources allow; --max-concurrent caps how many
+                # are handed to Ray at once.
+                while queue and (self.max_concurrent is None or self._running() < self.max_concurrent):
+                    self._start(queue.pop(0))
                 ready, _ = ray.wait(list(self.executions), num_returns=1)
                 for reference in ready:
                     self._collect(reference)
         except KeyboardInterrupt:
-            # Ctrl-C: stop what is still running, record it as cancelled, keep what finished.
+            # Ctrl-C: stop what is still running, record it and what never started as
+            # cancelled, keep what finished.
             for execution in {id(item): item for item in self.executions.values()}.values():
                 for reference in execution.waiting:
                     ray.cancel(reference, force=True)
                 execution.release()
                 self._finish(execution, "cancelled", "cancelled: the run was interrupted")
+            for job in queue:
+                self._finish(Execution(job, time.time()), "cancelled", "cancelled: the run was interrupted")
             raise RunInterrupted([self.records[job.id] for job in jobs]) from None
         return [self.records[job.id] for job in jobs]
+
+    def _running(self) -> int:
+        return len({id(execution) for execution in self.executions.values()})
 
     def _dataset(self, dataset: Dataset) -> Any:
         import ray
@@ -111,6 +127,7 @@ class Driver:
         return self.dataset_refs[id(dataset)]
 
     def _start(self, job: PlannedJob) -> None:
+        self.on_start(job.id)
         execution = Execution(job, time.time())
         spec = job.spec
         if spec.runs_one_task:
@@ -217,9 +234,14 @@ class Driver:
         self.on_record(record)
 
 
-def run_jobs(jobs: list[PlannedJob], on_record: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
+def run_jobs(
+    jobs: list[PlannedJob],
+    on_record: Callable[[dict[str, Any]], None],
+    on_start: Callable[[str], None] | None = None,
+    max_concurrent: int | None = None,
+) -> list[dict[str, Any]]:
     """Run every job on Ray; return their records in the order given."""
-    return Driver(on_record).run(jobs)
+    return Driver(on_record, on_start, max_concurrent).run(jobs)
 
 
 def merge_worker_results(results: list[dict[str, Any]]) -> dict[str, Any]:

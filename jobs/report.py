@@ -41,6 +41,26 @@ def build_report(
     return finite_only(report)
 
 
+def summary(report: dict[str, Any], output_dir, exit_code: int) -> dict[str, Any]:
+    """The machine-readable end of a submit (`--json`): counts, exit code and each job's state."""
+    return {
+        "run_id": report["run_id"],
+        "output": str(output_dir),
+        "exit_code": exit_code,
+        "counts": report["summary"],
+        "jobs": [
+            {
+                "id": job["id"],
+                "status": job["status"],
+                "convergence": job["convergence"],
+                "error": job["error"],
+            }
+            for job in report["jobs"]
+        ],
+        "warnings": report.get("warnings", []),
+    }
+
+
 def finite_only(value: Any) -> Any:
     """A copy of `value` with every non-finite float replaced by None."""
     if isinstance(value, float):

@@ -1,7 +1,9 @@
 """`runjobs submit` as a function: plan and validate, connect, run, record, report.
 
-Everything that can be checked without Ray (the spec, the data, the output directory)
-is checked before connecting, so bad input starts nothing and leaves nothing behind.
+Everything that can be checked without Ray (the spec, the data, the output directory,
+another driver's lock) is checked before connecting, so bad input starts nothing and
+leaves nothing behind. The output directory's ledger is the run's durable record: a
+re-run of the same jobs into the same directory runs only what has no result yet.
 """
 
 from __future__ import annotations
@@ -17,9 +19,13 @@ from typing import Any
 from jobs import cluster as clusters
 from jobs import report as reports
 from jobs.driver import PlannedJob, RunInterrupted, run_jobs
-from jobs.output import RunDirectory, check_usable
+from jobs.ledger import Ledger, is_ledger_directory
+from jobs.output import check_usable, write_reports
 from jobs.spec import JobSpec, Overrides, SpecError, build_job_specs, job_ids
+from jobs.sweep import SweepSpec
 from workers.data import ARTICLE_PREDICTION_SQFT, Dataset, load_dataset
+
+RERUN_CHOICES = ("failed", "all")
 
 
 @dataclass
@@ -30,29 +36,53 @@ class SubmitRequest:
     address: str | None = None
     output: Path | None = None
     variants: tuple[str, ...] = ()
+    spec_file: Path | None = None
+    rerun: str | None = None  # None: only jobs without a result; "failed"; "all"
+    max_concurrent: int | None = None
 
 
 @dataclass
 class SubmitOutcome:
     report: dict[str, Any]
     output_dir: Path
+    ran: int = 0  # jobs this call ran (a re-run may run none)
 
     @property
     def exit_code(self) -> int:
         """0 when every job succeeded, 1 when any did not."""
-        return 0 if self.report["summary"]["succeeded"] == len(self.report["jobs"]) else 1
+        return exit_code_for(self.report)
+
+
+def exit_code_for(report: dict[str, Any]) -> int:
+    return 0 if report["summary"]["succeeded"] == len(report["jobs"]) else 1
 
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
 
 
+def expand_jobs(request: SubmitRequest) -> list[tuple[str, JobSpec]]:
+    """The (id, spec) of every job the request names, from a spec file or the options."""
+    if request.spec_file is not None:
+        if request.frameworks or request.variants or request.preset:
+            raise SpecError(
+                "with a spec file, name frameworks, variants and presets in the file "
+                "(grid: {framework: [...], variant: [...]}), not as options"
+            )
+        return SweepSpec.load(request.spec_file).expand(request.overrides)
+    specs = build_job_specs(request.frameworks, request.overrides, request.preset, request.variants)
+    return list(zip(job_ids(specs), specs))
+
+
 def plan_jobs(request: SubmitRequest) -> list[PlannedJob]:
     """Build, load and check every job without touching Ray."""
-    specs = build_job_specs(request.frameworks, request.overrides, request.preset, request.variants)
+    if request.max_concurrent is not None and request.max_concurrent < 1:
+        raise SpecError(f"--max-concurrent {request.max_concurrent}: must be a whole number >= 1")
+    if request.rerun is not None and request.rerun not in RERUN_CHOICES:
+        raise SpecError(f"--rerun {request.rerun}: choose one of {', '.join(RERUN_CHOICES)}")
     datasets: dict[tuple, Dataset] = {}
     planned = []
-    for job_id, spec in zip(job_ids(specs), specs):
+    for job_id, spec in expand_jobs(request):
         key = (spec.data, spec.features, spec.target)
         if key not in datasets:
             datasets[key] = load_dataset(spec.data, spec.features, spec.target)
@@ -77,13 +107,43 @@ def resolve_for_data(spec: JobSpec, dataset: Dataset) -> JobSpec:
     return dataclasses.replace(spec, predict=predict, batch_size=batch_size)
 
 
+def should_run(state: str, rerun: str | None) -> bool:
+    """Whether a job in `state` runs again: never-finished jobs always, others on request.
+
+    A failed job keeps its error as its result, so a cron re-run does not retry a job
+    that fails the same way every time; `--rerun failed` asks for that.
+    """
+    if rerun == "all":
+        return True
+    if state in ("pending", "running", "cancelled"):
+        return True
+    return state == "failed" and rerun == "failed"
+
+
 def submit(request: SubmitRequest, say: Callable[[str], None]) -> SubmitOutcome:
     planned = plan_jobs(request)
     run_id = new_run_id()
     output_dir = request.output or Path("runs") / run_id
-    check_usable(output_dir)
+    ledger = None
+    if is_ledger_directory(output_dir):
+        ledger = Ledger.open(output_dir, for_writing=True)  # refuses while another driver runs
+    else:
+        check_usable(output_dir)
+    try:
+        if ledger is not None:
+            states = {job.id: job.state for job in ledger.jobs()}
+            if not any(should_run(states.get(job.id, "pending"), request.rerun) for job in planned):
+                # Every job already has its result: a cron re-run needs no Ray at all.
+                say(f"nothing to run: all {len(planned)} job(s) in {output_dir} already have results")
+                report = rebuild_report(output_dir, ledger, {job.id for job in planned})
+                return SubmitOutcome(report, output_dir, ran=0)
+        return _run(request, planned, output_dir, ledger, run_id, say)
+    finally:
+        if ledger is not None:
+            ledger.close()
 
-    # The driver's own time, for the report's start-up breakdown.
+
+def _run(request, planned, output_dir, ledger, new_id, say) -> SubmitOutcome:
     driver_timings: dict[str, float] = {}
     connect_started = time.perf_counter()
     with clusters.connected(request.address) as cluster:
@@ -98,30 +158,64 @@ def submit(request: SubmitRequest, say: Callable[[str], None]) -> SubmitOutcome:
             clusters.check_fits(spec, cluster)
             resolved.append(dataclasses.replace(job, spec=spec))
 
-        directory = RunDirectory.create(output_dir)
+        if ledger is None:
+            ledger = Ledger.open(output_dir, for_writing=True)
+        meta = ledger.meta()
+        run_id = meta.get("run_id") or new_id
+        ledger.set_meta(run_id=run_id, started_at=time.time(), cluster=cluster.to_record(), finished_at=None)
+        ledger.add_jobs([(job.id, job.spec.to_record()) for job in resolved])
+        states = {job.id: job.state for job in ledger.jobs()}
+        to_run = [job for job in resolved if should_run(states[job.id], request.rerun)]
+        for job in to_run:
+            ledger.mark(job.id, "pending")
+        skipped = len(resolved) - len(to_run)
         say(
-            f"run {run_id}: {len(resolved)} job(s) on {cluster.address} "
-            f"({cluster.nodes} node(s), {cluster.cpus:g} CPU, {cluster.gpus:g} GPU); output {output_dir}"
+            f"run {run_id}: {len(to_run)} job(s) to run"
+            + (f", {skipped} already done" if skipped else "")
+            + f" on {cluster.address} ({cluster.nodes} node(s), {cluster.cpus:g} CPU, {cluster.gpus:g} GPU); "
+            f"output {output_dir}"
         )
 
         def on_record(record: dict[str, Any]) -> None:
-            directory.record_job(record)
+            ledger.mark(record["id"], record["status"], record)
             detail = record["convergence"] if record["status"] == "succeeded" else record["error"]
             say(f"{record['id']} {record['status']} ({detail}) in {record['timings']['total_s']:.1f}s")
 
         jobs_started = time.perf_counter()
         interrupted = None
         try:
-            records = run_jobs(resolved, on_record)
+            run_jobs(to_run, on_record, lambda job_id: ledger.mark(job_id, "running"), request.max_concurrent)
         except RunInterrupted as interruption:
-            records, interrupted = interruption.records, interruption
+            interrupted = interruption
         driver_timings["jobs_s"] = time.perf_counter() - jobs_started
         disconnect_started = time.perf_counter()
     driver_timings["disconnect_s"] = time.perf_counter() - disconnect_started
 
+    ledger.set_meta(finished_at=time.time(), driver_timings=driver_timings)
+    wanted = {job.id for job in resolved}
+    records = [record for record in ledger.records() if record["id"] in wanted]
     report = reports.build_report(run_id, cluster.to_record(), records, driver_timings)
-    directory.write_reports(report)
+    write_reports(output_dir, report)
     if interrupted is not None:
-        say(f"interrupted: finished jobs are kept and the report is in {output_dir}")
+        say(f"interrupted: finished jobs are kept in {output_dir}")
         raise interrupted
-    return SubmitOutcome(report, output_dir)
+    return SubmitOutcome(report, output_dir, ran=len(to_run))
+
+
+def rebuild_report(
+    output_dir: Path, ledger: Ledger | None = None, job_ids: set[str] | None = None
+) -> dict[str, Any]:
+    """The report files again, from the ledger alone: no Ray, no framework."""
+    owned = ledger is None
+    ledger = ledger or Ledger.open(output_dir, for_writing=False)
+    try:
+        meta = ledger.meta()
+        records = [record for record in ledger.records() if job_ids is None or record["id"] in job_ids]
+        report = reports.build_report(
+            meta.get("run_id", output_dir.name), meta.get("cluster", {}), records, meta.get("driver_timings")
+        )
+    finally:
+        if owned:
+            ledger.close()
+    write_reports(output_dir, report)
+    return report

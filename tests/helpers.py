@@ -46,3 +46,20 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def ledger_state(output_dir: Path, job_id: str) -> str | None:
+    """A job's state in a run's ledger, read as any SQLite client would; None before it exists."""
+    import sqlite3
+
+    path = output_dir / "ledger.sqlite"
+    if not path.exists():
+        return None
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        row = connection.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    except sqlite3.OperationalError:  # the schema is being created
+        return None
+    finally:
+        connection.close()
+    return row[0] if row else None

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from tests.helpers import RUNJOBS, load_strict_json
+from tests.helpers import RUNJOBS, ledger_state, load_strict_json
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +48,8 @@ def test_a_job_without_usable_cuda_fails_while_the_fallback_job_trains_on_cpu(
     assert placement["cuda_visible_devices"] == placement["gpu_ids"][0], "Ray's assignment reaches the worker"
 
     assert "tensorflow failed: DeviceUnavailableError" in result.stdout
-    assert (tmp_path / "run" / "jobs" / "torch.json").exists()
+    assert ledger_state(tmp_path / "run", "torch") == "succeeded"
+    assert ledger_state(tmp_path / "run", "tensorflow") == "failed"
 
 
 def test_fractional_gpus_let_both_frameworks_share_one_gpu(ray_head_with_declared_gpus, tmp_path):

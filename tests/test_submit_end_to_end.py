@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import sys
 
 import pytest
 
-from tests.helpers import load_strict_json, run_cli
+from tests.helpers import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -96,7 +97,7 @@ def test_report_json_holds_the_contract(default_run):
     assert ratio == pytest.approx(tensorflow["timings"]["train_s"] / torch["timings"]["train_s"])
 
 
-def test_csv_markdown_and_per_job_files_match_the_json(default_run):
+def test_csv_markdown_and_the_ledger_match_the_json(default_run):
     report = default_run.report()
     with (default_run.output_dir / "report.csv").open() as handle:
         rows = list(csv.DictReader(handle))
@@ -107,8 +108,9 @@ def test_csv_markdown_and_per_job_files_match_the_json(default_run):
     markdown = (default_run.output_dir / "report.md").read_text()
     assert report["run_id"] in markdown and "| tensorflow | converged |" in markdown
     for job in report["jobs"]:
-        saved = load_strict_json(default_run.output_dir / "jobs" / f"{job['id']}.json")
-        assert saved["params"] == job["params"]
+        shown = run_cli(["show", str(default_run.output_dir), job["id"]])
+        assert shown.exit_code == 0
+        assert json.loads(shown.stdout)["record"]["params"] == job["params"]
 
 
 def test_the_printed_table_compares_both_frameworks_with_the_optimum(default_run):

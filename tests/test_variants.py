@@ -10,7 +10,7 @@ import time
 import pytest
 import ray
 
-from tests.helpers import run_cli
+from tests.helpers import ledger_state, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -133,7 +133,7 @@ def test_a_killed_worker_fails_its_job_not_the_run_and_frees_its_devices(ray_ses
     time.sleep(5)  # past process start and the framework import, into training
     ray.kill(victim, no_restart=True)
     killed_at = time.monotonic()
-    while not (output / "jobs" / "torch-ddp.json").exists():
+    while ledger_state(output, "torch-ddp") != "failed":
         assert time.monotonic() - killed_at < 20, "the job was not failed within its collective timeout"
         time.sleep(0.1)
     runner.join(timeout=300)

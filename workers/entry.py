@@ -110,7 +110,7 @@ def run_job(
 
 def _process_start_time() -> float:
     try:
-        import psutil  # shipped with ray[default]
+        import psutil
 
         return psutil.Process().create_time()
     except (ImportError, OSError):

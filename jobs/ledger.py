@@ -1,0 +1,210 @@
+"""The ledger: a run's durable record, one SQLite database in its output directory.
+
+Every job state change (pending, running, succeeded, failed, cancelled) is one
+transaction, carrying the job's result when it has one, so a driver killed at any moment
+loses no finished result; the report files are derived from the ledger at any time.
+A lock file held for the driver's lifetime keeps a second driver off the same directory;
+the kernel releases it when the driver dies, however it dies.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jobs import report as reports
+
+LEDGER_NAME = "ledger.sqlite"
+LOCK_NAME = "ledger.lock"
+STATES = ("pending", "running", "succeeded", "failed", "cancelled")
+FINAL_STATES = ("succeeded", "failed", "cancelled")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    position INTEGER NOT NULL,
+    config TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    record TEXT,
+    updated_at REAL NOT NULL
+);
+"""
+
+
+class LedgerError(ValueError):
+    """The output directory's ledger cannot be used as asked."""
+
+
+@dataclass(frozen=True)
+class LedgerJob:
+    id: str
+    position: int
+    config: dict[str, Any]
+    state: str
+    attempts: int
+    record: dict[str, Any] | None
+    updated_at: float
+
+
+def is_ledger_directory(path: Path) -> bool:
+    return (path / LEDGER_NAME).is_file()
+
+
+class Ledger:
+    def __init__(self, path: Path, connection: sqlite3.Connection, lock_handle=None) -> None:
+        self.path = path
+        self.connection = connection
+        self.lock_handle = lock_handle
+
+    @classmethod
+    def open(cls, directory: Path, for_writing: bool) -> Ledger:
+        """Open (creating when writing) the ledger in `directory`; writers take the lock."""
+        lock_handle = None
+        if for_writing:
+            directory.mkdir(parents=True, exist_ok=True)
+            lock_handle = (directory / LOCK_NAME).open("a+")
+            try:
+                fcntl.flock(lock_handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock_handle.close()
+                raise LedgerError(
+                    f"another runjobs driver is running on {directory}; wait for it, "
+                    f"stop it with `runjobs cancel {directory}`, or choose another --output"
+                ) from None
+            lock_handle.seek(0)
+            lock_handle.truncate()
+            lock_handle.write(f"{os.getpid()}\n")
+            lock_handle.flush()
+        elif not is_ledger_directory(directory):
+            raise LedgerError(
+                f"{directory} holds no runjobs ledger ({LEDGER_NAME}); name a run's output directory"
+            )
+        connection = sqlite3.connect(directory / LEDGER_NAME, isolation_level=None, timeout=30)
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=FULL")  # a committed state change survives a crash
+        if for_writing:
+            connection.executescript(SCHEMA)
+        return cls(directory, connection, lock_handle)
+
+    def close(self) -> None:
+        self.connection.close()
+        if self.lock_handle is not None:
+            self.lock_handle.close()  # releases the lock
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # ---- writing ------------------------------------------------------------------------
+
+    def set_meta(self, **values: Any) -> None:
+        with self._transaction():
+            for key, value in values.items():
+                self.connection.execute(
+                    "INSERT INTO meta (key, value) VALUES (?, ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (key, json.dumps(value)),
+                )
+
+    def add_jobs(self, jobs: list[tuple[str, dict[str, Any]]]) -> None:
+        """Add jobs not yet in the ledger as pending; jobs already there keep their state."""
+        with self._transaction():
+            start = self.connection.execute("SELECT COALESCE(MAX(position), -1) + 1 FROM jobs").fetchone()[0]
+            for offset, (job_id, config) in enumerate(jobs):
+                self.connection.execute(
+                    "INSERT OR IGNORE INTO jobs (id, position, config, state, updated_at) "
+                    "VALUES (?, ?, ?, 'pending', ?)",
+                    (job_id, start + offset, json.dumps(config, sort_keys=True), time.time()),
+                )
+
+    def mark(self, job_id: str, state: str, record: dict[str, Any] | None = None) -> None:
+        """One state change, in one transaction; `running` counts an attempt."""
+        assert state in STATES, state
+        text = None if record is None else json.dumps(reports.finite_only(record), allow_nan=False)
+        with self._transaction():
+            self.connection.execute(
+                "UPDATE jobs SET state = ?, record = COALESCE(?, record), updated_at = ?, "
+                "attempts = attempts + (CASE WHEN ? = 'running' THEN 1 ELSE 0 END) WHERE id = ?",
+                (state, text, time.time(), state, job_id),
+            )
+
+    # ---- reading ------------------------------------------------------------------------
+
+    def meta(self) -> dict[str, Any]:
+        rows = self.connection.execute("SELECT key, value FROM meta").fetchall()
+        return {key: json.loads(value) for key, value in rows}
+
+    def jobs(self) -> list[LedgerJob]:
+        rows = self.connection.execute(
+            "SELECT id, position, config, state, attempts, record, updated_at FROM jobs ORDER BY position"
+        ).fetchall()
+        return [
+            LedgerJob(
+                row[0],
+                row[1],
+                json.loads(row[2]),
+                row[3],
+                row[4],
+                json.loads(row[5]) if row[5] else None,
+                row[6],
+            )
+            for row in rows
+        ]
+
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATES, 0)
+        for state, count in self.connection.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
+            counts[state] = count
+        return counts
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every job's latest record, in job order; a job without one gets a stub."""
+        return [job.record or stub_record(job) for job in self.jobs()]
+
+    def _transaction(self) -> Iterator[None]:
+        return _Transaction(self.connection)
+
+
+class _Transaction:
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self.connection = connection
+
+    def __enter__(self) -> None:
+        self.connection.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type, *rest) -> None:
+        self.connection.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def stub_record(job: LedgerJob) -> dict[str, Any]:
+    """A record for a job that has not ended: its config and state, no results."""
+    config = job.config
+    return {
+        "id": job.id,
+        "framework": config["framework"],
+        "variant": config["variant"],
+        "workers": config["workers"],
+        "world_size": config["workers"],
+        "config": config,
+        "status": job.state,
+        "error": None,
+        "convergence": None,
+        "params": None,
+        "reference": None,
+        "loss": None,
+        "predictions": [],
+        "timings": {},
+        "placement": None,
+        "versions": None,
+    }

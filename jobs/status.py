@@ -1,0 +1,72 @@
+"""What `runjobs status`, `list` and `show` print: read from a run's ledger, never from Ray."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from jobs.ledger import Ledger, LedgerError
+
+
+def run_status(directory: Path) -> dict[str, Any]:
+    with Ledger.open(directory, for_writing=False) as ledger:
+        meta = ledger.meta()
+        jobs = ledger.jobs()
+        counts = ledger.counts()
+    started = meta.get("started_at") or time.time()
+    finished = meta.get("finished_at")
+    durations = [
+        job.record["timings"]["total_s"]
+        for job in jobs
+        if job.state == "succeeded" and job.record and job.record["timings"].get("total_s")
+    ]
+    running = [job.id for job in jobs if job.state == "running"]
+    left = counts["pending"] + counts["running"]
+    eta = None
+    if left and durations and not finished:
+        # Jobs left, at the pace finished jobs ran, as many at once as are running now.
+        eta = statistics.mean(durations) * left / max(len(running), 1)
+    return {
+        "run_id": meta.get("run_id"),
+        "jobs": len(jobs),
+        "counts": counts,
+        "running": running,
+        "finished": finished is not None,
+        "elapsed_s": (finished or time.time()) - started,
+        "eta_s": eta,
+    }
+
+
+def job_rows(directory: Path) -> list[dict[str, Any]]:
+    with Ledger.open(directory, for_writing=False) as ledger:
+        jobs = ledger.jobs()
+    return [
+        {
+            "id": job.id,
+            "state": job.state,
+            "attempts": job.attempts,
+            "convergence": (job.record or {}).get("convergence"),
+            "train_s": round(job.record["timings"]["train_s"], 4)
+            if job.record and job.record["timings"].get("train_s") is not None
+            else None,
+        }
+        for job in jobs
+    ]
+
+
+def job_detail(directory: Path, job_id: str) -> dict[str, Any]:
+    with Ledger.open(directory, for_writing=False) as ledger:
+        jobs = {job.id: job for job in ledger.jobs()}
+    if job_id not in jobs:
+        known = ", ".join(list(jobs)[:10]) + (" ..." if len(jobs) > 10 else "")
+        raise LedgerError(f"no job {job_id!r} in {directory}; its jobs are: {known}")
+    job = jobs[job_id]
+    return {
+        "id": job.id,
+        "state": job.state,
+        "attempts": job.attempts,
+        "config": job.config,
+        "record": job.record,
+    }

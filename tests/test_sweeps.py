@@ -1,0 +1,214 @@
+"""Sweep spec files, the ledger, re-runs and the run verbs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import ray
+
+from jobs.ledger import Ledger
+from jobs.spec import Overrides, SpecError
+from jobs.sweep import SweepSpec
+from tests.helpers import RUNJOBS, ledger_state, run_cli
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def write_spec(tmp_path, text: str) -> Path:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_the_shipped_examples_expand_to_their_grids():
+    assert len(SweepSpec.load(EXAMPLES / "lr-seed.yaml").expand()) == 8
+    assert len(SweepSpec.load(EXAMPLES / "article.yaml").expand()) == 2
+    variants = SweepSpec.load(EXAMPLES / "variants.yaml").expand()
+    assert sorted((spec.framework, spec.variant) for _, spec in variants) == [
+        ("tensorflow", "mirrored"), ("tensorflow", "multiworker"), ("tensorflow", "single"),
+        ("torch", "ddp"), ("torch", "single"),
+    ]  # fmt: skip
+    assert all(spec.workers == (1 if spec.variant == "single" else 2) for _, spec in variants)
+
+
+def test_ids_are_stable_and_explicit_jobs_repeat_and_overrides_apply(tmp_path):
+    path = write_spec(
+        tmp_path,
+        "name: mixed\ndefaults: {epochs: 50}\ngrid: {framework: [torch], lr: [0.01, 0.1]}\n"
+        "jobs: [{framework: tensorflow, lr: 0.05, batch_size: 4}]\nrepeat: 2\n",
+    )
+    overrides = Overrides()
+    overrides.add_assignment("epochs=7")
+    first = SweepSpec.load(path).expand(overrides)
+    assert [job_id for job_id, _ in first] == [job_id for job_id, _ in SweepSpec.load(path).expand(overrides)]
+    assert len(first) == (2 + 1) * 2
+    assert all(spec.epochs == 7 for _, spec in first), "--set wins over the spec"
+    seeds = sorted((spec.framework, spec.lr, spec.seed) for _, spec in first)
+    assert ("tensorflow", 0.05, 0) in seeds and ("tensorflow", 0.05, 1) in seeds
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("grid: {learning_rate: [0.1]}\n", "unknown job field 'learning_rate'; the fields are: framework"),
+        ("sweep: {}\n", "unknown key 'sweep'; the keys are name, defaults, grid, jobs, repeat"),
+        ("grid: {optimizer: [rmsprop]}\n", "optimizer='rmsprop': choose one of adam, sgd"),
+        ("grid: {lr: []}\n", "grid.lr must be a non-empty list"),
+        ("repeat: 0\n", "repeat=0 must be a whole number >= 1"),
+        ("grid: [1, 2\n", "not valid YAML"),
+        ("grid: {framework: [tensorflow], variant: [ddp]}\n", "expands to no job"),
+    ],
+)
+def test_bad_spec_files_are_refused_naming_the_key(tmp_path, text, message):
+    with pytest.raises(SpecError) as error:
+        SweepSpec.load(write_spec(tmp_path, text)).expand()
+    assert message in str(error.value)
+
+
+def test_dry_run_prints_the_jobs_and_starts_nothing(tmp_path):
+    ray_was_running = ray.is_initialized()
+    output = tmp_path / "run"
+    result = run_cli(["submit", str(EXAMPLES / "lr-seed.yaml"), "--dry-run", "--json"], output)
+    assert result.exit_code == 0, result.stderr
+    jobs = json.loads(result.stdout)
+    assert len(jobs) == 8 and {job["config"]["lr"] for job in jobs} == {0.01, 0.1}
+    assert not output.exists()
+    assert ray.is_initialized() == ray_was_running
+    table = run_cli(["submit", str(EXAMPLES / "lr-seed.yaml"), "--dry-run"], output)
+    assert "8 job(s); nothing started (--dry-run)" in table.stdout
+
+
+def test_a_spec_file_with_framework_options_is_refused(tmp_path):
+    result = run_cli(["submit", str(EXAMPLES / "lr-seed.yaml"), "--framework", "torch"], tmp_path / "run")
+    assert result.exit_code == 2
+    assert "name frameworks, variants and presets in the file" in result.stderr
+
+
+def test_verbs_on_a_directory_without_a_run_are_refused(tmp_path):
+    for verb in (["status"], ["list"], ["report"], ["show", "--", "x"]):
+        args = [verb[0], str(tmp_path), *verb[1:]] if verb[0] != "show" else ["show", str(tmp_path), "x"]
+        result = run_cli(args)
+        assert result.exit_code == 2
+        assert "holds no runjobs ledger" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_once_and_a_resubmit_runs_nothing(ray_session, tmp_path):
+    output = tmp_path / "run"
+    spec = str(EXAMPLES / "lr-seed.yaml")
+    first = run_cli(["submit", spec, "--set", "epochs=50", "--max-concurrent", "2", "--json"], output)
+    assert first.exit_code == 0, first.stderr
+    summary = json.loads(first.stdout)
+    assert summary["exit_code"] == 0 and summary["counts"]["succeeded"] == 8
+    assert {"run_id", "output", "counts", "jobs", "warnings"} <= set(summary)
+
+    again = run_cli(["submit", spec, "--set", "epochs=50", "--json"], output)
+    assert again.exit_code == 0
+    assert "nothing to run" in again.stderr
+    with Ledger.open(output, for_writing=False) as ledger:
+        assert [job.attempts for job in ledger.jobs()] == [1] * 8
+
+    status = json.loads(run_cli(["status", str(output), "--json"]).stdout)
+    assert status["counts"]["succeeded"] == 8 and status["jobs"] == 8 and status["finished"]
+    rows = json.loads(run_cli(["list", str(output), "--json"]).stdout)
+    assert [row["state"] for row in rows] == ["succeeded"] * 8
+
+    forced = run_cli(
+        ["submit", spec, "--set", "epochs=50", "--rerun", "all", "--max-concurrent", "4"], output
+    )
+    assert forced.exit_code == 0
+    with Ledger.open(output, for_writing=False) as ledger:
+        assert [job.attempts for job in ledger.jobs()] == [2] * 8
+
+
+@pytest.mark.slow
+def test_the_report_rebuilt_from_the_ledger_alone_equals_the_original(ray_session, tmp_path):
+    output = tmp_path / "run"
+    assert run_cli(["submit", str(EXAMPLES / "article.yaml"), "--set", "epochs=30"], output).exit_code == 0
+    original = (output / "report.json").read_text()
+    (output / "report.json").unlink()
+    rebuilt = run_cli(["report", str(output)])
+    assert rebuilt.exit_code == 0
+    assert (output / "report.json").read_text() == original
+
+
+@pytest.mark.slow
+def test_a_second_driver_on_the_same_directory_is_refused(ray_session, tmp_path):
+    output = tmp_path / "run"
+    spec = str(EXAMPLES / "article.yaml")
+    assert run_cli(["submit", spec, "--set", "epochs=10"], output).exit_code == 0
+    with Ledger.open(output, for_writing=True):  # another driver holds the directory
+        result = run_cli(["submit", spec, "--set", "epochs=20"], output)
+    assert result.exit_code == 2
+    assert "another runjobs driver is running on" in result.stderr
+
+
+def raylet_count() -> int:
+    return sum(1 for process in psutil.process_iter(["name"]) if process.info["name"] == "raylet")
+
+
+@pytest.mark.slow
+def test_a_driver_killed_mid_sweep_loses_nothing_and_the_rerun_finishes_the_rest(tmp_path):
+    output = tmp_path / "run"
+    spec = write_spec(
+        tmp_path,
+        "name: kill\ndefaults: {epochs: 3000}\ngrid: {framework: [torch], seed: [0, 1, 2, 3, 4, 5]}\n",
+    )
+    command = [RUNJOBS, "submit", str(spec), "--output", str(output), "--max-concurrent", "1"]
+    raylets_before = raylet_count()
+    driver = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            with (
+                Ledger.open(output, for_writing=False)
+                if (output / "ledger.sqlite").exists()
+                else _nothing() as ledger
+            ):
+                done = ledger.counts()["succeeded"] if ledger else 0
+            if done >= 2:
+                break
+            assert driver.poll() is None and time.monotonic() < deadline, "the sweep did not get going"
+            time.sleep(0.2)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    with Ledger.open(output, for_writing=False) as ledger:
+        finished_before = {job.id: job.record for job in ledger.jobs() if job.state == "succeeded"}
+    assert len(finished_before) >= 2
+
+    # Ray's reaper ends the killed driver's embedded Ray; wait for it before going on.
+    deadline = time.monotonic() + 30
+    while raylet_count() > raylets_before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert raylet_count() <= raylets_before, "the killed driver's Ray was left running"
+
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    with Ledger.open(output, for_writing=False) as ledger:
+        jobs = ledger.jobs()
+    assert [job.state for job in jobs] == ["succeeded"] * 6
+    for job in jobs:
+        if job.id in finished_before:
+            assert job.attempts == 1 and job.record == finished_before[job.id], "a finished job ran again"
+    assert ledger_state(output, jobs[-1].id) == "succeeded"
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc_info):
+        return False
