@@ -311,6 +311,41 @@ def report(directory) -> None:
     click.echo(f"report: {directory / 'report.json'} (also report.csv, report.md)")
 
 
+@cli.command()
+@click.argument("directory", type=RUN_DIRECTORY)
+@click.option(
+    "--wait", "wait_s", type=float, default=60.0, show_default=True, help="Seconds to wait for the driver."
+)
+def cancel(directory, wait_s) -> None:
+    """Stop a running run: its driver cancels the running jobs and records them cancelled.
+
+    Sends the driver (found through the directory's lock, on this machine) the same
+    signal as Ctrl-C, then waits for it to write the report. Exit code 0 once it has
+    stopped, 1 if it is still running after --wait, 2 when no driver runs on DIRECTORY.
+    """
+    import os
+    import signal
+
+    from jobs.ledger import is_ledger_directory, running_driver
+
+    if not is_ledger_directory(directory):
+        raise InputError(
+            f"{directory} holds no runjobs ledger (ledger.sqlite); name a run's output directory"
+        )
+    pid = running_driver(directory)
+    if pid is None:
+        raise InputError(f"no runjobs driver is running on {directory}; nothing to cancel")
+    os.kill(pid, signal.SIGINT)
+    click.echo(f"asked the driver (pid {pid}) to cancel the run in {directory}", err=True)
+    deadline = time.monotonic() + wait_s
+    while running_driver(directory) is not None:
+        if time.monotonic() > deadline:
+            click.echo(f"the driver is still running after {wait_s:g}s", err=True)
+            click.get_current_context().exit(EXIT_JOBS_FAILED)
+        time.sleep(0.2)
+    click.echo(f"cancelled; see runjobs status {directory}")
+
+
 def _input(action):
     """Run `action`, turning a user-facing error into a one-line exit 2."""
     try:

@@ -41,11 +41,17 @@ class Execution:
 
     job: PlannedJob
     submitted_at: float
+    attempt: int = 1
     waiting: list[Any] = field(default_factory=list)  # ObjectRefs still pending
     results: dict[Any, Any] = field(default_factory=dict)  # ObjectRef -> result
     actors: list[Any] = field(default_factory=list)
     placement_group: Any = None
     phase: str = "train"  # "address" while a gang's workers report their addresses
+
+    @property
+    def deadline(self) -> float | None:
+        timeout = self.job.spec.timeout_s
+        return None if timeout is None else self.submitted_at + timeout
 
     def release(self) -> None:
         import ray
@@ -98,10 +104,14 @@ class Driver:
                 # Ray starts each job as resources allow; --max-concurrent caps how many
                 # are handed to Ray at once.
                 while queue and (self.max_concurrent is None or self._running() < self.max_concurrent):
-                    self._start(queue.pop(0))
-                ready, _ = ray.wait(list(self.executions), num_returns=1)
+                    # The job leaves the queue only once started, so an interrupt while it
+                    # starts still finds it there and records it.
+                    self._start(queue[0])
+                    queue.pop(0)
+                ready, _ = ray.wait(list(self.executions), num_returns=1, timeout=self._time_to_deadline())
                 for reference in ready:
                     self._collect(reference)
+                self._cancel_overdue()
         except KeyboardInterrupt:
             # Ctrl-C: stop what is still running, record it and what never started as
             # cancelled, keep what finished.
@@ -111,9 +121,33 @@ class Driver:
                 execution.release()
                 self._finish(execution, "cancelled", "cancelled: the run was interrupted")
             for job in queue:
-                self._finish(Execution(job, time.time()), "cancelled", "cancelled: the run was interrupted")
+                if job.id not in self.records:
+                    self._finish(
+                        Execution(job, time.time()), "cancelled", "cancelled: the run was interrupted"
+                    )
             raise RunInterrupted([self.records[job.id] for job in jobs]) from None
         return [self.records[job.id] for job in jobs]
+
+    def _live_executions(self) -> list[Execution]:
+        return list({id(execution): execution for execution in self.executions.values()}.values())
+
+    def _time_to_deadline(self) -> float | None:
+        deadlines = [execution.deadline for execution in self._live_executions() if execution.deadline]
+        return max(min(deadlines) - time.time(), 0.0) if deadlines else None
+
+    def _cancel_overdue(self) -> None:
+        import ray
+
+        now = time.time()
+        for execution in self._live_executions():
+            if execution.deadline is not None and now >= execution.deadline:
+                for reference in execution.waiting:
+                    self.executions.pop(reference, None)
+                    ray.cancel(reference, force=True)
+                execution.release()
+                self._finish(
+                    execution, "cancelled", f"timed out after {execution.job.spec.timeout_s:g}s (timeout_s)"
+                )
 
     def _running(self) -> int:
         return len({id(execution) for execution in self.executions.values()})
@@ -126,9 +160,9 @@ class Driver:
             self.dataset_refs[id(dataset)] = ray.put(dataset)
         return self.dataset_refs[id(dataset)]
 
-    def _start(self, job: PlannedJob) -> None:
+    def _start(self, job: PlannedJob, attempt: int = 1) -> None:
         self.on_start(job.id)
-        execution = Execution(job, time.time())
+        execution = Execution(job, time.time(), attempt)
         spec = job.spec
         if spec.runs_one_task:
             needs_fresh_process = bool(spec.gpus_per_job) or spec.variant == "mirrored"
@@ -192,11 +226,19 @@ class Driver:
             for other in execution.waiting:
                 self.executions.pop(other, None)
             execution.release()
+            spec = execution.job.spec
+            # A dead worker or node is the cluster's failure: retry it when asked. An
+            # exception in the training code would fail the same way again, so it is
+            # retried only with retry_exceptions.
+            retryable = not isinstance(error, RayTaskError) or spec.retry_exceptions
+            if retryable and execution.attempt <= spec.retries:
+                self._start(execution.job, execution.attempt + 1)
+                return
             message = describe_error(error)
             if len(execution.waiting) > 1:
-                message += (
-                    f" (worker rank {execution.waiting.index(reference)} of {execution.job.spec.workers})"
-                )
+                message += f" (worker rank {execution.waiting.index(reference)} of {spec.workers})"
+            if execution.attempt > 1:
+                message += f" (after {execution.attempt} attempts)"
             self._finish(execution, "failed", message)
             return
         if len(execution.results) < len(execution.waiting):

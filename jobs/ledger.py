@@ -59,6 +59,21 @@ def is_ledger_directory(path: Path) -> bool:
     return (path / LEDGER_NAME).is_file()
 
 
+def running_driver(directory: Path) -> int | None:
+    """The pid of the driver that holds `directory`'s lock, or None when no driver does."""
+    lock_path = directory / LOCK_NAME
+    if not lock_path.exists():
+        return None
+    with lock_path.open("r") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = handle.read().strip()
+            return int(text) if text.isdigit() else None
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return None
+
+
 class Ledger:
     def __init__(self, path: Path, connection: sqlite3.Connection, lock_handle=None) -> None:
         self.path = path

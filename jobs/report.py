@@ -73,7 +73,10 @@ def finite_only(value: Any) -> Any:
 
 
 # Fields that may differ between a multi-device job and its single-device twin.
-DISTRIBUTION_FIELDS = ("variant", "workers", "gpus_per_job", "placement", "setup_timeout_s", "loop")
+DISTRIBUTION_FIELDS = (
+    "variant", "workers", "gpus_per_job", "placement", "setup_timeout_s", "loop",
+    "timeout_s", "retries", "retry_exceptions",
+)  # fmt: skip
 
 
 def single_twin(record: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any] | None:

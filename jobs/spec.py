@@ -61,6 +61,9 @@ class JobSpec:
     loop: str = "fast"  # fast: each framework's quickest path; article: Keras model.fit
     placement: str = "pack"  # how a multi-worker job's workers are spread over nodes
     setup_timeout_s: float = 60.0  # for process group / strategy set-up and each collective
+    timeout_s: float | None = None  # a job still running after this long is cancelled
+    retries: int = 0  # times a job whose worker or node died is started again
+    retry_exceptions: bool = False  # also retry a job whose training code raised
 
     def __post_init__(self) -> None:
         _require_choice("framework", self.framework, FRAMEWORKS)
@@ -87,6 +90,9 @@ class JobSpec:
                 "Keras model.fit under MultiWorkerMirroredStrategy fails with Keras 3"
             )
         _require_positive("setup_timeout_s", self.setup_timeout_s)
+        if self.timeout_s is not None:
+            _require_positive("timeout_s", self.timeout_s)
+        _require_whole("retries", self.retries, minimum=0)
         _require_whole("epochs", self.epochs, minimum=1)
         _require_whole("seed", self.seed, minimum=0)
         if self.batch_size is not None:
@@ -257,7 +263,7 @@ def parse_field(name: str, text: str) -> Any:
     if name not in FIELD_NAMES:
         raise SpecError(f"unknown job field {name!r}; the fields are: {', '.join(FIELD_NAMES)}")
     try:
-        if name in ("workers", "epochs", "seed"):
+        if name in ("workers", "epochs", "seed", "retries"):
             return int(text)
         if name == "batch_size":
             return None if text.lower() in ("full", "none", "") else int(text)
@@ -265,7 +271,9 @@ def parse_field(name: str, text: str) -> Any:
             return float(text)
         if name == "gpus_per_job":
             return None if text.lower() in ("auto", "none", "") else float(text)
-        if name in ("normalize", "allow_cpu_fallback"):
+        if name == "timeout_s":
+            return None if text.lower() in ("none", "") else float(text)
+        if name in ("normalize", "allow_cpu_fallback", "retry_exceptions"):
             return parse_bool(name, text)
         if name == "features":
             return tuple(part.strip() for part in text.split(",") if part.strip())

@@ -127,7 +127,7 @@ def field_value(key: str, value: Any) -> Any:
         return tuple(tuple(item) if isinstance(item, list) else (item,) for item in value)
     if key == "predict" and isinstance(value, (int, float)):
         return ((value,),)
-    float_fields = ("lr", "beta_1", "beta_2", "epsilon", "setup_timeout_s", "gpus_per_job")
+    float_fields = ("lr", "beta_1", "beta_2", "epsilon", "setup_timeout_s", "gpus_per_job", "timeout_s")
     if key in float_fields and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if key == "init" and isinstance(value, (int, float)):

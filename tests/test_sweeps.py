@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -212,3 +213,78 @@ class _nothing:
 
     def __exit__(self, *exc_info):
         return False
+
+
+def wait_for_state(output, job_id, wanted, limit_s=120):
+    deadline = time.monotonic() + limit_s
+    while ledger_state(output, job_id) not in wanted:
+        assert time.monotonic() < deadline, f"{job_id} never reached {wanted}"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_cancel_stops_a_running_sweep_and_records_its_jobs_cancelled(tmp_path):
+    output = tmp_path / "run"
+    spec = write_spec(
+        tmp_path, "name: c\ndefaults: {epochs: 20000}\ngrid: {framework: [torch], seed: [0, 1, 2]}\n"
+    )
+    driver = subprocess.Popen(
+        [RUNJOBS, "submit", str(spec), "--output", str(output), "--max-concurrent", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        first = SweepSpec.load(spec).expand()[0][0]
+        wait_for_state(output, first, ("running",))
+        cancelled = run_cli(["cancel", str(output)])
+        assert cancelled.exit_code == 0, cancelled.stderr
+        assert driver.wait(timeout=60) == 130, driver.stderr.read()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    with Ledger.open(output, for_writing=False) as ledger:
+        states = [job.state for job in ledger.jobs()]
+    assert states == ["cancelled"] * 3
+    report = json.loads((output / "report.json").read_text())
+    assert report["summary"]["cancelled"] == 3
+    again = run_cli(["cancel", str(output)])
+    assert again.exit_code == 2 and "no runjobs driver is running" in again.stderr
+
+
+@pytest.mark.slow
+def test_a_job_past_its_timeout_is_cancelled_and_recorded(ray_session, tmp_path):
+    result = run_cli(
+        ["submit", "--framework", "torch", "--epochs", "1000000", "--set", "timeout_s=3", "--json"],
+        tmp_path / "run",
+    )
+    assert result.exit_code == 1
+    job = result.report()["jobs"][0]
+    assert job["status"] == "cancelled"
+    assert job["error"] == "timed out after 3s (timeout_s)"
+    assert 3 <= job["timings"]["total_s"] < 15
+
+
+@pytest.mark.slow
+def test_a_job_whose_worker_died_is_retried_when_asked(ray_session, tmp_path):
+    output = tmp_path / "run"
+    results = {}
+    args = ["submit", "--framework", "torch", "--variant", "ddp", "--workers", "2", "--epochs", "15000",
+            "--set", "retries=1", "--set", "setup_timeout_s=20"]  # fmt: skip
+    runner = threading.Thread(target=lambda: results.update(run=run_cli(args, output)))
+    runner.start()
+    deadline = time.monotonic() + 120
+    victim = None
+    while victim is None:
+        assert time.monotonic() < deadline, "rank 1 never started"
+        try:
+            victim = ray.get_actor("runjobs:torch-ddp:rank1")
+        except ValueError:
+            time.sleep(0.2)
+    time.sleep(4)
+    ray.kill(victim, no_restart=True)
+    runner.join(timeout=300)
+    result = results["run"]
+    assert result.exit_code == 0, result.stderr
+    with Ledger.open(output, for_writing=False) as ledger:
+        (job,) = ledger.jobs()
+    assert job.state == "succeeded" and job.attempts == 2
