@@ -30,6 +30,7 @@ def build_report(
         "driver": {"timings": driver_timings or {}},
         "jobs": records,
         "comparison": compare(records),
+        "aggregates": aggregate(records),
         "warnings": warnings(records),
         "summary": {
             "jobs": len(records),
@@ -129,6 +130,70 @@ def _ratio(value: Any, reference: Any) -> float | None:
     return value / reference if _finite(value) and _finite(reference) and reference > 0 else None
 
 
+def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Repeated seeds grouped: mean and standard deviation per (framework, variant, hyperparameters).
+
+    A group is every succeeded job whose config differs only in `seed`; groups of one job
+    are left out. `pairs` compares the TensorFlow and torch groups of the same settings.
+    """
+    import statistics
+
+    def spread(values: list[float]) -> dict[str, float | None]:
+        finite = [value for value in values if _finite(value)]
+        if not finite:
+            return {"mean": None, "std": None}
+        return {"mean": statistics.fmean(finite), "std": statistics.stdev(finite) if len(finite) > 1 else 0.0}
+
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        if record["status"] == "succeeded":
+            key = json.dumps({k: v for k, v in record["config"].items() if k != "seed"}, sort_keys=True)
+            grouped.setdefault(key, []).append(record)
+    groups = []
+    for key, jobs in grouped.items():
+        if len(jobs) < 2:
+            continue
+        config = json.loads(key)
+        weight_count = len(jobs[0]["params"]["weights"])
+        groups.append(
+            {
+                "framework": config["framework"],
+                "variant": config["variant"],
+                "config": config,
+                "jobs": [job["id"] for job in jobs],
+                "seeds": [job["config"]["seed"] for job in jobs],
+                "weights": [
+                    spread([job["params"]["weights"][i] for job in jobs]) for i in range(weight_count)
+                ],
+                "bias": spread([job["params"]["bias"] for job in jobs]),
+                "r2_gap": spread([job["loss"]["r2_gap"] for job in jobs]),
+                "train_s": spread([job["timings"]["train_s"] for job in jobs]),
+                "convergence": {
+                    state: sum(job["convergence"] == state for job in jobs)
+                    for state in ("converged", "not_converged", "diverged")
+                },
+            }
+        )
+    pairs = []
+    for tensorflow_group in (group for group in groups if group["framework"] == "tensorflow"):
+        settings = {k: v for k, v in tensorflow_group["config"].items() if k != "framework"}
+        for torch_group in (group for group in groups if group["framework"] == "torch"):
+            if {k: v for k, v in torch_group["config"].items() if k != "framework"} == settings:
+                pairs.append(
+                    {
+                        "groups": {"tensorflow": tensorflow_group["jobs"], "torch": torch_group["jobs"]},
+                        "train_time_ratio": _ratio(
+                            tensorflow_group["train_s"]["mean"], torch_group["train_s"]["mean"]
+                        ),
+                        "r2_gap_mean": {
+                            "tensorflow": tensorflow_group["r2_gap"]["mean"],
+                            "torch": torch_group["r2_gap"]["mean"],
+                        },
+                    }
+                )
+    return {"groups": groups, "pairs": pairs}
+
+
 def compare(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Pair each TensorFlow job with the torch job of the same config.
 
@@ -203,6 +268,7 @@ def _side(job: dict[str, Any]) -> dict[str, Any]:
         setup_s=job["timings"]["setup_s"],
         train_s=job["timings"]["train_s"],
         device=job["placement"]["device"],
+        initial_parameters=job["config"]["init"],
     )
     return side
 
@@ -372,7 +438,43 @@ def render_table(report: dict[str, Any]) -> str:
     lines.extend(_pair_sentences(report))
     lines.extend(f"{job['id']} {job['status']}: {job['error']}" for job in report["jobs"] if job["error"])
     lines.extend(f"warning: {message}" for message in report.get("warnings", []))
+    groups = report.get("aggregates", {}).get("groups", [])
+    if groups:
+        lines.append("")
+        lines.extend(_aggregate_lines(groups))
     return "\n".join(lines) + "\n"
+
+
+def _aggregate_lines(groups: list[dict[str, Any]]) -> list[str]:
+    """Repeated seeds, one row a group: what differs between groups, then mean +- std."""
+    varying = sorted(
+        {key for group in groups for key in group["config"] if key not in ("framework", "variant")}
+        - {
+            key
+            for key in groups[0]["config"]
+            if all(g["config"].get(key) == groups[0]["config"][key] for g in groups)
+        }
+    )
+
+    def label(group: dict[str, Any]) -> str:
+        name = group["framework"] + ("" if group["variant"] == "single" else f"-{group['variant']}")
+        return " ".join([name, *(f"{key}={group['config'][key]}" for key in varying)])
+
+    def plus_minus(value: dict[str, Any], digits: str = ".4g") -> str:
+        if value["mean"] is None:
+            return "-"
+        return f"{value['mean']:{digits}}+-{value['std']:.1g}"
+
+    header = ["seeds grouped", "n", "w mean+-std", "R2 gap", "train s"]
+    rows = [
+        [label(group), str(len(group["jobs"])), plus_minus(group["weights"][0]),
+         plus_minus(group["r2_gap"], ".1e"), plus_minus(group["train_s"], ".3f")]
+        for group in groups
+    ]  # fmt: skip
+    widths = [max(len(row[index]) for row in [header, *rows]) for index in range(len(header))]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]
+    ]
 
 
 def _pair_sentences(report: dict[str, Any]) -> list[str]:
@@ -389,6 +491,8 @@ def _pair_sentences(report: dict[str, Any]) -> list[str]:
         if pair["max_param_difference"] is not None:
             relative = pair["max_param_difference"]["relative"]
             sentence += f"; same config, parameters differ by {_small(relative)} (relative)"
+            if pair["frameworks"]["tensorflow"].get("initial_parameters") == "framework":
+                sentence += ", from each framework's own initialisation"
         else:
             sentence += f"; configs differ in {', '.join(pair['differing_fields'])}"
         sentences.append(sentence)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import statistics
 import subprocess
 import threading
 import time
@@ -288,3 +289,27 @@ def test_a_job_whose_worker_died_is_retried_when_asked(ray_session, tmp_path):
     with Ledger.open(output, for_writing=False) as ledger:
         (job,) = ledger.jobs()
     assert job.state == "succeeded" and job.attempts == 2
+
+
+@pytest.mark.slow
+def test_repeated_seeds_are_grouped_with_mean_and_spread(ray_session, tmp_path):
+    spec = write_spec(
+        tmp_path, "name: r\ndefaults: {epochs: 60, init: framework}\ngrid: {lr: [0.05]}\nrepeat: 3\n"
+    )
+    result = run_cli(["submit", str(spec)], tmp_path / "run")
+    assert result.exit_code == 0, result.stderr
+    report = result.report()
+    groups = {group["framework"]: group for group in report["aggregates"]["groups"]}
+    assert set(groups) == {"tensorflow", "torch"}
+    for framework, group in groups.items():
+        jobs = [job for job in report["jobs"] if job["framework"] == framework]
+        assert sorted(group["seeds"]) == [0, 1, 2]
+        weights = [job["params"]["weights"][0] for job in jobs]
+        assert group["weights"][0]["mean"] == pytest.approx(sum(weights) / 3)
+        assert group["weights"][0]["std"] == pytest.approx(statistics.stdev(weights))
+        assert sum(group["convergence"].values()) == 3
+    (pair,) = report["aggregates"]["pairs"]
+    assert pair["train_time_ratio"] == pytest.approx(
+        groups["tensorflow"]["train_s"]["mean"] / groups["torch"]["train_s"]["mean"]
+    )
+    assert "seeds grouped" in result.stdout
