@@ -43,6 +43,7 @@ bench: install ## Run the benchmarks and print their tables (see docs/BENCHMARKS
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/bench_submit.py
 	$(BIN)/python bench/bench_variants.py
+	$(BIN)/python bench/bench_sweep.py
 
 lint: install ## Check style with ruff.
 	$(BIN)/ruff check jobs workers tests bench
