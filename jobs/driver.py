@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from jobs.report import empty_record
 from jobs.spec import JobSpec
 from workers.data import Dataset
 
@@ -308,25 +309,7 @@ def merge_worker_results(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def job_record(job: PlannedJob, status: str, error: str | None, result: dict[str, Any]) -> dict[str, Any]:
-    spec = job.spec
-    record: dict[str, Any] = {
-        "id": job.id,
-        "framework": spec.framework,
-        "variant": spec.variant,
-        "workers": spec.workers,
-        "world_size": spec.workers,
-        "config": spec.to_record(),
-        "status": status,
-        "error": error,
-        "convergence": None,
-        "params": None,
-        "reference": None,
-        "loss": None,
-        "predictions": [],
-        "timings": {},
-        "placement": None,
-        "versions": None,
-    }
+    record = empty_record(job.id, job.spec.to_record(), status, error)
     record.update(result)
     record.pop("rank", None)
     return record

@@ -204,22 +204,4 @@ class _Transaction:
 
 def stub_record(job: LedgerJob) -> dict[str, Any]:
     """A record for a job that has not ended: its config and state, no results."""
-    config = job.config
-    return {
-        "id": job.id,
-        "framework": config["framework"],
-        "variant": config["variant"],
-        "workers": config["workers"],
-        "world_size": config["workers"],
-        "config": config,
-        "status": job.state,
-        "error": None,
-        "convergence": None,
-        "params": None,
-        "reference": None,
-        "loss": None,
-        "predictions": [],
-        "timings": {},
-        "placement": None,
-        "versions": None,
-    }
+    return reports.empty_record(job.id, job.config, job.state, None)

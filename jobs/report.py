@@ -42,6 +42,28 @@ def build_report(
     return finite_only(report)
 
 
+def empty_record(job_id: str, config: dict[str, Any], status: str, error: str | None) -> dict[str, Any]:
+    """A job record with its identity, config and status, and no results yet."""
+    return {
+        "id": job_id,
+        "framework": config["framework"],
+        "variant": config["variant"],
+        "workers": config["workers"],
+        "world_size": config["workers"],
+        "config": config,
+        "status": status,
+        "error": error,
+        "convergence": None,
+        "params": None,
+        "reference": None,
+        "loss": None,
+        "predictions": [],
+        "timings": {},
+        "placement": None,
+        "versions": None,
+    }
+
+
 def summary(report: dict[str, Any], output_dir, exit_code: int) -> dict[str, Any]:
     """The machine-readable end of a submit (`--json`): counts, exit code and each job's state."""
     return {

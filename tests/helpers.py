@@ -63,3 +63,31 @@ def ledger_state(output_dir: Path, job_id: str) -> str | None:
     finally:
         connection.close()
     return row[0] if row else None
+
+
+def start_cli_in_background(args: list[str], output_dir: Path):
+    """Run `runjobs ARGS` on a thread of this process; returns (thread, results dict)."""
+    import threading
+
+    results: dict[str, CliResult] = {}
+    runner = threading.Thread(target=lambda: results.update(run=run_cli(args, output_dir)))
+    runner.start()
+    return runner, results
+
+
+def kill_actor_once_training(name: str, settle_s: float, limit_s: float = 120) -> None:
+    """Wait for the named Ray actor, give it `settle_s` to get into training, kill it."""
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + limit_s
+    while True:
+        assert time.monotonic() < deadline, f"actor {name} never started"
+        try:
+            victim = ray.get_actor(name)
+            break
+        except ValueError:
+            time.sleep(0.2)
+    time.sleep(settle_s)  # past process start and the framework import, into training
+    ray.kill(victim, no_restart=True)

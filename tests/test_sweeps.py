@@ -7,7 +7,6 @@ import os
 import signal
 import statistics
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import ray
 from jobs.ledger import Ledger
 from jobs.spec import Overrides, SpecError
 from jobs.sweep import SweepSpec
-from tests.helpers import RUNJOBS, ledger_state, run_cli
+from tests.helpers import RUNJOBS, kill_actor_once_training, ledger_state, run_cli, start_cli_in_background
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -268,21 +267,10 @@ def test_a_job_past_its_timeout_is_cancelled_and_recorded(ray_session, tmp_path)
 @pytest.mark.slow
 def test_a_job_whose_worker_died_is_retried_when_asked(ray_session, tmp_path):
     output = tmp_path / "run"
-    results = {}
     args = ["submit", "--framework", "torch", "--variant", "ddp", "--workers", "2", "--epochs", "15000",
             "--set", "retries=1", "--set", "setup_timeout_s=20"]  # fmt: skip
-    runner = threading.Thread(target=lambda: results.update(run=run_cli(args, output)))
-    runner.start()
-    deadline = time.monotonic() + 120
-    victim = None
-    while victim is None:
-        assert time.monotonic() < deadline, "rank 1 never started"
-        try:
-            victim = ray.get_actor("runjobs:torch-ddp:rank1")
-        except ValueError:
-            time.sleep(0.2)
-    time.sleep(4)
-    ray.kill(victim, no_restart=True)
+    runner, results = start_cli_in_background(args, output)
+    kill_actor_once_training("runjobs:torch-ddp:rank1", settle_s=4)
     runner.join(timeout=300)
     result = results["run"]
     assert result.exit_code == 0, result.stderr

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 import ray
 
-from tests.helpers import ledger_state, run_cli
+from tests.helpers import kill_actor_once_training, ledger_state, run_cli, start_cli_in_background
 
 pytestmark = pytest.mark.slow
 
@@ -116,22 +115,11 @@ def test_the_batch_size_is_global_and_split_over_the_workers(ray_session, tmp_pa
 
 def test_a_killed_worker_fails_its_job_not_the_run_and_frees_its_devices(ray_session, tmp_path):
     output = tmp_path / "run"
-    results = {}
     # Long enough for rank 1 to be killed mid-training; the torch single job runs beside it.
     args = ["submit", "--framework", "torch", "--variant", "single", "--variant", "ddp", "--workers", "2",
             "--epochs", "30000", "--set", "setup_timeout_s=20"]  # fmt: skip
-    runner = threading.Thread(target=lambda: results.update(run=run_cli(args, output)))
-    runner.start()
-    deadline = time.monotonic() + 120
-    victim = None
-    while victim is None:
-        assert time.monotonic() < deadline, "the ddp job's rank 1 never started"
-        try:
-            victim = ray.get_actor("runjobs:torch-ddp:rank1")
-        except ValueError:
-            time.sleep(0.2)
-    time.sleep(5)  # past process start and the framework import, into training
-    ray.kill(victim, no_restart=True)
+    runner, results = start_cli_in_background(args, output)
+    kill_actor_once_training("runjobs:torch-ddp:rank1", settle_s=5)
     killed_at = time.monotonic()
     while ledger_state(output, "torch-ddp") != "failed":
         assert time.monotonic() - killed_at < 20, "the job was not failed within its collective timeout"
