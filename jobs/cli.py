@@ -313,6 +313,28 @@ def report(directory) -> None:
 
 @cli.command()
 @click.argument("directory", type=RUN_DIRECTORY)
+@click.argument("job_id", metavar="JOB")
+@click.option("--stream", type=click.Choice(["both", "stdout", "stderr"]), default="both", show_default=True)
+def logs(directory, job_id, stream) -> None:
+    """Print a job's kept stdout and stderr (each rank's, for multi-worker jobs).
+
+    Exit code 2 when the job is unknown or kept no output (it has not ended yet).
+    """
+    from jobs.output import log_paths
+    from jobs.status import job_detail
+
+    _input(lambda: job_detail(directory, job_id))  # an unknown job names the known ones
+    suffixes = {"both": (".out", ".err"), "stdout": (".out",), "stderr": (".err",)}[stream]
+    paths = [path for path in log_paths(directory, job_id) if path.suffix in suffixes]
+    if not paths:
+        raise InputError(f"job {job_id} in {directory} has no kept output yet; it is kept when the job ends")
+    for path in paths:
+        click.echo(f"==> {path} <==")
+        click.echo(path.read_text(), nl=False)
+
+
+@cli.command()
+@click.argument("directory", type=RUN_DIRECTORY)
 @click.option(
     "--wait", "wait_s", type=float, default=60.0, show_default=True, help="Seconds to wait for the driver."
 )

@@ -236,11 +236,13 @@ class Driver:
                 self._start(execution.job, execution.attempt + 1)
                 return
             message = describe_error(error)
+            logs = getattr(getattr(error, "cause", None), "runjobs_logs", None)
+            rank = execution.waiting.index(reference)
             if len(execution.waiting) > 1:
-                message += f" (worker rank {execution.waiting.index(reference)} of {spec.workers})"
+                message += f" (worker rank {rank} of {spec.workers})"
             if execution.attempt > 1:
                 message += f" (after {execution.attempt} attempts)"
-            self._finish(execution, "failed", message)
+            self._finish(execution, "failed", message, {"logs": [{"rank": rank, **logs}]} if logs else None)
             return
         if len(execution.results) < len(execution.waiting):
             return
@@ -288,8 +290,9 @@ def run_jobs(
 
 
 def merge_worker_results(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Rank 0's result, with every rank's train time and placement."""
+    """Rank 0's result, with every rank's train time, placement and output."""
     merged = dict(results[0])
+    merged["logs"] = [{"rank": rank, **result.get("logs", {})} for rank, result in enumerate(results)]
     if len(results) > 1:
         merged["timings"] = {
             **merged["timings"],

@@ -31,6 +31,25 @@ def check_usable(path: Path) -> None:
         raise OutputError(f"--output {path}: {existing} is not writable; name a directory you can write to")
 
 
+LOGS_DIRECTORY = "logs"
+
+
+def log_paths(directory: Path, job_id: str) -> list[Path]:
+    """A job's kept output files: JOB.out and JOB.err, or one pair per rank."""
+    return sorted((directory / LOGS_DIRECTORY).glob(f"{job_id}.*"))
+
+
+def write_job_logs(directory: Path, job_id: str, logs: list[dict[str, Any]]) -> None:
+    """Keep each worker's stdout and stderr as files in the run's logs/ directory."""
+    if not logs:
+        return
+    (directory / LOGS_DIRECTORY).mkdir(exist_ok=True)
+    for entry in logs:
+        stem = job_id if len(logs) == 1 else f"{job_id}.rank{entry['rank']}"
+        write_atomically(directory / LOGS_DIRECTORY / f"{stem}.out", entry.get("stdout", ""))
+        write_atomically(directory / LOGS_DIRECTORY / f"{stem}.err", entry.get("stderr", ""))
+
+
 def write_reports(directory: Path, report: dict[str, Any]) -> None:
     write_atomically(directory / "report.csv", reports.to_csv(report))
     write_atomically(directory / "report.md", reports.to_markdown(report))

@@ -20,7 +20,7 @@ from jobs import cluster as clusters
 from jobs import report as reports
 from jobs.driver import PlannedJob, RunInterrupted, run_jobs
 from jobs.ledger import Ledger, is_ledger_directory
-from jobs.output import check_usable, write_reports
+from jobs.output import check_usable, write_job_logs, write_reports
 from jobs.spec import JobSpec, Overrides, SpecError, build_job_specs, job_ids
 from jobs.sweep import SweepSpec
 from workers.data import ARTICLE_PREDICTION_SQFT, Dataset, load_dataset
@@ -177,6 +177,7 @@ def _run(request, planned, output_dir, ledger, new_id, say) -> SubmitOutcome:
         )
 
         def on_record(record: dict[str, Any]) -> None:
+            write_job_logs(output_dir, record["id"], record.pop("logs", None) or [])
             ledger.mark(record["id"], record["status"], record)
             detail = record["convergence"] if record["status"] == "succeeded" else record["error"]
             say(f"{record['id']} {record['status']} ({detail}) in {record['timings']['total_s']:.1f}s")

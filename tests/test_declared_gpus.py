@@ -49,6 +49,8 @@ def test_a_job_without_usable_cuda_fails_while_the_fallback_job_trains_on_cpu(
 
     assert "tensorflow failed: DeviceUnavailableError" in result.stdout
     assert ledger_state(tmp_path / "run", "torch") == "succeeded"
+    kept = (tmp_path / "run" / "logs" / "tensorflow.err").read_text()
+    assert "Traceback" in kept and "DeviceUnavailableError" in kept, "a failed job keeps its traceback"
     assert ledger_state(tmp_path / "run", "tensorflow") == "failed"
 
 

@@ -192,3 +192,13 @@ def test_a_gpu_request_the_cluster_cannot_meet_is_refused_with_the_numbers(ray_s
     assert "asks for 1 GPU(s) on one node but the largest node of the cluster" in result.stderr
     assert "has 0" in result.stderr
     assert not result.output_dir.exists()
+
+
+def test_each_jobs_output_is_kept_and_shown_by_runjobs_logs(default_run):
+    for framework in ("tensorflow", "torch"):
+        shown = run_cli(["logs", str(default_run.output_dir), framework, "--stream", "stdout"])
+        assert shown.exit_code == 0
+        assert f"runjobs: {framework} single job, rank 0 of 1" in shown.stdout
+        assert "runjobs: converged, final loss" in shown.stdout
+    unknown = run_cli(["logs", str(default_run.output_dir), "jax"])
+    assert unknown.exit_code == 2 and "no job 'jax'" in unknown.stderr

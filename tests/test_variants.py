@@ -94,6 +94,19 @@ def test_a_variant_slower_than_its_twin_is_warned_about(variants_run):
         assert f"warning: {job_id} (" in variants_run.stdout
 
 
+def test_every_rank_keeps_its_output(variants_run):
+    kept = {path.name for path in (variants_run.output_dir / "logs").iterdir()}
+    for job_id in ("torch-ddp", "tensorflow-multiworker"):
+        assert {
+            f"{job_id}.rank0.out",
+            f"{job_id}.rank1.out",
+            f"{job_id}.rank0.err",
+            f"{job_id}.rank1.err",
+        } <= kept
+    rank1 = (variants_run.output_dir / "logs" / "torch-ddp.rank1.out").read_text()
+    assert "runjobs: torch ddp job, rank 1 of 2" in rank1
+
+
 def test_nothing_stays_allocated_after_a_run(variants_run):
     assert_nothing_left_allocated()
 

@@ -13,10 +13,12 @@ import platform
 import socket
 import statistics
 import time
+import traceback
 from typing import Any
 
 import numpy as np
 
+from workers.capture import captured_output
 from workers.data import Dataset
 from workers.devices import ray_gpu_ids
 from workers.distributed import SINGLE_WORKER, WorkerContext
@@ -29,8 +31,36 @@ TRAINER_MODULES = {"tensorflow": "workers.tensorflow_trainer", "torch": "workers
 def run_job(
     spec, dataset: Dataset, submitted_at: float, context: WorkerContext = SINGLE_WORKER
 ) -> dict[str, Any]:
-    """Train `spec` on `dataset` as worker `context` and return its result (without id and status)."""
+    """Train `spec` on `dataset` as worker `context` and return its result (without id and status).
+
+    The job's stdout and stderr come back as `logs`; when the job raises, they ride on
+    the exception as `runjobs_logs`, with the traceback at the end of stderr.
+    """
     entered_at = time.time()
+    with captured_output() as output:
+        try:
+            print(
+                f"runjobs: {spec.framework} {spec.variant} job, rank {context.rank} of {context.world_size}, "
+                f"on {socket.gethostname()} (pid {os.getpid()})",
+                flush=True,
+            )
+            result = _train(spec, dataset, submitted_at, context, entered_at)
+            print(f"runjobs: {result['convergence']}, final loss {result['loss']['final']:.6g}", flush=True)
+        except BaseException as error:
+            traceback.print_exc()
+            failure = error
+        else:
+            failure = None
+    if failure is not None:
+        failure.runjobs_logs = output.as_dict()
+        raise failure
+    result["logs"] = output.as_dict()
+    return result
+
+
+def _train(
+    spec, dataset: Dataset, submitted_at: float, context: WorkerContext, entered_at: float
+) -> dict[str, Any]:
     process_started_at = _process_start_time()
     gpu_ids = ray_gpu_ids()
 
