@@ -29,11 +29,10 @@ class PlannedJob:
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """The run was interrupted; `records` holds every job, finished or cancelled."""
+    """The run was interrupted; every job has been handed to on_record, finished or cancelled."""
 
-    def __init__(self, records: list[dict[str, Any]]) -> None:
+    def __init__(self) -> None:
         super().__init__("interrupted")
-        self.records = records
 
 
 @dataclass
@@ -94,9 +93,12 @@ class Driver:
         self.worker_actor = ray.remote(DistributedWorker)
         self.dataset_refs: dict[int, Any] = {}
         self.executions: dict[Any, Execution] = {}  # pending ObjectRef -> its job's execution
-        self.records: dict[str, dict[str, Any]] = {}
+        # Only each ended job's status: records go to on_record (the ledger) and are not
+        # kept here, so the driver's memory stays flat however many jobs a sweep has.
+        self.statuses: dict[str, str] = {}
 
-    def run(self, jobs: list[PlannedJob]) -> list[dict[str, Any]]:
+    def run(self, jobs: list[PlannedJob]) -> list[str]:
+        """Run every job; return each job's final status, in the order given."""
         import ray
 
         queue = list(jobs)
@@ -122,12 +124,12 @@ class Driver:
                 execution.release()
                 self._finish(execution, "cancelled", "cancelled: the run was interrupted")
             for job in queue:
-                if job.id not in self.records:
+                if job.id not in self.statuses:
                     self._finish(
                         Execution(job, time.time()), "cancelled", "cancelled: the run was interrupted"
                     )
-            raise RunInterrupted([self.records[job.id] for job in jobs]) from None
-        return [self.records[job.id] for job in jobs]
+            raise RunInterrupted() from None
+        return [self.statuses[job.id] for job in jobs]
 
     def _live_executions(self) -> list[Execution]:
         return list({id(execution): execution for execution in self.executions.values()}.values())
@@ -275,7 +277,7 @@ class Driver:
     ) -> None:
         record = job_record(execution.job, status, error, result or {})
         record["timings"]["total_s"] = time.time() - execution.submitted_at
-        self.records[execution.job.id] = record
+        self.statuses[execution.job.id] = status
         self.on_record(record)
 
 
@@ -284,8 +286,8 @@ def run_jobs(
     on_record: Callable[[dict[str, Any]], None],
     on_start: Callable[[str], None] | None = None,
     max_concurrent: int | None = None,
-) -> list[dict[str, Any]]:
-    """Run every job on Ray; return their records in the order given."""
+) -> list[str]:
+    """Run every job on Ray, handing each record to on_record as it ends; return the statuses."""
     return Driver(on_record, on_start, max_concurrent).run(jobs)
 
 

@@ -176,11 +176,19 @@ def _run(request, planned, output_dir, ledger, new_id, say) -> SubmitOutcome:
             f"output {output_dir}"
         )
 
+        ended = {"succeeded": 0, "failed": 0, "cancelled": 0}
+
         def on_record(record: dict[str, Any]) -> None:
             write_job_logs(output_dir, record["id"], record.pop("logs", None) or [])
             ledger.mark(record["id"], record["status"], record)
+            ended[record["status"]] += 1
             detail = record["convergence"] if record["status"] == "succeeded" else record["error"]
-            say(f"{record['id']} {record['status']} ({detail}) in {record['timings']['total_s']:.1f}s")
+            failed = f", {ended['failed']} failed" if ended["failed"] else ""
+            seconds = record["timings"]["total_s"]
+            say(
+                f"[{sum(ended.values())}/{len(to_run)} done{failed}] "
+                f"{record['id']} {record['status']} ({detail}) in {seconds:.1f}s"
+            )
 
         jobs_started = time.perf_counter()
         interrupted = None
