@@ -118,11 +118,8 @@ class Driver:
         except KeyboardInterrupt:
             # Ctrl-C: stop what is still running, record it and what never started as
             # cancelled, keep what finished.
-            for execution in {id(item): item for item in self.executions.values()}.values():
-                for reference in execution.waiting:
-                    ray.cancel(reference, force=True)
-                execution.release()
-                self._finish(execution, "cancelled", "cancelled: the run was interrupted")
+            for execution in self._live_executions():
+                self._cancel(execution, "cancelled: the run was interrupted")
             for job in queue:
                 if job.id not in self.statuses:
                     self._finish(
@@ -139,21 +136,23 @@ class Driver:
         return max(min(deadlines) - time.time(), 0.0) if deadlines else None
 
     def _cancel_overdue(self) -> None:
-        import ray
-
         now = time.time()
         for execution in self._live_executions():
             if execution.deadline is not None and now >= execution.deadline:
-                for reference in execution.waiting:
-                    self.executions.pop(reference, None)
-                    ray.cancel(reference, force=True)
-                execution.release()
-                self._finish(
-                    execution, "cancelled", f"timed out after {execution.job.spec.timeout_s:g}s (timeout_s)"
-                )
+                self._cancel(execution, f"timed out after {execution.job.spec.timeout_s:g}s (timeout_s)")
+
+    def _cancel(self, execution: Execution, reason: str) -> None:
+        """Stop a running job, free its actors and placement group, and record it cancelled."""
+        import ray
+
+        for reference in execution.waiting:
+            self.executions.pop(reference, None)
+            ray.cancel(reference, force=True)
+        execution.release()
+        self._finish(execution, "cancelled", reason)
 
     def _running(self) -> int:
-        return len({id(execution) for execution in self.executions.values()})
+        return len(self._live_executions())
 
     def _dataset(self, dataset: Dataset) -> Any:
         import ray
