@@ -57,6 +57,7 @@ def empty_record(job_id: str, config: dict[str, Any], status: str, error: str | 
         "params": None,
         "reference": None,
         "loss": None,
+        "history": None,
         "predictions": [],
         "timings": {},
         "placement": None,

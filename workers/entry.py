@@ -74,6 +74,7 @@ def _train(
     outcome = trainer.train(spec, TrainingData.prepare(dataset, scaling, prediction_inputs), device, context)
 
     weights, bias = scaling.original_parameters(outcome.weights, outcome.bias)
+    weight_history, bias_history = scaling.original_parameter_history(outcome.parameter_history)
     predictions = scaling.original_target(outcome.predictions)
     reference = least_squares(dataset)
     final_loss = mean_squared_error(dataset, weights, bias)
@@ -100,6 +101,12 @@ def _train(
             "r2_gap": r2_gap(dataset, final_loss, reference),
             "history_units": "standardised" if spec.normalize else "original",
             "history": outcome.loss_history,
+        },
+        # Per epoch, in the data's units: what TensorBoard and the HTML report plot.
+        "history": {
+            "epoch_s": [float(value) for value in outcome.epoch_seconds],
+            "weights": weight_history.tolist(),
+            "bias": bias_history.tolist(),
         },
         "predictions": [
             {"input": point.tolist(), "output": float(output)}

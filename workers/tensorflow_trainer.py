@@ -177,9 +177,12 @@ def _compiled_loop(spec, data, model, optimizer, strategy, setup_started) -> Tra
         )
     )
 
+    kernel, bias = variables
+
     @tf.function
     def run(epochs):
         losses = tf.TensorArray(tf.float32, size=epochs)
+        parameters = tf.TensorArray(tf.float32, size=epochs)
         stamps = tf.TensorArray(tf.float64, size=epochs + 1)
         stamps = stamps.write(0, tf.timestamp())
         all_rows = tf.range(rows)
@@ -198,34 +201,40 @@ def _compiled_loop(spec, data, model, optimizer, strategy, setup_started) -> Tra
                     per_replica = strategy.run(replica_step, args=(indices,))
                     total += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
             losses = losses.write(epoch, total / rows)
+            parameters = parameters.write(
+                epoch, tf.concat([tf.reshape(tf.convert_to_tensor(kernel), [-1]), tf.convert_to_tensor(bias)], 0)
+            )
             stamps = stamps.write(epoch + 1, tf.timestamp())
-        return losses.stack(), stamps.stack()
+        return losses.stack(), parameters.stack(), stamps.stack()
 
     epochs = tf.constant(spec.epochs)
     compiled = run.get_concrete_function(epochs)  # tracing is set-up, not training
     setup_s = time.perf_counter() - setup_started
 
     train_started = time.perf_counter()
-    losses, stamps = compiled(epochs)
-    losses, stamps = losses.numpy(), stamps.numpy()
+    losses, parameters, stamps = compiled(epochs)
+    losses, parameters, stamps = losses.numpy(), parameters.numpy(), stamps.numpy()
     train_s = time.perf_counter() - train_started
 
     predictions, predict_s = _predict(model, data.prediction_inputs, use_keras_predict=False)
     return _outcome(
-        model, losses.tolist(), np.diff(stamps).tolist(), predictions, setup_s, train_s, predict_s
+        model, losses.tolist(), parameters, np.diff(stamps).tolist(), predictions, setup_s, train_s, predict_s
     )
 
 
 def _fit_loop(spec, data, model, optimizer, setup_started) -> TrainerOutcome:
     model.compile(optimizer=optimizer, loss="mse")
     epoch_seconds: list[float] = []
+    parameters: list[np.ndarray] = []
 
-    class EpochTimer(keras.callbacks.Callback):
+    class EpochRecorder(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
             self.started = time.perf_counter()
 
         def on_epoch_end(self, epoch, logs=None):
             epoch_seconds.append(time.perf_counter() - self.started)
+            kernel, bias = model.layers[0].get_weights()
+            parameters.append(np.concatenate([kernel.reshape(-1), bias]))
 
     setup_s = time.perf_counter() - setup_started
     train_started = time.perf_counter()
@@ -235,13 +244,14 @@ def _fit_loop(spec, data, model, optimizer, setup_started) -> TrainerOutcome:
         epochs=spec.epochs,
         batch_size=spec.batch_size or data.rows,
         verbose=0,
-        callbacks=[EpochTimer()],
+        callbacks=[EpochRecorder()],
     )
     train_s = time.perf_counter() - train_started
     predictions, predict_s = _predict(model, data.prediction_inputs, use_keras_predict=True)
     return _outcome(
         model,
         [float(value) for value in history.history["loss"]],
+        np.asarray(parameters),
         epoch_seconds,
         predictions,
         setup_s,
@@ -261,13 +271,16 @@ def _predict(model, inputs: np.ndarray, use_keras_predict: bool) -> tuple[np.nda
     return outputs.reshape(-1), time.perf_counter() - started
 
 
-def _outcome(model, losses, epoch_seconds, predictions, setup_s, train_s, predict_s) -> TrainerOutcome:
+def _outcome(
+    model, losses, parameters, epoch_seconds, predictions, setup_s, train_s, predict_s
+) -> TrainerOutcome:
     kernel, bias = model.layers[0].get_weights()
     return TrainerOutcome(
         weights=kernel.reshape(-1).astype(np.float64),
         bias=float(bias[0]),
         loss_history=[float(value) for value in losses],
         epoch_seconds=[float(value) for value in epoch_seconds],
+        parameter_history=np.asarray(parameters, dtype=np.float64).reshape(len(losses), -1),
         predictions=predictions,
         setup_s=setup_s,
         train_s=train_s,

@@ -109,6 +109,7 @@ def _train_on_rank(spec, data, target_device, context, setup_started) -> Trainer
 
     setup_s = time.perf_counter() - setup_started
     epoch_errors = []
+    epoch_parameters = []
     epoch_seconds = []
     train_started = time.perf_counter()
     for _ in range(spec.epochs):
@@ -121,6 +122,8 @@ def _train_on_rank(spec, data, target_device, context, setup_started) -> Trainer
             for start in range(0, rows, batch):
                 total += step(order[start : start + batch])
         epoch_errors.append(total)
+        # A device-side copy per epoch; moved to the host once, with the losses.
+        epoch_parameters.append(torch.cat([model.weight.detach().reshape(-1), model.bias.detach()]))
         synchronise()
         epoch_seconds.append(time.perf_counter() - epoch_started)
     # One transfer (and, with DDP, one all-reduce) for the whole loss history instead
@@ -129,6 +132,11 @@ def _train_on_rank(spec, data, target_device, context, setup_started) -> Trainer
     if context.is_distributed:
         torch.distributed.all_reduce(errors)
     losses = (errors / rows).cpu().tolist()
+    parameters = (
+        torch.stack(epoch_parameters).cpu().numpy().astype(np.float64)
+        if epoch_parameters
+        else np.zeros((0, feature_count + 1))
+    )
     train_s = time.perf_counter() - train_started
 
     predict_started = time.perf_counter()
@@ -143,6 +151,7 @@ def _train_on_rank(spec, data, target_device, context, setup_started) -> Trainer
         bias=float(model.bias.detach().cpu()[0]),
         loss_history=[float(value) for value in losses],
         epoch_seconds=epoch_seconds,
+        parameter_history=parameters,
         predictions=predictions,
         setup_s=setup_s,
         train_s=train_s,

@@ -55,6 +55,14 @@ class Scaling:
             )
         return original_weights, original_bias
 
+    def original_parameter_history(self, history: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """original_parameters for every row [w_1..w_K, b] of a per-epoch history, at once."""
+        history = np.asarray(history, dtype=np.float64).reshape(len(history), -1)
+        with np.errstate(all="ignore"):
+            weights = history[:, :-1] * self.target_scale / self.feature_scale
+            bias = self.target_mean + self.target_scale * history[:, -1] - weights @ self.feature_mean
+        return weights, bias
+
 
 @dataclass(frozen=True)
 class TrainingData:
@@ -93,6 +101,8 @@ class TrainerOutcome:
     bias: float
     loss_history: list[float]
     epoch_seconds: list[float]
+    # (epochs, feature_count + 1): each epoch's [w_1..w_K, b] at its end, training units.
+    parameter_history: np.ndarray
     predictions: np.ndarray
     setup_s: float
     train_s: float
