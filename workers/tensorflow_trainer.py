@@ -201,9 +201,8 @@ def _compiled_loop(spec, data, model, optimizer, strategy, setup_started) -> Tra
                     per_replica = strategy.run(replica_step, args=(indices,))
                     total += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
             losses = losses.write(epoch, total / rows)
-            parameters = parameters.write(
-                epoch, tf.concat([tf.reshape(tf.convert_to_tensor(kernel), [-1]), tf.convert_to_tensor(bias)], 0)
-            )
+            flat_kernel = tf.reshape(tf.convert_to_tensor(kernel), [-1])
+            parameters = parameters.write(epoch, tf.concat([flat_kernel, tf.convert_to_tensor(bias)], 0))
             stamps = stamps.write(epoch + 1, tf.timestamp())
         return losses.stack(), parameters.stack(), stamps.stack()
 
