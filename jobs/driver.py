@@ -1,6 +1,8 @@
 """The driver: runs each job on Ray and gathers a record per job as it ends.
 
-A single or mirrored job is one Ray task with the job's GPUs. A multiworker or ddp job
+A single-device CPU job runs on a warm worker (jobs/warm_workers.py): an actor that keeps
+its framework imported across jobs. A GPU or mirrored job is one Ray task with the job's
+GPUs, in a fresh process. A multiworker or ddp job
 is gang-scheduled: a placement group reserves all of its workers' bundles at once (so a
 job never holds part of its devices while waiting for the rest), one actor per bundle
 reports an address, and then every worker trains with its rank. A job that raises, or
@@ -16,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from jobs import warm_workers
 from jobs.report import empty_record
 from jobs.spec import JobSpec
 from workers.data import Dataset
@@ -46,6 +49,7 @@ class Execution:
     results: dict[Any, Any] = field(default_factory=dict)  # ObjectRef -> result
     actors: list[Any] = field(default_factory=list)
     placement_group: Any = None
+    warm_worker: Any = None  # the warm worker running a single-device CPU job
     phase: str = "train"  # "address" while a gang's workers report their addresses
 
     @property
@@ -80,7 +84,7 @@ class Driver:
         self.on_record = on_record
         self.on_start = on_start or (lambda job_id: None)
         self.max_concurrent = max_concurrent
-        self.train_task = ray.remote(run_job)
+        self.pool = warm_workers.WarmWorkerPool()
         # A GPU job, and a mirrored job that splits the CPU into logical devices, needs a
         # fresh process: the frameworks fix their devices (and CUDA_VISIBLE_DEVICES) when
         # they start, so a reused worker could train on the previous job's GPU; and a
@@ -101,32 +105,52 @@ class Driver:
         """Run every job; return each job's final status, in the order given."""
         import ray
 
-        queue = list(jobs)
+        queue = []
+        for job in jobs:
+            if warm_workers.takes(job.spec):
+                self.pool.add(job)
+            else:
+                queue.append(job)
+        queue.reverse()  # popped from the end, in the order given
         try:
-            while queue or self.executions:
-                # Ray starts each job as resources allow; --max-concurrent caps how many
-                # are handed to Ray at once.
-                while queue and (self.max_concurrent is None or self._running() < self.max_concurrent):
-                    # The job leaves the queue only once started, so an interrupt while it
-                    # starts still finds it there and records it.
-                    self._start(queue[0])
-                    queue.pop(0)
+            while queue or self.pool.has_pending() or self.executions:
+                # Ray starts each task or gang as resources allow; warm workers take jobs
+                # as they come free. --max-concurrent caps how many run at once.
+                while queue and self._free_slots() != 0:
+                    self._start(queue[-1])
+                    queue.pop()
+                for job, attempt, worker in self.pool.assignments(self._pool_capacity(), self._free_slots()):
+                    self._start_on_warm_worker(job, attempt, worker)
                 ready, _ = ray.wait(list(self.executions), num_returns=1, timeout=self._time_to_deadline())
                 for reference in ready:
                     self._collect(reference)
                 self._cancel_overdue()
         except KeyboardInterrupt:
             # Ctrl-C: stop what is still running, record it and what never started as
-            # cancelled, keep what finished.
+            # cancelled, keep what finished. Every job without a status is recorded, so
+            # a job caught between queue and start is not lost.
             for execution in self._live_executions():
                 self._cancel(execution, "cancelled: the run was interrupted")
-            for job in queue:
+            for job in jobs:
                 if job.id not in self.statuses:
                     self._finish(
                         Execution(job, time.time()), "cancelled", "cancelled: the run was interrupted"
                     )
             raise RunInterrupted() from None
+        finally:
+            self.pool.shutdown()
         return [self.statuses[job.id] for job in jobs]
+
+    def _free_slots(self) -> int | None:
+        """How many more jobs may start under --max-concurrent; None without a cap."""
+        return None if self.max_concurrent is None else max(self.max_concurrent - self._running(), 0)
+
+    def _pool_capacity(self) -> int:
+        """At most one warm worker per CPU of the cluster (and per --max-concurrent slot)."""
+        import ray
+
+        cpus = max(int(ray.cluster_resources().get("CPU", 1)), 1)
+        return cpus if self.max_concurrent is None else min(cpus, self.max_concurrent)
 
     def _live_executions(self) -> list[Execution]:
         return list({id(execution): execution for execution in self.executions.values()}.values())
@@ -147,8 +171,11 @@ class Driver:
 
         for reference in execution.waiting:
             self.executions.pop(reference, None)
-            ray.cancel(reference, force=True)
+            # An actor's task cannot be force-cancelled: ending the actor stops it.
+            if not execution.actors and execution.warm_worker is None:
+                ray.cancel(reference, force=True)
         execution.release()
+        self._release_warm_worker(execution, healthy=False)
         self._finish(execution, "cancelled", reason)
 
     def _running(self) -> int:
@@ -163,13 +190,14 @@ class Driver:
         return self.dataset_refs[id(dataset)]
 
     def _start(self, job: PlannedJob, attempt: int = 1) -> None:
+        if warm_workers.takes(job.spec):
+            self.pool.add(job, attempt)  # started when a warm worker is free
+            return
         self.on_start(job.id)
         execution = Execution(job, time.time(), attempt)
         spec = job.spec
         if spec.runs_one_task:
-            needs_fresh_process = bool(spec.gpus_per_job) or spec.variant == "mirrored"
-            task = self.fresh_train_task if needs_fresh_process else self.train_task
-            reference = task.options(
+            reference = self.fresh_train_task.options(
                 num_cpus=1,
                 num_gpus=spec.gpus_per_job or 0,
                 # A dead worker fails the job rather than silently training it twice.
@@ -179,6 +207,22 @@ class Driver:
             self._wait_on(execution, [reference])
         else:
             self._start_gang(execution)
+
+    def _start_on_warm_worker(self, job: PlannedJob, attempt: int, worker: Any) -> None:
+        self.on_start(job.id)
+        execution = Execution(job, time.time(), attempt, warm_worker=worker)
+        reference = worker.run.remote(job.spec, self._dataset(job.dataset), execution.submitted_at)
+        self._wait_on(execution, [reference])
+
+    def _release_warm_worker(self, execution: Execution, healthy: bool) -> None:
+        if execution.warm_worker is None:
+            return
+        framework = execution.job.spec.framework
+        if healthy:
+            self.pool.give_back(framework, execution.warm_worker)
+        else:
+            self.pool.replace(framework, execution.warm_worker)
+        execution.warm_worker = None
 
     def _start_gang(self, execution: Execution) -> None:
         from ray.util.placement_group import placement_group
@@ -228,6 +272,7 @@ class Driver:
             for other in execution.waiting:
                 self.executions.pop(other, None)
             execution.release()
+            self._release_warm_worker(execution, healthy=False)
             spec = execution.job.spec
             # A dead worker or node is the cluster's failure: retry it when asked. An
             # exception in the training code would fail the same way again, so it is
@@ -252,6 +297,9 @@ class Driver:
             self._start_training(execution, results)
             return
         execution.release()
+        if execution.warm_worker is not None:
+            self.pool.observe(execution.job.spec.framework, results[0]["timings"])
+        self._release_warm_worker(execution, healthy=True)
         self._finish(execution, "succeeded", None, merge_worker_results(results))
 
     def _start_training(self, execution: Execution, addresses: list[str]) -> None:

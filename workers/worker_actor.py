@@ -1,7 +1,8 @@
-"""The Ray actor behind each worker of a multiworker or ddp job.
+"""The Ray actors that run jobs: a gang worker of a multiworker or ddp job, and a warm worker.
 
-The driver starts one per worker inside the job's placement group, asks each for an
-address its peers can reach, then hands every worker its `WorkerContext` and the job.
+A gang worker: the driver starts one per worker inside the job's placement group, asks
+each for an address its peers can reach, then hands every worker its `WorkerContext` and
+the job. A warm worker: one framework, many single-device CPU jobs in turn.
 """
 
 from __future__ import annotations
@@ -19,3 +20,15 @@ class DistributedWorker:
 
     def run(self, spec, dataset: Dataset, submitted_at: float, context: WorkerContext) -> dict[str, Any]:
         return run_job(spec, dataset, submitted_at, context)
+
+
+class WarmWorker:
+    """A process that keeps one framework imported and runs that framework's jobs one after another.
+
+    The driver gives it only single-device CPU jobs of one framework, so the framework's
+    import and runtime start are paid once per worker rather than once per job. The
+    first job's start-up includes them; the later jobs' start-up is near zero.
+    """
+
+    def run(self, spec, dataset: Dataset, submitted_at: float) -> dict[str, Any]:
+        return run_job(spec, dataset, submitted_at)

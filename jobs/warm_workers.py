@@ -1,0 +1,133 @@
+"""Warm workers: per-framework Ray actors that run a sweep's single-device CPU jobs.
+
+Importing TensorFlow or torch and starting its runtime costs seconds, training the
+article's model a fraction of one. A warm worker is an actor that imports one framework
+with its first job and then runs that framework's jobs one after another, so a sweep
+pays each import once per worker rather than once per job, and a worker never holds both
+frameworks. The pool keeps at most one worker per CPU of the cluster, splits new workers
+between the frameworks by their pending jobs, adds a framework's workers after the first
+fan-out only while the work waiting for them outlasts a worker's measured start-up,
+retires a framework's idle workers once it has nothing left to run (their CPUs go to the
+other framework or to gang jobs), and replaces a worker whose job failed or who died: a
+job that wrecked its process must not poison the next one.
+
+GPU jobs and mirrored jobs never come here: they need a fresh process (see the driver).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter, defaultdict, deque
+from collections.abc import Iterator
+from typing import Any
+
+
+def takes(spec) -> bool:
+    """Whether a job runs on a warm worker: a single-device job without GPUs."""
+    return spec.variant == "single" and not spec.gpus_per_job
+
+
+class WarmWorkerPool:
+    def __init__(self) -> None:
+        import ray
+
+        from workers.worker_actor import WarmWorker
+
+        self.worker_class = ray.remote(WarmWorker)
+        self.pending: dict[str, deque[tuple[Any, int]]] = defaultdict(deque)  # framework -> (job, attempt)
+        self.idle: dict[str, list[Any]] = defaultdict(list)
+        self.live: Counter[str] = Counter()  # framework -> its workers, busy or idle
+        # Measured per framework: a new worker's start-up (import, runtime) and a warm job's time.
+        self.startup_s: dict[str, float] = {}
+        self.job_s: dict[str, float] = {}
+
+    def add(self, job, attempt: int = 1) -> None:
+        """Queue a job; a retried job goes to the front of its framework's queue."""
+        queue = self.pending[job.spec.framework]
+        if attempt > 1:
+            queue.appendleft((job, attempt))
+        else:
+            queue.append((job, attempt))
+
+    def has_pending(self) -> bool:
+        return any(self.pending.values())
+
+    def assignments(self, capacity: int, slots: int | None) -> Iterator[tuple[Any, int, Any]]:
+        """Yield (job, attempt, worker) to start now: idle workers first, then new ones up to capacity.
+
+        Each pair leaves the pool as it is yielded, so the caller starts it before asking
+        for the next.
+        """
+        self._retire_unneeded()
+        started = 0
+        while slots is None or started < slots:
+            framework = next(
+                (name for name, workers in self.idle.items() if workers and self.pending[name]), None
+            )
+            if framework is not None:
+                worker = self.idle[framework].pop()
+            else:
+                waiting = [name for name, queue in self.pending.items() if queue and self._worth_adding(name)]
+                if not waiting or sum(self.live.values()) >= capacity:
+                    return
+                # A new worker for the framework with the most pending jobs per worker, so
+                # a two-framework sweep on two CPUs gets one worker of each.
+                framework = max(waiting, key=lambda name: len(self.pending[name]) / (self.live[name] + 1))
+                worker = self.worker_class.options(
+                    num_cpus=1,
+                    max_restarts=0,
+                    # Named, so an operator (or a test) can find the warm workers in Ray's state.
+                    name=f"runjobs:warm:{framework}:{uuid.uuid4().hex[:8]}",
+                ).remote()
+                self.live[framework] += 1
+            job, attempt = self.pending[framework].popleft()
+            started += 1
+            yield job, attempt, worker
+
+    def observe(self, framework: str, timings: dict[str, float]) -> None:
+        """Learn from a succeeded job how long a worker takes to start and a job to run."""
+        startup = timings.get("startup_s") or 0.0
+        self.startup_s[framework] = max(self.startup_s.get(framework, 0.0), startup)
+        work = sum(timings.get(key) or 0.0 for key in ("setup_s", "train_s", "predict_s"))
+        previous = self.job_s.get(framework)
+        self.job_s[framework] = work if previous is None else 0.8 * previous + 0.2 * work
+
+    def _worth_adding(self, framework: str) -> bool:
+        """A framework's first worker always; another while its queue outlasts a worker's start-up.
+
+        Until the first job ends, workers start as capacity allows, so on a large node the
+        imports run in parallel. After that a framework gets another worker only once its
+        own jobs are measured: a new worker's import (seconds) would otherwise often cost
+        more than the few warm jobs (a tenth of a second each) it takes over.
+        """
+        if self.live[framework] == 0 or not self.job_s:
+            return True
+        if framework not in self.job_s:
+            return False
+        queued_work_per_worker = len(self.pending[framework]) * self.job_s[framework] / self.live[framework]
+        return queued_work_per_worker > self.startup_s.get(framework, 0.0)
+
+    def give_back(self, framework: str, worker: Any) -> None:
+        """A worker whose job succeeded: keep it warm for the next job of its framework."""
+        self.idle[framework].append(worker)
+
+    def replace(self, framework: str, worker: Any) -> None:
+        """A worker whose job failed, timed out or was cancelled: end it; a fresh one takes its place."""
+        self._end(framework, worker)
+
+    def shutdown(self) -> None:
+        for framework, workers in self.idle.items():
+            while workers:
+                self._end(framework, workers.pop())
+
+    def _retire_unneeded(self) -> None:
+        for framework, workers in self.idle.items():
+            if not self.pending[framework]:
+                while workers:
+                    self._end(framework, workers.pop())
+
+    def _end(self, framework: str, worker: Any) -> None:
+        import ray
+
+        ray.kill(worker, no_restart=True)
+        self.live[framework] -= 1
