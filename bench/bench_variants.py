@@ -73,8 +73,13 @@ def end_to_end(rounds: int) -> None:
 def scaling(sizes: list[int]) -> None:
     import ray
 
+    from jobs.progress import LineProgress
     from jobs.spec import Overrides
     from jobs.submit import SubmitRequest, submit
+
+    class SilentProgress(LineProgress):
+        def say(self, message: str) -> None:
+            pass
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     print("| rows | epochs | framework | variant | epoch median (ms) | single (ms) | speed-up | efficiency |")
@@ -95,7 +100,7 @@ def scaling(sizes: list[int]) -> None:
                         (framework,), overrides, variants=(variant,),
                         output=Path(scratch) / f"{rows}-{framework}-{variant}",
                     )  # fmt: skip
-                    job = submit(request, say=lambda message: None).report["jobs"][0]
+                    job = submit(request, SilentProgress()).report["jobs"][0]
                     epoch_s = job["timings"]["epoch_s_median"]
                     if variant == "single":
                         single[framework] = epoch_s

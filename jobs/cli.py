@@ -1,8 +1,8 @@
 """The `runjobs` command line: parses options, prints, and maps errors to exit codes.
 
 Exit codes: 0 every job succeeded; 1 a job failed or was cancelled; 2 a usage, spec or
-data error, an output directory that cannot be used, a cluster that cannot be reached
-or cannot meet the request (nothing was started); 130 interrupted.
+data error, an output directory that cannot be used, or a cluster that cannot meet the
+request (nothing was started); 3 the cluster cannot be reached; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ from pathlib import Path
 import click
 
 from jobs.spec import FRAMEWORKS, OPTIMIZERS, PRESETS, VARIANTS, Overrides, SpecError, parse_point
+from workers.export import FORMAT_PREFERENCE
 
 EXIT_OK = 0
 EXIT_JOBS_FAILED = 1
 EXIT_USAGE = 2
+EXIT_CLUSTER_UNREACHABLE = 3
 EXIT_INTERRUPTED = 130
 
 
@@ -50,13 +52,20 @@ class InputError(click.ClickException):
     exit_code = EXIT_USAGE
 
 
+class ClusterError(click.ClickException):
+    """The Ray cluster could not be reached, or went away; a scheduler may retry later."""
+
+    exit_code = EXIT_CLUSTER_UNREACHABLE
+
+
 @click.group(cls=RunjobsGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="runjobs")
 def cli() -> None:
     """Run TensorFlow and PyTorch training jobs as Ray tasks and compare them in one report.
 
-    Exit codes: 0 all jobs succeeded, 1 a job failed, 2 bad input or an unusable
-    cluster (nothing started), 130 interrupted.
+    Exit codes: 0 all jobs succeeded, 1 a job failed or was cancelled, 2 bad input or a
+    request the cluster cannot meet (nothing started), 3 the cluster cannot be reached,
+    130 interrupted.
     """
 
 
@@ -119,6 +128,12 @@ def cli() -> None:
     help="Train on the CPU when Ray assigned a GPU that CUDA cannot use, instead of failing.",
 )
 @click.option(
+    "--save-models",
+    is_flag=True,
+    default=None,
+    help="Export each succeeded job's model to DIR/models/JOB (see runjobs predict).",
+)
+@click.option(
     "--address",
     envvar="RAY_ADDRESS",
     show_envvar=True,
@@ -163,6 +178,7 @@ def submit(
     predictions,
     gpus_per_job,
     allow_cpu_fallback,
+    save_models,
     address,
     output,
     assignments,
@@ -193,6 +209,7 @@ def submit(
             normalize=normalize,
             gpus_per_job=gpus_per_job,
             allow_cpu_fallback=allow_cpu_fallback,
+            save_models=save_models,
         )
         overrides.common.update({key: value for key, value in flags.items() if value is not None})
         if predictions:
@@ -213,11 +230,12 @@ def submit(
         if dry_run:
             _print_plan(plan_jobs(request), json_output)
             return
-        outcome = run_submit(request, say=_say)
-    except (SpecError, ValueError, RuntimeError) as error:
-        if not _is_input_error(error):
-            raise
-        raise InputError(str(error)) from None
+        from jobs.progress import for_stream
+
+        with for_stream(sys.stderr) as progress:
+            outcome = run_submit(request, progress)
+    except (ValueError, RuntimeError) as error:
+        _raise_as_user_error(error)
 
     from jobs.report import render_table, summary
 
@@ -225,7 +243,7 @@ def submit(
         click.echo(json.dumps(summary(outcome.report, outcome.output_dir, outcome.exit_code), indent=2))
     else:
         click.echo(render_table(outcome.report), nl=False)
-        click.echo(f"report: {outcome.output_dir / 'report.json'} (also report.csv, report.md)")
+        click.echo(f"report: {outcome.output_dir / 'report.json'} (also report.html, report.csv, report.md)")
         click.echo(f"next: runjobs status {outcome.output_dir} | runjobs list {outcome.output_dir}")
     click.get_current_context().exit(outcome.exit_code)
 
@@ -302,13 +320,13 @@ def show(directory, job_id) -> None:
 @cli.command()
 @click.argument("directory", type=RUN_DIRECTORY)
 def report(directory) -> None:
-    """Rebuild report.json, report.csv and report.md from the run's ledger; no Ray needed."""
+    """Rebuild report.json, .csv, .md and .html from the run's ledger; no Ray needed."""
     from jobs.report import render_table
     from jobs.submit import rebuild_report
 
     rebuilt = _input(lambda: rebuild_report(directory))
     click.echo(render_table(rebuilt), nl=False)
-    click.echo(f"report: {directory / 'report.json'} (also report.csv, report.md)")
+    click.echo(f"report: {directory / 'report.json'} (also report.html, report.csv, report.md)")
 
 
 @cli.command()
@@ -368,29 +386,109 @@ def cancel(directory, wait_s) -> None:
     click.echo(f"cancelled; see runjobs status {directory}")
 
 
+@cli.command()
+@click.argument("directory", type=RUN_DIRECTORY)
+@click.option("--port", type=click.IntRange(1, 65535), default=6006, show_default=True)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on; the default serves this machine only (0.0.0.0 would expose it).",
+)
+def tensorboard(directory, port, host) -> None:
+    """Serve the run's TensorBoard files (DIR/tensorboard, a directory per job) until Ctrl-C.
+
+    Every job's loss, weights, bias and epoch times are written there by submit and by
+    `runjobs report DIR`, under the same tags for TensorFlow and torch. Runs TensorBoard
+    in the foreground. Exit code 2 when DIRECTORY holds no TensorBoard files or the port
+    is taken; 1 when TensorBoard is not installed (the command to type is printed).
+    """
+    from jobs import tensorboard as board
+
+    try:
+        board.check_has_event_files(directory)
+    except board.TensorBoardError as error:
+        raise InputError(str(error)) from None
+    typed = " ".join(board.command(directory, host, port))
+    if not board.is_installed():
+        click.echo(typed)
+        click.echo(
+            f"TensorBoard is not installed here: {board.INSTALL_HINT}, then run the command above", err=True
+        )
+        click.get_current_context().exit(EXIT_JOBS_FAILED)
+    if not board.port_is_free(host, port):
+        raise InputError(f"port {port} on {host} is in use; pass --port with another number")
+    click.echo(f"running: {typed}", err=True)
+    board.serve(directory, host, port)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "--input",
+    "input_texts",
+    multiple=True,
+    required=True,
+    metavar="X",
+    help="Input to predict, e.g. 1800 (comma-separated for several features); repeatable.",
+)
+@click.option(
+    "--format",
+    "model_format",
+    type=click.Choice(FORMAT_PREFERENCE),
+    help="Which of a job's formats to load. Default: the first available, in this order.",
+)
+@click.option("--json", "json_output", is_flag=True, help="Print a JSON list of {input, output}.")
+def predict(model, input_texts, model_format, json_output) -> None:
+    """Load a saved model and print its prediction for each --input.
+
+    MODEL is a job's model directory (DIR/models/JOB, written by runjobs submit
+    --save-models) or one model file: .keras, a SavedModel directory, a TorchScript or
+    state_dict .pt, or .onnx. Only the framework the format needs is imported, and
+    no pickled object is ever run. Exit code 2 for a bad MODEL, format or input.
+    """
+    from jobs.predict import PredictError, format_point
+    from jobs.predict import predict as run_predict
+
+    try:
+        outcome = run_predict(model, list(input_texts), model_format)
+    except PredictError as error:
+        raise InputError(str(error)) from None
+    if json_output:
+        click.echo(json.dumps(outcome["predictions"], indent=2))
+        return
+    click.echo(f"model: {outcome['model']} ({outcome['format']})", err=True)
+    for prediction in outcome["predictions"]:
+        output = prediction["output"]
+        click.echo(f"{format_point(prediction['input'])} -> {'nan' if output is None else f'{output:.6g}'}")
+
+
 def _input(action):
     """Run `action`, turning a user-facing error into a one-line exit 2."""
     try:
         return action()
     except (ValueError, RuntimeError) as error:
-        if not _is_input_error(error):
-            raise
+        _raise_as_user_error(error)
+
+
+def _raise_as_user_error(error: Exception):
+    """Re-raise a user-facing error as its one-line exit (2 input, 3 cluster); anything else as it is."""
+    from jobs.cluster import ClusterUnreachableError
+
+    if isinstance(error, ClusterUnreachableError):
+        raise ClusterError(str(error)) from None
+    if _is_input_error(error):
         raise InputError(str(error)) from None
+    raise error
 
 
 def _is_input_error(error: Exception) -> bool:
-    from jobs.cluster import ClusterUnreachableError, ResourceRequestError
+    from jobs.cluster import ResourceRequestError
     from jobs.ledger import LedgerError
     from jobs.output import OutputError
     from workers.data import DataError
 
-    return isinstance(
-        error, (SpecError, DataError, OutputError, LedgerError, ClusterUnreachableError, ResourceRequestError)
-    )
-
-
-def _say(message: str) -> None:
-    click.echo(f"[{time.strftime('%H:%M:%S')}] {message}", err=True)
+    return isinstance(error, (SpecError, DataError, OutputError, LedgerError, ResourceRequestError))
 
 
 def main() -> None:

@@ -64,6 +64,7 @@ class JobSpec:
     timeout_s: float | None = None  # a job still running after this long is cancelled
     retries: int = 0  # times a job whose worker or node died is started again
     retry_exceptions: bool = False  # also retry a job whose training code raised
+    save_models: bool = False  # export the trained model to DIR/models/JOB (workers/export.py)
 
     def __post_init__(self) -> None:
         _require_choice("framework", self.framework, FRAMEWORKS)
@@ -71,6 +72,8 @@ class JobSpec:
         _require_choice("optimizer", self.optimizer, OPTIMIZERS)
         _require_choice("loop", self.loop, LOOPS)
         _require_choice("placement", self.placement, PLACEMENTS)
+        if not isinstance(self.save_models, bool):
+            raise SpecError(f"save_models={self.save_models!r}: use true or false")
         if self.framework not in VARIANT_FRAMEWORKS[self.variant]:
             owners = " or ".join(VARIANT_FRAMEWORKS[self.variant])
             raise SpecError(
@@ -273,7 +276,7 @@ def parse_field(name: str, text: str) -> Any:
             return None if text.lower() in ("auto", "none", "") else float(text)
         if name == "timeout_s":
             return None if text.lower() in ("none", "") else float(text)
-        if name in ("normalize", "allow_cpu_fallback", "retry_exceptions"):
+        if name in ("normalize", "allow_cpu_fallback", "retry_exceptions", "save_models"):
             return parse_bool(name, text)
         if name == "features":
             return tuple(part.strip() for part in text.split(",") if part.strip())

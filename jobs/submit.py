@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,9 @@ from jobs import cluster as clusters
 from jobs import report as reports
 from jobs.driver import PlannedJob, RunInterrupted, run_jobs
 from jobs.ledger import Ledger, is_ledger_directory
+from jobs.models import store_job_model
 from jobs.output import check_usable, write_job_logs, write_reports
+from jobs.progress import LineProgress
 from jobs.spec import JobSpec, Overrides, SpecError, build_job_specs, job_ids
 from jobs.sweep import SweepSpec
 from workers.data import ARTICLE_PREDICTION_SQFT, Dataset, load_dataset
@@ -120,7 +121,9 @@ def should_run(state: str, rerun: str | None) -> bool:
     return state == "failed" and rerun == "failed"
 
 
-def submit(request: SubmitRequest, say: Callable[[str], None]) -> SubmitOutcome:
+def submit(request: SubmitRequest, progress: LineProgress | None = None) -> SubmitOutcome:
+    """Run the request's jobs that have no result yet; `progress` shows what happens (default: lines)."""
+    progress = progress or LineProgress()
     planned = plan_jobs(request)
     run_id = new_run_id()
     output_dir = request.output or Path("runs") / run_id
@@ -134,16 +137,18 @@ def submit(request: SubmitRequest, say: Callable[[str], None]) -> SubmitOutcome:
             states = {job.id: job.state for job in ledger.jobs()}
             if not any(should_run(states.get(job.id, "pending"), request.rerun) for job in planned):
                 # Every job already has its result: a cron re-run needs no Ray at all.
-                say(f"nothing to run: all {len(planned)} job(s) in {output_dir} already have results")
+                progress.say(
+                    f"nothing to run: all {len(planned)} job(s) in {output_dir} already have results"
+                )
                 report = rebuild_report(output_dir, ledger, {job.id for job in planned})
                 return SubmitOutcome(report, output_dir, ran=0)
-        return _run(request, planned, output_dir, ledger, run_id, say)
+        return _run(request, planned, output_dir, ledger, run_id, progress)
     finally:
         if ledger is not None:
             ledger.close()
 
 
-def _run(request, planned, output_dir, ledger, new_id, say) -> SubmitOutcome:
+def _run(request, planned, output_dir, ledger, new_id, progress: LineProgress) -> SubmitOutcome:
     driver_timings: dict[str, float] = {}
     connect_started = time.perf_counter()
     with clusters.connected(request.address) as cluster:
@@ -169,31 +174,29 @@ def _run(request, planned, output_dir, ledger, new_id, say) -> SubmitOutcome:
         for job in to_run:
             ledger.mark(job.id, "pending")
         skipped = len(resolved) - len(to_run)
-        say(
+        progress.begin(len(to_run))
+        progress.say(
             f"run {run_id}: {len(to_run)} job(s) to run"
             + (f", {skipped} already done" if skipped else "")
             + f" on {cluster.address} ({cluster.nodes} node(s), {cluster.cpus:g} CPU, {cluster.gpus:g} GPU); "
             f"output {output_dir}"
         )
 
-        ended = {"succeeded": 0, "failed": 0, "cancelled": 0}
-
         def on_record(record: dict[str, Any]) -> None:
             write_job_logs(output_dir, record["id"], record.pop("logs", None) or [])
+            # Model files go to DIR/models/JOB before the record (which names them) is durable.
+            store_job_model(output_dir, record)
             ledger.mark(record["id"], record["status"], record)
-            ended[record["status"]] += 1
-            detail = record["convergence"] if record["status"] == "succeeded" else record["error"]
-            failed = f", {ended['failed']} failed" if ended["failed"] else ""
-            seconds = record["timings"]["total_s"]
-            say(
-                f"[{sum(ended.values())}/{len(to_run)} done{failed}] "
-                f"{record['id']} {record['status']} ({detail}) in {seconds:.1f}s"
-            )
+            progress.ended(record)
+
+        def on_start(job_id: str) -> None:
+            ledger.mark(job_id, "running")
+            progress.started(job_id)
 
         jobs_started = time.perf_counter()
         interrupted = None
         try:
-            run_jobs(to_run, on_record, lambda job_id: ledger.mark(job_id, "running"), request.max_concurrent)
+            run_jobs(to_run, on_record, on_start, request.max_concurrent)
         except RunInterrupted as interruption:
             interrupted = interruption
         driver_timings["jobs_s"] = time.perf_counter() - jobs_started
@@ -206,7 +209,7 @@ def _run(request, planned, output_dir, ledger, new_id, say) -> SubmitOutcome:
     report = reports.build_report(run_id, cluster.to_record(), records, driver_timings)
     write_reports(output_dir, report)
     if interrupted is not None:
-        say(f"interrupted: finished jobs are kept in {output_dir}")
+        progress.say(f"interrupted: finished jobs are kept in {output_dir}")
         raise interrupted
     return SubmitOutcome(report, output_dir, ran=len(to_run))
 

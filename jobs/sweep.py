@@ -135,8 +135,14 @@ def field_value(key: str, value: Any) -> Any:
     return value
 
 
+# Fields that change what a job keeps, not what it trains: adding --save-models to a
+# finished sweep's re-run must not give its jobs new ids (and run them all again).
+FIELDS_OUTSIDE_THE_ID = ("save_models",)
+
+
 def sweep_job_id(spec: JobSpec) -> str:
-    """framework[-variant]-HASH, the hash over every field, so equal specs share an id."""
-    digest = hashlib.sha1(json.dumps(spec.to_record(), sort_keys=True).encode()).hexdigest()[:8]
+    """framework[-variant]-HASH, the hash over the fields that decide training, so equal specs share an id."""
+    fields = {key: value for key, value in spec.to_record().items() if key not in FIELDS_OUTSIDE_THE_ID}
+    digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
     base = spec.framework if spec.variant == "single" else f"{spec.framework}-{spec.variant}"
     return f"{base}-{digest}"

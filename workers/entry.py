@@ -46,6 +46,9 @@ def run_job(
             )
             result = _train(spec, dataset, submitted_at, context, entered_at)
             print(f"runjobs: {result['convergence']}, final loss {result['loss']['final']:.6g}", flush=True)
+            # --save-models: every rank learned the same parameters, so rank 0 exports.
+            if spec.save_models and context.rank == 0:
+                result["model_files"] = export_model_files(spec, dataset, result)
         except BaseException as error:
             traceback.print_exc()
             failure = error
@@ -164,3 +167,38 @@ def _ray_version() -> str:
     import ray
 
     return ray.__version__
+
+
+def export_model_files(spec, dataset: Dataset, result: dict[str, Any]) -> dict[str, bytes]:
+    """The job's model in its framework's formats, as {relative path: bytes} (workers/export.py).
+
+    Bytes, not a path: on a remote cluster this worker's disk is not the user's output
+    directory; the driver writes them to DIR/models/JOB.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from workers.export import export_model
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="runjobs-model-") as temporary:
+        root = Path(temporary)
+        formats = export_model(
+            spec.framework,
+            result["params"]["weights"],
+            result["params"]["bias"],
+            root,
+            feature_names=list(dataset.feature_names),
+        )
+        files = {
+            path.relative_to(root).as_posix(): path.read_bytes()
+            for path in sorted(root.rglob("*"))
+            if path.is_file()
+        }
+    size = sum(len(content) for content in files.values())
+    print(
+        f"runjobs: exported the model ({', '.join(formats)}; {size} bytes) "
+        f"in {time.perf_counter() - started:.2f}s",
+        flush=True,
+    )
+    return files

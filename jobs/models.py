@@ -1,0 +1,85 @@
+"""A run's exported models: `DIR/models/JOB/`, one directory per job that saved its model.
+
+A worker exports its job's model (workers/export.py) and sends the files back as bytes
+in its result, under `model_files`: on a remote cluster the worker's disk is not the
+user's output directory. The driver writes them here before the job's record reaches
+the ledger, and the record keeps only where they are and which formats were written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from workers.export import MANIFEST
+
+MODELS_DIRECTORY = "models"
+
+
+def store_job_model(directory: Path, record: dict[str, Any]) -> None:
+    """Move a record's `model_files` to DIR/models/JOB and leave `model` in their place.
+
+    `record["model"]` becomes {path (relative to DIR), formats, not_written}. A model that
+    cannot be written (a full disk) leaves the error there instead: the job's result
+    is kept either way.
+    """
+    files = record.pop("model_files", None)
+    if not files:
+        return
+    relative = f"{MODELS_DIRECTORY}/{record['id']}"
+    manifest = json.loads(files[MANIFEST]) if MANIFEST in files else {}
+    if manifest:
+        # The worker does not know the job's id; the manifest names it for a reader.
+        manifest["job_id"] = record["id"]
+        files = {**files, MANIFEST: (json.dumps(manifest, indent=2) + "\n").encode()}
+    try:
+        write_model_files(directory / MODELS_DIRECTORY, record["id"], files)
+    except (OSError, ValueError) as error:
+        record["model"] = {"path": None, "formats": [], "error": f"{type(error).__name__}: {error}"}
+        return
+    record["model"] = {
+        "path": relative,
+        "formats": list(manifest.get("formats", {})),
+        "not_written": manifest.get("not_written", {}),
+    }
+
+
+def write_model_files(models_directory: Path, job_id: str, files: dict[str, bytes]) -> Path:
+    """Write `files` ({relative path: bytes}) as models_directory/job_id, all at once.
+
+    They are written to a temporary directory beside it and renamed into place, so a
+    reader never sees half a model; a model from an earlier run of the job is replaced.
+    """
+    for name in files:
+        relative = PurePosixPath(name)
+        if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+            raise ValueError(f"model file {name!r} is not a path inside the job's model directory")
+    models_directory.mkdir(parents=True, exist_ok=True)
+    target = models_directory / job_id
+    temporary = models_directory / f".{job_id}.{os.getpid()}.tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    try:
+        for name, content in files.items():
+            path = temporary.joinpath(*PurePosixPath(name).parts)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("wb") as handle:
+                handle.write(content)
+                handle.flush()
+                os.fsync(handle.fileno())
+        if target.exists():
+            # A directory cannot be renamed over a non-empty one: move the old one aside first.
+            retired = models_directory / f".{job_id}.{os.getpid()}.old"
+            shutil.rmtree(retired, ignore_errors=True)
+            os.replace(target, retired)
+            os.replace(temporary, target)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(temporary, target)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return target

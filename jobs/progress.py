@@ -1,0 +1,122 @@
+"""How a running submit shows its progress: timestamped lines, or a live display on a terminal.
+
+A scheduler's log (Slurm, cron, CI) gets plain lines, one per event, each with the time
+and the done/failed counts so far. A person at a terminal gets one live line instead:
+done, running and failed counts, elapsed time and an ETA from the jobs finished so far,
+with each job's end still printed above it.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+
+class LineProgress:
+    """Timestamped lines on stderr: what a log file or a pipe should receive."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.counts = {"succeeded": 0, "failed": 0, "cancelled": 0}
+
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        pass
+
+    def say(self, message: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+    def begin(self, total: int) -> None:
+        self.total = total
+
+    def started(self, job_id: str) -> None:
+        pass
+
+    def ended(self, record: dict[str, Any]) -> None:
+        self.counts[record["status"]] += 1
+        self.say(f"[{self._done_text()}] {describe_end(record)}")
+
+    def _done_text(self) -> str:
+        failed = self.counts["failed"] + self.counts["cancelled"]
+        return f"{sum(self.counts.values())}/{self.total} done" + (f", {failed} failed" if failed else "")
+
+
+class LiveProgress(LineProgress):
+    """A live line at the bottom of the terminal (rich), each ended job printed above it."""
+
+    def __init__(self, console=None) -> None:
+        super().__init__()
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.running: set[str] = set()
+        self.started_at = time.monotonic()
+        self.display = Progress(
+            TextColumn("[bold]jobs"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("running {task.fields[running]}, failed {task.fields[failed]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA {task.fields[eta]}"),
+            console=console or Console(stderr=True),
+            transient=False,
+        )
+        self.task = self.display.add_task("jobs", total=None, running=0, failed=0, eta="-")
+
+    def __enter__(self) -> LiveProgress:
+        self.display.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.display.stop()
+
+    def say(self, message: str) -> None:
+        self.display.console.print(f"[{time.strftime('%H:%M:%S')}] {message}", markup=False, highlight=False)
+
+    def begin(self, total: int) -> None:
+        super().begin(total)
+        self.display.update(self.task, total=total)
+
+    def started(self, job_id: str) -> None:
+        self.running.add(job_id)
+        self._refresh()
+
+    def ended(self, record: dict[str, Any]) -> None:
+        self.running.discard(record["id"])
+        self.counts[record["status"]] += 1
+        self.say(describe_end(record))
+        self._refresh()
+
+    def _refresh(self) -> None:
+        done = sum(self.counts.values())
+        self.display.update(
+            self.task,
+            completed=done,
+            running=len(self.running),
+            failed=self.counts["failed"] + self.counts["cancelled"],
+            eta=format_eta(time.monotonic() - self.started_at, done, self.total),
+        )
+
+
+def describe_end(record: dict[str, Any]) -> str:
+    detail = record["convergence"] if record["status"] == "succeeded" else record["error"]
+    return f"{record['id']} {record['status']} ({detail}) in {record['timings']['total_s']:.1f}s"
+
+
+def format_eta(elapsed_s: float, done: int, total: int) -> str:
+    """The time left at the rate jobs have finished so far; '-' until one has."""
+    if done == 0 or total <= done:
+        return "-"
+    seconds = round(elapsed_s / done * (total - done))
+    minutes, seconds = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+def for_stream(stream=None) -> LineProgress:
+    """A live display when the stream is a terminal, plain lines otherwise."""
+    stream = stream or sys.stderr
+    return LiveProgress() if stream.isatty() else LineProgress()
