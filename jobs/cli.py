@@ -137,7 +137,14 @@ def cli() -> None:
     "--address",
     envvar="RAY_ADDRESS",
     show_envvar=True,
-    help="Running Ray cluster (HOST:PORT, ray://HOST:10001 or auto). Default: an embedded local Ray.",
+    help="Running Ray cluster: HOST:PORT (its GCS), ray://HOST:10001, auto, or http://HEAD:8265 "
+    "(Ray Jobs: the driver runs on the cluster, results come back here). Default: an embedded local Ray.",
+)
+@click.option(
+    "--no-wait",
+    is_flag=True,
+    help="With an http:// (Ray Jobs) address: print the Ray job id and return; fetch results later "
+    "with `runjobs report --address ADDR JOBID --output DIR`.",
 )
 @click.option("--output", type=click.Path(path_type=Path), help="Output directory. Default runs/<run-id>.")
 @click.option("--dry-run", is_flag=True, help="Print the expanded jobs and start nothing.")
@@ -180,6 +187,7 @@ def submit(
     allow_cpu_fallback,
     save_models,
     address,
+    no_wait,
     output,
     assignments,
 ) -> None:
@@ -189,8 +197,10 @@ def submit(
     10 houses, 500 epochs, full batch, Adam lr 0.01, both starting from zeros. Fields
     are layered: defaults, then --preset, then the options, then --set.
 
-    Writes report.json, report.csv and report.md to the output directory and exits 0
-    when every job succeeded, 1 when any failed, 2 on bad input (nothing started).
+    Writes report.json, .csv, .md and .html to the output directory and exits 0 when
+    every job succeeded, 1 when any failed or was cancelled, 2 on bad input (nothing
+    started), 3 when the cluster cannot be reached or goes away (finished jobs are kept),
+    130 when interrupted.
     """
     from jobs.submit import SubmitRequest, plan_jobs
     from jobs.submit import submit as run_submit
@@ -231,9 +241,18 @@ def submit(
             _print_plan(plan_jobs(request), json_output)
             return
         from jobs.progress import for_stream
+        from jobs.remote import RemoteSubmission, is_jobs_address, submit_remote
 
+        if no_wait and not is_jobs_address(address):
+            raise SpecError("--no-wait needs a Ray Jobs address: --address http://HEAD:8265")
         with for_stream(sys.stderr) as progress:
-            outcome = run_submit(request, progress)
+            if is_jobs_address(address):
+                outcome = submit_remote(request, progress, wait=not no_wait)
+            else:
+                outcome = run_submit(request, progress)
+        if isinstance(outcome, RemoteSubmission):
+            _print_submission(outcome, json_output)
+            return
     except (ValueError, RuntimeError) as error:
         _raise_as_user_error(error)
 
@@ -246,6 +265,20 @@ def submit(
         click.echo(f"report: {outcome.output_dir / 'report.json'} (also report.html, report.csv, report.md)")
         click.echo(f"next: runjobs status {outcome.output_dir} | runjobs list {outcome.output_dir}")
     click.get_current_context().exit(outcome.exit_code)
+
+
+def _print_submission(submission, json_output: bool) -> None:
+    if json_output:
+        click.echo(json.dumps(
+            {"ray_job_id": submission.job_id, "address": submission.address,
+             "output": str(submission.output_dir), "jobs": submission.jobs}, indent=2))  # fmt: skip
+        return
+    click.echo(f"submitted Ray job {submission.job_id} ({submission.jobs} job(s)) to {submission.address}")
+    click.echo(f"next: runjobs status --address {submission.address} {submission.job_id}")
+    click.echo(
+        f"      runjobs report --address {submission.address} {submission.job_id} "
+        f"--output {submission.output_dir}"
+    )
 
 
 def _print_plan(planned, json_output: bool) -> None:
@@ -267,17 +300,40 @@ def _echo_table(header: list[str], rows: list[list[str]]) -> None:
 RUN_DIRECTORY = click.Path(path_type=Path, file_okay=False)
 
 
+JOBS_ADDRESS = click.option(
+    "--address",
+    metavar="http://HEAD:8265",
+    help="A Ray Jobs address: the argument is then the Ray job id that `submit --no-wait` printed.",
+)
+
+
 @cli.command()
-@click.argument("directory", type=RUN_DIRECTORY)
+@click.argument("directory", metavar="DIRECTORY | RAY_JOB_ID")
+@JOBS_ADDRESS
 @click.option("--json", "json_output", is_flag=True, help="Print JSON.")
-def status(directory, json_output) -> None:
+def status(directory, address, json_output) -> None:
     """Counts by state, running jobs, elapsed time and an estimate of what is left.
 
-    Reads the run's ledger only; works while the run goes on. Exit code 2 when DIRECTORY
-    holds no run.
+    Reads the run's ledger only; works while the run goes on. With --address, reads a
+    remote run's Ray job instead. Exit code 2 when DIRECTORY holds no run (or there is
+    no such Ray job), 3 when the address does not answer.
     """
     from jobs.status import run_status
 
+    if address:
+        from jobs.remote import remote_status
+
+        remote = _input(lambda: remote_status(address, directory))
+        if json_output:
+            click.echo(json.dumps(remote, indent=2))
+            return
+        counts = ", ".join(f"{count} {name}" for name, count in remote["counts"].items() if count)
+        click.echo(
+            f"Ray job {remote['job_id']}: {remote['ray_job_status']}; "
+            f"{remote['jobs'] if remote['jobs'] is not None else '?'} job(s): {counts or 'none ended yet'}"
+        )
+        return
+    directory = Path(directory)
     state = _input(lambda: run_status(directory))
     if json_output:
         click.echo(json.dumps(state, indent=2))
@@ -318,12 +374,30 @@ def show(directory, job_id) -> None:
 
 
 @cli.command()
-@click.argument("directory", type=RUN_DIRECTORY)
-def report(directory) -> None:
-    """Rebuild report.json, .csv, .md and .html from the run's ledger; no Ray needed."""
+@click.argument("directory", metavar="DIRECTORY | RAY_JOB_ID")
+@JOBS_ADDRESS
+@click.option("--output", type=click.Path(path_type=Path), help="With --address: where to keep the run.")
+def report(directory, address, output) -> None:
+    """Rebuild report.json, .csv, .md and .html from the run's ledger; no Ray needed.
+
+    With --address ADDR RAY_JOB_ID --output DIR: fetch a remote run (from `submit
+    --no-wait`) into DIR, as far as it has got, and write its report there.
+    """
     from jobs.report import render_table
     from jobs.submit import rebuild_report
 
+    if address:
+        from jobs.remote import fetch_remote
+
+        if output is None:
+            raise InputError("with --address, name the directory to keep the run in: --output DIR")
+        fetched, state = _input(lambda: fetch_remote(address, directory, output))
+        click.echo(render_table(fetched.report), nl=False)
+        click.echo(f"report: {output / 'report.json'} (also report.html, report.csv, report.md)")
+        if state not in ("SUCCEEDED", "FAILED", "STOPPED"):
+            click.echo(f"Ray job {directory} is {state}: run this again for the rest", err=True)
+        click.get_current_context().exit(fetched.exit_code)
+    directory = Path(directory)
     rebuilt = _input(lambda: rebuild_report(directory))
     click.echo(render_table(rebuilt), nl=False)
     click.echo(f"report: {directory / 'report.json'} (also report.html, report.csv, report.md)")
@@ -474,9 +548,12 @@ def _input(action):
 def _raise_as_user_error(error: Exception):
     """Re-raise a user-facing error as its one-line exit (2 input, 3 cluster); anything else as it is."""
     from jobs.cluster import ClusterUnreachableError
+    from jobs.remote import RemoteRunError
 
     if isinstance(error, ClusterUnreachableError):
         raise ClusterError(str(error)) from None
+    if isinstance(error, RemoteRunError):
+        raise click.ClickException(str(error)) from None  # exit 1: the run did not finish
     if _is_input_error(error):
         raise InputError(str(error)) from None
     raise error
@@ -486,9 +563,12 @@ def _is_input_error(error: Exception) -> bool:
     from jobs.cluster import ResourceRequestError
     from jobs.ledger import LedgerError
     from jobs.output import OutputError
+    from jobs.remote import UnknownRemoteJobError
     from workers.data import DataError
 
-    return isinstance(error, (SpecError, DataError, OutputError, LedgerError, ResourceRequestError))
+    return isinstance(
+        error, (SpecError, DataError, OutputError, LedgerError, ResourceRequestError, UnknownRemoteJobError)
+    )
 
 
 def main() -> None:

@@ -522,14 +522,20 @@ def _pair_sentences(report: dict[str, Any]) -> list[str]:
     return sentences
 
 
-def to_markdown(report: dict[str, Any]) -> str:
-    header, rows = table_rows(report)
-    lines = [f"# runjobs report {report['run_id']}", ""]
-    cluster = report["cluster"]
-    lines.append(
+def describe_cluster(cluster: dict[str, Any]) -> str:
+    """One sentence on where the run ran; a remote run cut short may know only the address."""
+    if "nodes" not in cluster:
+        return f"Cluster `{cluster.get('address', 'unknown')}` (its size was not reported)."
+    return (
         f"Cluster `{cluster['address']}`: {cluster['nodes']} node(s), {cluster['cpus']:g} CPU(s), "
         f"{cluster['gpus']:g} GPU(s)."
     )
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    header, rows = table_rows(report)
+    lines = [f"# runjobs report {report['run_id']}", ""]
+    lines.append(describe_cluster(report["cluster"]))
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += ["", *[f"- {sentence}" for sentence in _pair_sentences(report)]]

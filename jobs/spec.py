@@ -147,6 +147,14 @@ class JobSpec:
             return None
         return 0.0 if self.init == "zeros" else float(self.init)
 
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> JobSpec:
+        """The spec back from `to_record`'s JSON-ready fields (validated again)."""
+        fields = dict(record)
+        fields["features"] = tuple(fields.get("features") or ())
+        fields["predict"] = tuple(tuple(point) for point in fields.get("predict") or ())
+        return cls(**fields)
+
     def to_record(self) -> dict[str, Any]:
         """The fields as JSON-ready values, as `config` in report.json."""
         record = dataclasses.asdict(self)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,10 +122,20 @@ def should_run(state: str, rerun: str | None) -> bool:
     return state == "failed" and rerun == "failed"
 
 
-def submit(request: SubmitRequest, progress: LineProgress | None = None) -> SubmitOutcome:
-    """Run the request's jobs that have no result yet; `progress` shows what happens (default: lines)."""
+def submit(
+    request: SubmitRequest,
+    progress: LineProgress | None = None,
+    planned: list[PlannedJob] | None = None,
+    forward: Callable[[dict[str, Any]], None] | None = None,
+) -> SubmitOutcome:
+    """Run the request's jobs that have no result yet; `progress` shows what happens (default: lines).
+
+    `planned` replaces planning from the request (a remote driver gets its jobs planned by
+    the client); `forward` sees each job's whole record, logs and model files included,
+    before it is kept (a remote driver sends it to the client).
+    """
     progress = progress or LineProgress()
-    planned = plan_jobs(request)
+    planned = plan_jobs(request) if planned is None else planned
     run_id = new_run_id()
     output_dir = request.output or Path("runs") / run_id
     ledger = None
@@ -142,13 +153,13 @@ def submit(request: SubmitRequest, progress: LineProgress | None = None) -> Subm
                 )
                 report = rebuild_report(output_dir, ledger, {job.id for job in planned})
                 return SubmitOutcome(report, output_dir, ran=0)
-        return _run(request, planned, output_dir, ledger, run_id, progress)
+        return _run(request, planned, output_dir, ledger, run_id, progress, forward)
     finally:
         if ledger is not None:
             ledger.close()
 
 
-def _run(request, planned, output_dir, ledger, new_id, progress: LineProgress) -> SubmitOutcome:
+def _run(request, planned, output_dir, ledger, new_id, progress: LineProgress, forward) -> SubmitOutcome:
     driver_timings: dict[str, float] = {}
     connect_started = time.perf_counter()
     with clusters.connected(request.address) as cluster:
@@ -183,10 +194,9 @@ def _run(request, planned, output_dir, ledger, new_id, progress: LineProgress) -
         )
 
         def on_record(record: dict[str, Any]) -> None:
-            write_job_logs(output_dir, record["id"], record.pop("logs", None) or [])
-            # Model files go to DIR/models/JOB before the record (which names them) is durable.
-            store_job_model(output_dir, record)
-            ledger.mark(record["id"], record["status"], record)
+            if forward is not None:
+                forward(record)
+            keep_record(output_dir, ledger, record)
             progress.ended(record)
 
         def on_start(job_id: str) -> None:
@@ -212,6 +222,14 @@ def _run(request, planned, output_dir, ledger, new_id, progress: LineProgress) -
         progress.say(f"interrupted: finished jobs are kept in {output_dir}")
         raise interrupted
     return SubmitOutcome(report, output_dir, ran=len(to_run))
+
+
+def keep_record(output_dir: Path, ledger: Ledger, record: dict[str, Any]) -> None:
+    """Make an ended job's record durable: its logs and model files first, then the ledger."""
+    write_job_logs(output_dir, record["id"], record.pop("logs", None) or [])
+    # Model files go to DIR/models/JOB before the record (which names them) is durable.
+    store_job_model(output_dir, record)
+    ledger.mark(record["id"], record["status"], record)
 
 
 def rebuild_report(

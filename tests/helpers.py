@@ -91,3 +91,91 @@ def kill_actor_once_training(name: str, settle_s: float, limit_s: float = 120) -
             time.sleep(0.2)
     time.sleep(settle_s)  # past process start and the framework import, into training
     ray.kill(victim, no_restart=True)
+
+
+class RayNode:
+    """A `ray start --block` process this test owns: a head, or a worker joining one.
+
+    Ended by terminating the process it spawned (which stops its raylet and children),
+    never by `ray stop`. `env` adds variables; the venv's bin goes first on PATH so a Ray
+    Job's `python` entrypoint is this interpreter.
+    """
+
+    def __init__(self, log_path: Path, args: list[str], ready_text: str, env: dict | None = None):
+        import os
+        import subprocess
+
+        self.log_path = log_path
+        environment = {**os.environ, **(env or {})}
+        environment["PATH"] = f"{Path(sys.executable).parent}:{environment.get('PATH', '')}"
+        with log_path.open("w") as log:
+            self.process = subprocess.Popen(
+                # The dashboard agent's HTTP port is fixed (52365) by default: two nodes on
+                # one machine would fight over it and the Jobs API would find no agent.
+                [RAY, "start", *args, "--dashboard-agent-listen-port", str(free_port()),
+                 "--disable-usage-stats", "--block"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=environment,
+            )  # fmt: skip
+        self.wait_for(ready_text)
+
+    @classmethod
+    def head(cls, log_path: Path, port: int, *args: str, env: dict | None = None) -> RayNode:
+        return cls(
+            log_path,
+            ["--head", "--node-ip-address", "127.0.0.1", "--port", str(port), *args],
+            "Ray runtime started",
+            env,
+        )
+
+    @classmethod
+    def worker(cls, log_path: Path, head_address: str, *args: str) -> RayNode:
+        # A node joining a cluster with token auth must present the token too.
+        return cls(
+            log_path,
+            ["--address", head_address, "--node-ip-address", "127.0.0.1", *args],
+            "Ray runtime started",
+            {"RAY_AUTH_MODE": "token"} if Path("~/.ray/auth_token").expanduser().is_file() else None,
+        )
+
+    def wait_for(self, text: str, limit_s: float = 90) -> None:
+        import time
+
+        deadline = time.monotonic() + limit_s
+        while text not in self.log_path.read_text():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"ray start did not come up:\n{self.log_path.read_text()}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        import os
+        import signal
+        import subprocess
+
+        if self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def wait_for_http(url: str, limit_s: float = 90) -> None:
+    """Until `url` answers (any HTTP status), within limit_s."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + limit_s
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=5).close()
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{url} never answered") from None
+            time.sleep(0.5)
