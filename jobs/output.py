@@ -57,6 +57,11 @@ def write_reports(directory: Path, report: dict[str, Any]) -> None:
     from jobs.tensorboard import write_event_files  # imports TensorBoard's protos only here
 
     write_event_files(report, directory)  # DIR/tensorboard/JOB, rebuilt whole
+    write_report_json(directory, report)
+
+
+def write_report_json(directory: Path, report: dict[str, Any]) -> None:
+    """report.json, the file schedulers read: always written last."""
     write_atomically(directory / "report.json", reports.to_json(report))
 
 

@@ -21,7 +21,7 @@ from jobs import report as reports
 from jobs.driver import PlannedJob, RunInterrupted, run_jobs
 from jobs.ledger import Ledger, is_ledger_directory
 from jobs.models import store_job_model
-from jobs.output import check_usable, write_job_logs, write_reports
+from jobs.output import check_usable, write_job_logs, write_report_json, write_reports
 from jobs.progress import LineProgress
 from jobs.spec import JobSpec, Overrides, SpecError, build_job_specs, job_ids
 from jobs.sweep import SweepSpec
@@ -162,7 +162,8 @@ def submit(
 def _run(request, planned, output_dir, ledger, new_id, progress: LineProgress, forward) -> SubmitOutcome:
     driver_timings: dict[str, float] = {}
     connect_started = time.perf_counter()
-    with clusters.connected(request.address) as cluster:
+    shutdown = clusters.BackgroundShutdown()
+    with clusters.connected(request.address, shutdown) as cluster:
         driver_timings["connect_s"] = time.perf_counter() - connect_started
         resolved = []
         for job in planned:
@@ -210,14 +211,20 @@ def _run(request, planned, output_dir, ledger, new_id, progress: LineProgress, f
         except RunInterrupted as interruption:
             interrupted = interruption
         driver_timings["jobs_s"] = time.perf_counter() - jobs_started
-        disconnect_started = time.perf_counter()
-    driver_timings["disconnect_s"] = time.perf_counter() - disconnect_started
 
-    ledger.set_meta(finished_at=time.time(), driver_timings=driver_timings)
+    # Ray shuts down while the reports are written (see BackgroundShutdown); its time
+    # reaches report.json, written again once it is known.
+    ledger.set_meta(finished_at=time.time())
     wanted = {job.id for job in resolved}
     records = [record for record in ledger.records() if record["id"] in wanted]
     report = reports.build_report(run_id, cluster.to_record(), records, driver_timings)
     write_reports(output_dir, report)
+    disconnect_s = shutdown.wait()
+    if disconnect_s is not None:
+        driver_timings["disconnect_s"] = disconnect_s
+        report["driver"]["timings"]["disconnect_s"] = disconnect_s
+        write_report_json(output_dir, report)
+    ledger.set_meta(driver_timings=driver_timings)
     if interrupted is not None:
         progress.say(f"interrupted: finished jobs are kept in {output_dir}")
         raise interrupted
