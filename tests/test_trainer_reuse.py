@@ -23,12 +23,13 @@ def train(trainer, spec):
     return trainer.train(spec, data, device)
 
 
-def test_second_job_reuses_the_traced_loop_and_matches_a_cold_run():
+@pytest.mark.parametrize("init", ["framework", "zeros"])
+def test_second_job_reuses_the_traced_loop_and_matches_a_cold_run(init):
     from workers import tensorflow_trainer as trainer
 
     # Mini-batches, so the seed also drives the shuffle inside the traced loop.
-    first = JobSpec("tensorflow", epochs=30, lr=0.01, seed=0, init="framework", batch_size=4)
-    second = JobSpec("tensorflow", epochs=40, lr=0.1, seed=1, init="framework", batch_size=4)
+    first = JobSpec("tensorflow", epochs=30, lr=0.01, seed=0, init=init, batch_size=4)
+    second = JobSpec("tensorflow", epochs=40, lr=0.1, seed=1, init=init, batch_size=4)
 
     train(trainer, first)
     traced = trainer._last_loop
