@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -55,6 +56,8 @@ def start_head(log_path: Path) -> tuple[subprocess.Popen, str, str]:
     while True:
         try:
             urllib.request.urlopen(f"{jobs_address}/api/version", timeout=5).close()
+            break
+        except urllib.error.HTTPError:  # it answers (401 without the token): it is up
             break
         except OSError:
             if head.poll() is not None or time.monotonic() > deadline:

@@ -81,7 +81,8 @@ def jobs_client(address: str):
 
     # The SDK's INFO lines (package upload, websocket closed) are not for our users; set
     # after the import, which configures Ray's loggers.
-    logging.getLogger("ray").setLevel(logging.WARNING)
+    for name in ("ray", "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     try:
         return JobSubmissionClient(address)
@@ -278,6 +279,10 @@ def follow(client, job_id: str, follower: Follower) -> None:
     async def tail() -> None:
         async for text in client.tail_job_logs(job_id):
             follower.chunk(text)
+            if follower.end is not None:
+                # Everything is here: no need to wait (seconds, as Ray polls the job's
+                # state once a second) for the stream to close after the job exits.
+                return
 
     try:
         asyncio.run(tail())

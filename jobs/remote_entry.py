@@ -65,7 +65,9 @@ def main(plan_path: str) -> int:
     )
     forward = lambda record: print(RECORD_MARKER + encode_record(record), flush=True)  # noqa: E731
     try:
-        outcome = submit(request, ForwardingProgress(), planned=planned, forward=forward)
+        outcome = submit(
+            request, ForwardingProgress(), planned=planned, forward=forward, write_report_files=False
+        )
     except KeyboardInterrupt:
         print("runjobs: stopped; the running jobs were recorded cancelled", file=sys.stderr, flush=True)
         return 130

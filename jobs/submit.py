@@ -127,12 +127,14 @@ def submit(
     progress: LineProgress | None = None,
     planned: list[PlannedJob] | None = None,
     forward: Callable[[dict[str, Any]], None] | None = None,
+    write_report_files: bool = True,
 ) -> SubmitOutcome:
     """Run the request's jobs that have no result yet; `progress` shows what happens (default: lines).
 
     `planned` replaces planning from the request (a remote driver gets its jobs planned by
     the client); `forward` sees each job's whole record, logs and model files included,
-    before it is kept (a remote driver sends it to the client).
+    before it is kept (a remote driver sends it to the client, which writes the report
+    files itself, hence `write_report_files`).
     """
     progress = progress or LineProgress()
     planned = plan_jobs(request) if planned is None else planned
@@ -153,13 +155,15 @@ def submit(
                 )
                 report = rebuild_report(output_dir, ledger, {job.id for job in planned})
                 return SubmitOutcome(report, output_dir, ran=0)
-        return _run(request, planned, output_dir, ledger, run_id, progress, forward)
+        return _run(request, planned, output_dir, ledger, run_id, progress, forward, write_report_files)
     finally:
         if ledger is not None:
             ledger.close()
 
 
-def _run(request, planned, output_dir, ledger, new_id, progress: LineProgress, forward) -> SubmitOutcome:
+def _run(
+    request, planned, output_dir, ledger, new_id, progress: LineProgress, forward, write_report_files
+) -> SubmitOutcome:
     driver_timings: dict[str, float] = {}
     connect_started = time.perf_counter()
     shutdown = clusters.BackgroundShutdown()
@@ -218,12 +222,14 @@ def _run(request, planned, output_dir, ledger, new_id, progress: LineProgress, f
     wanted = {job.id for job in resolved}
     records = [record for record in ledger.records() if record["id"] in wanted]
     report = reports.build_report(run_id, cluster.to_record(), records, driver_timings)
-    write_reports(output_dir, report)
+    if write_report_files:
+        write_reports(output_dir, report)
     disconnect_s = shutdown.wait()
     if disconnect_s is not None:
         driver_timings["disconnect_s"] = disconnect_s
         report["driver"]["timings"]["disconnect_s"] = disconnect_s
-        write_report_json(output_dir, report)
+        if write_report_files:
+            write_report_json(output_dir, report)
     ledger.set_meta(driver_timings=driver_timings)
     if interrupted is not None:
         progress.say(f"interrupted: finished jobs are kept in {output_dir}")
