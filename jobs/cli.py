@@ -563,11 +563,20 @@ def _is_input_error(error: Exception) -> bool:
     from jobs.cluster import ResourceRequestError
     from jobs.ledger import LedgerError
     from jobs.output import OutputError
-    from jobs.remote import UnknownRemoteJobError
+    from jobs.remote import RemoteRunBusyError, UnknownRemoteJobError
     from workers.data import DataError
 
     return isinstance(
-        error, (SpecError, DataError, OutputError, LedgerError, ResourceRequestError, UnknownRemoteJobError)
+        error,
+        (
+            SpecError,
+            DataError,
+            OutputError,
+            LedgerError,
+            ResourceRequestError,
+            UnknownRemoteJobError,
+            RemoteRunBusyError,
+        ),
     )
 
 

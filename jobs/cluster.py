@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -118,13 +119,35 @@ def connected(address: str | None, shutdown: BackgroundShutdown | None = None) -
         # address="local" starts a new instance even where `ray start` left one running
         # (a bare ray.init() would join that one instead).
         ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    previous_handler = _stop_on_sigterm()
+    failed = True
     try:
         yield describe_cluster(embedded=not address)
+        failed = False
     finally:
-        if shutdown is not None:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+        # After an error, shut down at once: the caller will not wait for a thread.
+        if shutdown is not None and not failed:
             shutdown.start()
         else:
             ray.shutdown()
+
+
+def _stop_on_sigterm():
+    """Make SIGTERM (Slurm's scancel, `ray job stop`, a container's stop) stop the run like Ctrl-C.
+
+    ray.init installs a SIGTERM handler that calls sys.exit, which would skip recording
+    the running jobs as cancelled. Returns the handler it replaced, or None off the main
+    thread (where signals cannot be handled).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 def present_token_if_available() -> None:

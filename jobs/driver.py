@@ -100,6 +100,7 @@ class Driver:
         # Only each ended job's status: records go to on_record (the ledger) and are not
         # kept here, so the driver's memory stays flat however many jobs a sweep has.
         self.statuses: dict[str, str] = {}
+        self.delivering: dict[str, Any] | None = None  # a record on its way to on_record
 
     def run(self, jobs: list[PlannedJob]) -> list[str]:
         """Run every job; return each job's final status, in the order given."""
@@ -128,7 +129,10 @@ class Driver:
         except KeyboardInterrupt:
             # Ctrl-C: stop what is still running, record it and what never started as
             # cancelled, keep what finished. Every job without a status is recorded, so
-            # a job caught between queue and start is not lost.
+            # a job caught between queue and start is not lost; a record the interrupt
+            # caught on its way to on_record is handed over again (on_record is idempotent).
+            if self.delivering is not None:
+                self._deliver(self.delivering)
             for execution in self._live_executions():
                 self._cancel(execution, "cancelled: the run was interrupted")
             for job in jobs:
@@ -138,6 +142,10 @@ class Driver:
                     )
             raise RunInterrupted() from None
         finally:
+            # After an error (a full disk in on_record, say), free what still runs: its
+            # actors, placement groups and CPUs would otherwise outlive the run.
+            for execution in self._live_executions():
+                self._abandon(execution)
             self.pool.shutdown()
         return [self.statuses[job.id] for job in jobs]
 
@@ -146,11 +154,21 @@ class Driver:
         return None if self.max_concurrent is None else max(self.max_concurrent - self._running(), 0)
 
     def _pool_capacity(self) -> int:
-        """At most one warm worker per CPU of the cluster (and per --max-concurrent slot)."""
+        """Warm workers allowed: the cluster's CPUs less those the other jobs hold or wait for.
+
+        A gang or GPU task waiting for CPUs thus gets them as warm workers retire,
+        rather than losing them to new warm workers. Capped by --max-concurrent.
+        """
         import ray
 
-        cpus = max(int(ray.cluster_resources().get("CPU", 1)), 1)
-        return cpus if self.max_concurrent is None else min(cpus, self.max_concurrent)
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        held = sum(
+            1 if execution.job.spec.runs_one_task else execution.job.spec.workers
+            for execution in self._live_executions()
+            if execution.warm_worker is None
+        )
+        capacity = max(cpus - held, 1)
+        return capacity if self.max_concurrent is None else min(capacity, self.max_concurrent)
 
     def _live_executions(self) -> list[Execution]:
         return list({id(execution): execution for execution in self.executions.values()}.values())
@@ -167,6 +185,11 @@ class Driver:
 
     def _cancel(self, execution: Execution, reason: str) -> None:
         """Stop a running job, free its actors and placement group, and record it cancelled."""
+        self._abandon(execution)
+        self._finish(execution, "cancelled", reason)
+
+    def _abandon(self, execution: Execution) -> None:
+        """Stop a job's work and free what it holds, without recording anything."""
         import ray
 
         for reference in execution.waiting:
@@ -176,7 +199,6 @@ class Driver:
                 ray.cancel(reference, force=True)
         execution.release()
         self._release_warm_worker(execution, healthy=False)
-        self._finish(execution, "cancelled", reason)
 
     def _running(self) -> int:
         return len(self._live_executions())
@@ -324,8 +346,15 @@ class Driver:
     ) -> None:
         record = job_record(execution.job, status, error, result or {})
         record["timings"]["total_s"] = time.time() - execution.submitted_at
-        self.statuses[execution.job.id] = status
+        self._deliver(record)
+
+    def _deliver(self, record: dict[str, Any]) -> None:
+        # The status is set only once on_record has kept the record: an interrupt in
+        # between finds it in `delivering` and hands it over again.
+        self.delivering = record
         self.on_record(record)
+        self.statuses[record["id"]] = record["status"]
+        self.delivering = None
 
 
 def run_jobs(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import json
 import logging
 import re
@@ -49,6 +50,10 @@ PLAN_MARKER = "runjobs-plan "
 STARTED_MARKER = "runjobs-started "
 RECORD_MARKER = "runjobs-record "
 END_MARKER = "runjobs-end "
+# A payload longer than LINE_LIMIT goes out as PART lines followed by its marked line
+# (the rest): Ray's log stream is a websocket whose messages aiohttp caps at 4 MiB.
+PART_MARKER = "runjobs-part "
+LINE_LIMIT = 512 * 1024
 PLAN_FILE = "runjobs-plan.json"
 ENTRYPOINT = f"python -m jobs.remote_entry {PLAN_FILE}"
 TERMINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -66,6 +71,42 @@ class RemoteRunError(RuntimeError):
 
 class UnknownRemoteJobError(ValueError):
     """No such Ray job, or a Ray job that is not a runjobs run."""
+
+
+class RemoteRunBusyError(ValueError):
+    """The output directory's remote run is still going: submitting again would run its jobs twice."""
+
+
+def marked_text(marker: str, payload: str) -> str:
+    """The lines that carry `payload` under `marker`, newline-terminated, for one write."""
+    parts = [payload[start : start + LINE_LIMIT] for start in range(0, len(payload), LINE_LIMIT)] or [""]
+    return "".join(f"{PART_MARKER}{part}\n" for part in parts[:-1]) + f"{marker}{parts[-1]}\n"
+
+
+class MarkedLines:
+    """Reassembles marked payloads from a job's log lines: feed lines, get (marker, payload)."""
+
+    MARKERS = (PLAN_MARKER, STARTED_MARKER, RECORD_MARKER, END_MARKER)
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+
+    def feed(self, line: str) -> tuple[str, str] | None:
+        """(marker, payload) when `line` ends a marked payload; ("", line) for any other line."""
+        if line.startswith(PART_MARKER):
+            self.parts.append(line[len(PART_MARKER) :])
+            return None
+        for marker in self.MARKERS:
+            if line.startswith(marker):
+                payload = "".join(self.parts) + line[len(marker) :]
+                self.parts.clear()
+                return marker, payload
+        return "", line
+
+
+def complete_lines(text: str) -> list[str]:
+    """A log's lines without a last one still being written (no newline yet)."""
+    return text.split("\n")[:-1]
 
 
 def is_jobs_address(address: str | None) -> bool:
@@ -115,6 +156,7 @@ def submit_remote(
     client = jobs_client(address)  # before anything is written: unreachable leaves no directory
     with Ledger.open(output_dir, for_writing=True) as ledger:
         run_id = ledger.meta().get("run_id") or run_id
+        _collect_earlier_remote_run(client, address, output_dir, ledger)
         ledger.add_jobs([(job.id, job.spec.to_record()) for job in planned])
         states = {job.id: job.state for job in ledger.jobs()}
         to_run = [job for job in planned if should_run(states[job.id], request.rerun)]
@@ -122,8 +164,6 @@ def submit_remote(
         if not to_run:
             progress.say(f"nothing to run: all {len(planned)} job(s) in {output_dir} already have results")
             return SubmitOutcome(rebuild_report(output_dir, ledger, wanted), output_dir, ran=0)
-        for job in to_run:
-            ledger.mark(job.id, "pending")
         submission_id = f"runjobs-{run_id}-{secrets.token_hex(3)}"
         with staged(to_run, run_id, request.max_concurrent) as directory:
             job_id = _submit_job(
@@ -133,6 +173,8 @@ def submit_remote(
                 runtime_env={"working_dir": str(directory)},
                 metadata={"runjobs_run_id": run_id, "runjobs_jobs": str(len(to_run))},
             )
+        for job in to_run:
+            ledger.mark(job.id, "pending")
         ledger.set_meta(
             run_id=run_id,
             started_at=time.time(),
@@ -152,9 +194,11 @@ def submit_remote(
             # Ctrl-C: stop the remote driver, which records its running jobs cancelled;
             # keep what it sends until it has ended.
             progress.say(f"interrupted: stopping Ray job {job_id}")
-            client.stop_job(job_id)
             try:
+                client.stop_job(job_id)
                 follow(client, job_id, follower)
+            except (OSError, RuntimeError, ClusterUnreachableError) as error:
+                progress.say(f"could not stop Ray job {job_id}: {_first_line(error)}; `ray job stop` it")
             finally:
                 rebuild_report(output_dir, ledger, wanted)
             raise
@@ -172,10 +216,8 @@ def fetch_remote(address: str, job_id: str, output_dir: Path) -> tuple[SubmitOut
     """Keep a remote run's results from its Ray job's logs in output_dir; return the outcome and job state."""
     client = jobs_client(address)
     status = _job_status(client, job_id)
-    lines = client.get_job_logs(job_id).splitlines()
-    plan = next(
-        (json.loads(line[len(PLAN_MARKER) :]) for line in lines if line.startswith(PLAN_MARKER)), None
-    )
+    lines = complete_lines(client.get_job_logs(job_id))
+    plan = _plan_from(lines)
     if plan is None:
         raise UnknownRemoteJobError(
             f"Ray job {job_id} at {address} is not a runjobs run (its logs have no plan); "
@@ -208,11 +250,16 @@ def remote_status(address: str, job_id: str) -> dict[str, Any]:
     status = _job_status(client, job_id)
     counts = {"succeeded": 0, "failed": 0, "cancelled": 0}
     total = None
-    for line in client.get_job_logs(job_id).splitlines():
-        if line.startswith(PLAN_MARKER):
-            total = len(json.loads(line[len(PLAN_MARKER) :])["jobs"])
-        elif line.startswith(RECORD_MARKER):
-            counts[json.loads(line[len(RECORD_MARKER) :])["status"]] += 1
+    reader = MarkedLines()
+    for line in complete_lines(client.get_job_logs(job_id)):
+        marked = reader.feed(line)
+        try:
+            if marked and marked[0] == PLAN_MARKER:
+                total = len(json.loads(marked[1])["jobs"])
+            elif marked and marked[0] == RECORD_MARKER:
+                counts[json.loads(marked[1])["status"]] += 1
+        except (ValueError, KeyError):
+            continue  # an unreadable line: counted by neither
     ended = sum(counts.values())
     return {
         "address": address,
@@ -231,6 +278,7 @@ class Follower:
         self.ledger = ledger
         self.progress = progress
         self.partial = ""
+        self.reader = MarkedLines()
         self.kept = 0
         self.end: dict[str, Any] | None = None
         self.quiet = False
@@ -248,37 +296,57 @@ class Follower:
             self.partial = ""
 
     def line(self, line: str) -> None:
-        line = line.rstrip("\r")
-        if line.startswith(RECORD_MARKER):
-            record = decode_record(line[len(RECORD_MARKER) :])
-            if record["id"] in self.ended:
-                return
-            self.ended.add(record["id"])
-            keep_record(self.output_dir, self.ledger, record)
-            self.kept += 1
-            if not self.quiet:
-                self.progress.ended(record)
-        elif line.startswith(STARTED_MARKER):
-            job_id = line[len(STARTED_MARKER) :].strip()
-            if job_id in self.ended:
-                return
-            self.ledger.mark(job_id, "running")
-            if not self.quiet:
-                self.progress.started(job_id)
-        elif line.startswith(END_MARKER):
-            self.end = json.loads(line[len(END_MARKER) :])
-        elif line.startswith(PLAN_MARKER) or not line.strip() or RAY_LOG_LINE.match(line):
-            pass
-        elif not self.quiet:
-            self.progress.say(f"cluster: {line}")
+        marked = self.reader.feed(line.rstrip("\r"))
+        if marked is None:
+            return
+        marker, payload = marked
+        try:
+            if marker == RECORD_MARKER:
+                self._keep(decode_record(payload))
+            elif marker == STARTED_MARKER:
+                self._started(payload.strip())
+            elif marker == END_MARKER:
+                self.end = json.loads(payload)
+            elif marker == "" and payload.strip() and not RAY_LOG_LINE.match(payload) and not self.quiet:
+                self.progress.say(f"cluster: {payload}")
+        except (ValueError, KeyError, binascii.Error) as error:
+            # A line cut or mixed with another writer's: say so and go on; the job's
+            # record can still be fetched from the whole log later.
+            self.progress.say(f"skipped an unreadable {marker.strip()} line ({len(payload)} chars): {error}")
+
+    def _keep(self, record: dict[str, Any]) -> None:
+        if record["id"] in self.ended:
+            return
+        keep_record(self.output_dir, self.ledger, record)
+        self.ended.add(record["id"])  # only once kept: an interrupt before this keeps it again
+        self.kept += 1
+        if not self.quiet:
+            self.progress.ended(record)
+
+    def _started(self, job_id: str) -> None:
+        if job_id in self.ended:
+            return
+        self.ledger.mark(job_id, "running")
+        if not self.quiet:
+            self.progress.started(job_id)
+
+
+class _KeepFailed(Exception):
+    """Keeping a record failed here (a full disk): not the cluster's fault."""
 
 
 def follow(client, job_id: str, follower: Follower) -> None:
     """Feed the job's output to `follower` until the job ends; ClusterLostError if the cluster goes."""
 
+    follower.partial = ""  # a stream followed again starts from the log's beginning
+    follower.reader = MarkedLines()
+
     async def tail() -> None:
         async for text in client.tail_job_logs(job_id):
-            follower.chunk(text)
+            try:
+                follower.chunk(text)
+            except Exception as error:
+                raise _KeepFailed() from error
             if follower.end is not None:
                 # Everything is here: no need to wait (seconds, as Ray polls the job's
                 # state once a second) for the stream to close after the job exits.
@@ -288,6 +356,8 @@ def follow(client, job_id: str, follower: Follower) -> None:
         asyncio.run(tail())
     except KeyboardInterrupt:
         raise
+    except _KeepFailed as failure:
+        raise failure.__cause__ from None
     except Exception as error:  # aiohttp's and Ray's errors alike: ask the server what happened
         try:
             status = _job_status(client, job_id)
@@ -304,9 +374,46 @@ def follow(client, job_id: str, follower: Follower) -> None:
     if follower.end is None:
         # The stream can close a moment before the last lines reach the job's log: read
         # the whole log once more; records already kept are skipped.
-        for line in client.get_job_logs(job_id).splitlines():
-            if line.startswith((RECORD_MARKER, END_MARKER)):
-                follower.line(line)
+        follower.reader = MarkedLines()
+        quiet, follower.quiet = follower.quiet, True  # the replay's other lines were shown
+        for line in complete_lines(client.get_job_logs(job_id)):
+            follower.line(line)
+        follower.quiet = quiet
+
+
+def _plan_from(lines: list[str]) -> dict[str, Any] | None:
+    reader = MarkedLines()
+    for line in lines:
+        marked = reader.feed(line)
+        if marked and marked[0] == PLAN_MARKER:
+            return json.loads(marked[1])
+    return None
+
+
+def _collect_earlier_remote_run(client, address: str, output_dir: Path, ledger: Ledger) -> None:
+    """Before submitting into a directory, keep what its earlier remote run finished.
+
+    Refuses while that run is still going (after --no-wait, or a connection lost
+    mid-run): submitting again would run its jobs twice.
+    """
+    earlier = ledger.meta().get("remote")
+    if not earlier or earlier.get("address") != address:
+        return
+    job_id = earlier["job_id"]
+    try:
+        status = _job_status(client, job_id)
+    except UnknownRemoteJobError:
+        return  # the cluster no longer knows it (a new head): nothing to wait for
+    if status not in TERMINAL_STATES:
+        raise RemoteRunBusyError(
+            f"Ray job {job_id} is still running this directory's run ({status}); wait for it with "
+            f"`runjobs report --address {address} {job_id} --output {output_dir}`, or stop it with "
+            f"`ray job stop --address {address} {job_id}`"
+        )
+    follower = Follower(output_dir, ledger, LineProgress())
+    follower.quiet = True
+    for line in complete_lines(client.get_job_logs(job_id)):
+        follower.line(line)
 
 
 def _finish(
@@ -380,15 +487,17 @@ def staged(planned, run_id: str, max_concurrent: int | None) -> Iterator[Path]:
         copied: dict[str, str] = {}
         plan_jobs_list = []
         for job in planned:
-            config = job.spec.to_record()
-            if config["data"] != "article" and not config["data"].startswith("synthetic"):
-                source = str(Path(config["data"]).resolve())
+            entry = {"id": job.id, "config": job.spec.to_record()}
+            data = job.spec.data
+            # The same test as workers/data.load_dataset: anything else is a CSV path.
+            if not (data == "article" or data == "synthetic" or data.startswith("synthetic:")):
+                source = str(Path(data).resolve())
                 if source not in copied:
                     copied[source] = f"data/{len(copied)}-{Path(source).name}"
                     (directory / "data").mkdir(exist_ok=True)
                     shutil.copyfile(source, directory / copied[source])
-                config = {**config, "data": copied[source]}
-            plan_jobs_list.append({"id": job.id, "config": config})
+                entry["data_file"] = copied[source]  # the config keeps the user's path
+            plan_jobs_list.append(entry)
         plan = {"run_id": run_id, "max_concurrent": max_concurrent, "jobs": plan_jobs_list}
         (directory / PLAN_FILE).write_text(json.dumps(plan))
         yield directory

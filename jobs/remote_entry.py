@@ -5,15 +5,16 @@ cluster the Ray Job runs on (Ray sets RAY_ADDRESS for the entrypoint), and runs 
 planned jobs with the usual driver into a scratch directory on the head. Every ended
 job's whole record goes to stdout as one marked line for the client (jobs/remote.py) to
 keep; `ray job stop` (SIGTERM) cancels the running jobs and records them, as Ctrl-C does
-locally. Exits 0 when every job succeeded, 1 otherwise.
+locally. A payload too long for one line of Ray's log stream goes out in parts. Exits 0
+when every job succeeded, 1 otherwise, 130 when stopped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
-import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -21,17 +22,23 @@ from pathlib import Path
 from jobs.driver import PlannedJob
 from jobs.ledger import Ledger
 from jobs.progress import LineProgress
-from jobs.remote import END_MARKER, PLAN_MARKER, RECORD_MARKER, STARTED_MARKER, encode_record
+from jobs.remote import END_MARKER, PLAN_MARKER, RECORD_MARKER, STARTED_MARKER, encode_record, marked_text
 from jobs.spec import JobSpec
 from jobs.submit import SubmitRequest, submit
 from workers.data import load_dataset
+
+
+def emit(marker: str, payload: str) -> None:
+    """One write of a marked payload's lines, so another writer cannot land inside them."""
+    sys.stdout.write(marked_text(marker, payload))
+    sys.stdout.flush()
 
 
 class ForwardingProgress(LineProgress):
     """The client shows each job's end from its record; here only starts are marked."""
 
     def started(self, job_id: str) -> None:
-        print(f"{STARTED_MARKER}{job_id}", flush=True)
+        emit(STARTED_MARKER, job_id)
 
     def ended(self, record) -> None:
         pass
@@ -39,21 +46,22 @@ class ForwardingProgress(LineProgress):
 
 def main(plan_path: str) -> int:
     plan = json.loads(Path(plan_path).read_text())
-    print(PLAN_MARKER + json.dumps(plan), flush=True)
+    emit(PLAN_MARKER, json.dumps(plan))
     datasets = {}
     planned = []
     for job in plan["jobs"]:
         spec = JobSpec.from_record(job["config"])
         key = (spec.data, spec.features, spec.target)
         if key not in datasets:
-            datasets[key] = load_dataset(spec.data, spec.features, spec.target)
+            # A CSV travels in the working_dir; the records keep the path it was given as.
+            staged = job.get("data_file") or spec.data
+            datasets[key] = dataclasses.replace(
+                load_dataset(staged, spec.features, spec.target), source=spec.data
+            )
         planned.append(PlannedJob(job["id"], spec, datasets[key]))
 
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    # `ray job stop` sends SIGTERM: cancel and record like Ctrl-C.
-    signal.signal(signal.SIGTERM, stop)
+    # `ray job stop` sends SIGTERM: the driver's connection turns it into an interrupt,
+    # which cancels and records the running jobs like Ctrl-C (jobs/cluster.py).
     scratch = Path(tempfile.mkdtemp(prefix=f"runjobs-{plan['run_id']}-"))
     with Ledger.open(scratch / "run", for_writing=True) as ledger:
         ledger.set_meta(run_id=plan["run_id"])  # the client's run id, in the driver's messages too
@@ -63,13 +71,14 @@ def main(plan_path: str) -> int:
         rerun="all",
         max_concurrent=plan.get("max_concurrent"),
     )
-    forward = lambda record: print(RECORD_MARKER + encode_record(record), flush=True)  # noqa: E731
+    forward = lambda record: emit(RECORD_MARKER, encode_record(record))  # noqa: E731
     try:
         outcome = submit(
             request, ForwardingProgress(), planned=planned, forward=forward, write_report_files=False
         )
     except KeyboardInterrupt:
         print("runjobs: stopped; the running jobs were recorded cancelled", file=sys.stderr, flush=True)
+        emit(END_MARKER, json.dumps({"exit_code": 130, "cluster": {}, "driver_timings": {}}))
         return 130
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # the client keeps everything
@@ -78,7 +87,7 @@ def main(plan_path: str) -> int:
         "cluster": outcome.report.get("cluster", {}),
         "driver_timings": outcome.report.get("driver", {}).get("timings", {}),
     }
-    print(END_MARKER + json.dumps(end), flush=True)
+    emit(END_MARKER, json.dumps(end))
     return outcome.exit_code
 
 

@@ -58,7 +58,7 @@ class WarmWorkerPool:
         Each pair leaves the pool as it is yielded, so the caller starts it before asking
         for the next.
         """
-        self._retire_unneeded()
+        self._retire_unneeded(capacity)
         started = 0
         while slots is None or started < slots:
             framework = next(
@@ -120,11 +120,15 @@ class WarmWorkerPool:
             while workers:
                 self._end(framework, workers.pop())
 
-    def _retire_unneeded(self) -> None:
+    def _retire_unneeded(self, capacity: int) -> None:
+        """End idle workers with nothing to run, and idle ones beyond capacity (other jobs wait for CPUs)."""
         for framework, workers in self.idle.items():
             if not self.pending[framework]:
                 while workers:
                     self._end(framework, workers.pop())
+        for framework, workers in self.idle.items():
+            while workers and sum(self.live.values()) > capacity:
+                self._end(framework, workers.pop())
 
     def _end(self, framework: str, worker: Any) -> None:
         import ray

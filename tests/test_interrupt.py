@@ -1,4 +1,5 @@
-"""Ctrl-C during a run: running jobs are cancelled and recorded, finished ones are kept."""
+"""Ctrl-C (or SIGTERM, as Slurm's scancel sends) during a run: running jobs are cancelled and
+recorded, finished ones are kept."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from tests.helpers import RUNJOBS, ledger_state, load_strict_json
 pytestmark = pytest.mark.slow
 
 
-def test_interrupting_a_run_keeps_finished_jobs_and_records_the_rest_cancelled(tmp_path):
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupting_a_run_keeps_finished_jobs_and_records_the_rest_cancelled(tmp_path, stop_signal):
     output = tmp_path / "run"
     # The article preset's TensorFlow job (Keras model.fit, 500 epochs) runs for several
     # seconds after the torch job has finished: interrupt in between.
@@ -28,7 +30,7 @@ def test_interrupting_a_run_keeps_finished_jobs_and_records_the_rest_cancelled(t
             assert time.monotonic() < deadline, "the torch job never finished"
             time.sleep(0.1)
         assert ledger_state(output, "tensorflow") == "running", "TensorFlow finished first"
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop_signal)
         stdout, stderr = process.communicate(timeout=120)
     finally:
         if process.poll() is None:

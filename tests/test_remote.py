@@ -164,3 +164,33 @@ def _states(output) -> list[str]:
         return []
     finally:
         connection.close()
+
+
+def test_a_running_remote_run_is_not_submitted_twice_and_ray_job_stop_records_it_cancelled(
+    jobs_address, tmp_path
+):
+    from jobs.remote import STARTED_MARKER, jobs_client
+
+    output = tmp_path / "run"
+    args = ["submit", "--address", jobs_address, "--framework", "torch", "--epochs", "3000000"]
+    submitted = run_cli([*args, "--no-wait", "--json"], output)
+    assert submitted.exit_code == 0, submitted.stderr
+    ray_job_id = json.loads(submitted.stdout)["ray_job_id"]
+    client = jobs_client(jobs_address)
+    deadline = time.monotonic() + 120
+    while STARTED_MARKER not in client.get_job_logs(ray_job_id):
+        assert time.monotonic() < deadline, client.get_job_logs(ray_job_id)
+        time.sleep(0.5)
+
+    again = run_cli(args, output)
+    assert again.exit_code == 2
+    assert f"Ray job {ray_job_id} is still running" in again.stderr and "ray job stop" in again.stderr
+
+    client.stop_job(ray_job_id)  # SIGTERM to the remote driver, as `ray job stop` sends
+    while str(client.get_job_status(ray_job_id).value) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        assert time.monotonic() < deadline + 60
+        time.sleep(0.5)
+    fetched = run_cli(["report", "--address", jobs_address, ray_job_id, "--output", str(output)])
+    assert fetched.exit_code == 1, fetched.stderr
+    (job,) = json.loads((output / "report.json").read_text())["jobs"]
+    assert job["status"] == "cancelled" and job["error"] == "cancelled: the run was interrupted"

@@ -197,7 +197,7 @@ def _compiled_loop(spec, data, model, strategy, device, setup_started) -> Traine
     setup_s = time.perf_counter() - setup_started
 
     train_started = time.perf_counter()
-    losses, parameters, stamps = loop.run(tf.constant(spec.epochs), tf.constant(spec.seed))
+    losses, parameters, stamps = loop.run(tf.constant(spec.epochs), tf.constant(spec.seed, tf.int64))
     losses, parameters, stamps = losses.numpy(), parameters.numpy(), stamps.numpy()
     train_s = time.perf_counter() - train_started
 
@@ -271,7 +271,8 @@ def _trace(spec, data, model, optimizer, strategy):
                 # Keras fit's meaning of an epoch: every row once, in a fresh order. A
                 # stateless shuffle gives every worker (and the single-device twin) the
                 # same order for the same seed and epoch.
-                order = tf.random.experimental.stateless_shuffle(all_rows, seed=tf.stack([seed, epoch]))
+                epoch_seed = tf.stack([seed, tf.cast(epoch, tf.int64)])
+                order = tf.random.experimental.stateless_shuffle(all_rows, seed=epoch_seed)
                 total = tf.constant(0.0)
                 for start in tf.range(0, rows, batch):
                     indices = order[start : tf.minimum(start + batch, rows)]
@@ -283,7 +284,7 @@ def _trace(spec, data, model, optimizer, strategy):
             stamps = stamps.write(epoch + 1, tf.timestamp())
         return losses.stack(), parameters.stack(), stamps.stack()
 
-    return run.get_concrete_function(tf.constant(spec.epochs), tf.constant(spec.seed))
+    return run.get_concrete_function(tf.constant(spec.epochs), tf.constant(spec.seed, tf.int64))
 
 
 def _fit_loop(spec, data, model, optimizer, setup_started) -> TrainerOutcome:
