@@ -101,6 +101,8 @@ class RayNode:
     Job's `python` entrypoint is this interpreter.
     """
 
+    temp_dir: str | None = None  # a head's own --temp-dir, removed when it stops
+
     def __init__(self, log_path: Path, args: list[str], ready_text: str, env: dict | None = None):
         import os
         import subprocess
@@ -120,12 +122,28 @@ class RayNode:
 
     @classmethod
     def head(cls, log_path: Path, port: int, *args: str, env: dict | None = None) -> RayNode:
-        return cls(
-            log_path,
-            ["--head", "--node-ip-address", "127.0.0.1", "--port", str(port), *args],
-            "Ray runtime started",
-            env,
-        )
+        import tempfile
+
+        # A head of its own temp dir: Ray Jobs' supervisor finds "its" cluster through
+        # TEMP_DIR/ray_current_cluster, which every head sharing /tmp/ray overwrites, so
+        # with two heads alive (or one gone) a Ray Job would connect to the wrong one.
+        # Short, under /tmp: Ray's socket paths must fit in 107 characters.
+        temp_dir = tempfile.mkdtemp(prefix="rayt-", dir="/tmp")
+        try:
+            node = cls(
+                log_path,
+                ["--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--temp-dir", temp_dir,
+                 *args],
+                "Ray runtime started",
+                env,
+            )  # fmt: skip
+        except BaseException:
+            import shutil
+
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            raise
+        node.temp_dir = temp_dir
+        return node
 
     @classmethod
     def worker(cls, log_path: Path, head_address: str, *args: str) -> RayNode:
@@ -147,19 +165,36 @@ class RayNode:
                 raise AssertionError(f"ray start did not come up:\n{self.log_path.read_text()}")
             time.sleep(0.5)
 
+    def crash(self) -> None:
+        """The node dies at once (a lost machine, a preempted VM): SIGKILL to its process group.
+
+        A SIGTERM would drain the node instead, letting its running tasks finish for up
+        to 30 s before it leaves.
+        """
+        import os
+        import signal
+
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
     def stop(self) -> None:
         import os
         import signal
         import subprocess
 
-        if self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        if getattr(self, "temp_dir", None):
+            import shutil
+
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            self.temp_dir = None
 
 
 def wait_for_http(url: str, limit_s: float = 90) -> None:

@@ -103,7 +103,7 @@ def test_multiworker_and_ddp_jobs_spread_over_both_nodes_train_correctly(two_nod
         assert job["params"]["bias"] == pytest.approx(twin["params"]["bias"], rel=1e-4, abs=1e-6)
 
 
-def test_a_node_that_leaves_mid_sweep_loses_no_finished_result(tmp_path):
+def test_a_node_lost_mid_sweep_has_its_jobs_retried_and_loses_no_finished_result(tmp_path):
     cluster = TwoNodeCluster(tmp_path)
     output = tmp_path / "run"
     spec = write_spec(
@@ -123,7 +123,7 @@ def test_a_node_that_leaves_mid_sweep_loses_no_finished_result(tmp_path):
             assert time.monotonic() < deadline, _states(output)
             time.sleep(0.5)
         time.sleep(5)  # into training
-        cluster.worker.stop()
+        cluster.worker.crash()
         stdout, stderr = driver.communicate(timeout=400)
     finally:
         if driver.poll() is None:
