@@ -44,6 +44,8 @@ bench: install ## Run the benchmarks and print their tables (see docs/BENCHMARKS
 	$(BIN)/python bench/bench_submit.py
 	$(BIN)/python bench/bench_variants.py
 	$(BIN)/python bench/bench_sweep.py
+	$(BIN)/python bench/bench_overhead.py
+	$(BIN)/python bench/bench_remote.py
 
 lint: install ## Check style with ruff.
 	$(BIN)/ruff check jobs workers tests bench
