@@ -27,7 +27,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_submit import machine, timed  # noqa: E402
+from bench_submit import machine, print_timings, timed  # noqa: E402
 
 RUNJOBS = str(Path(sys.executable).with_name("runjobs"))
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -101,10 +101,7 @@ def main() -> None:
         finally:
             stop(head)
     print(f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}. Rounds: {rounds}, median shown.\n")
-    print("| measurement | median (s) | min (s) | max (s) |")
-    print("|---|---|---|---|")
-    for key, values in results.items():
-        print(f"| {key} | {statistics.median(values):.2f} | {min(values):.2f} | {max(values):.2f} |")
+    print_timings(results)
     direct = statistics.median(results["direct (GCS address)"])
     remote = statistics.median(results["remote (Ray Jobs)"])
     print(f"\nremote - direct = {remote - direct:+.2f} s ({remote / direct:.2f}x)")

@@ -55,6 +55,14 @@ def runjobs_round(output: Path) -> dict[str, float]:
     return row
 
 
+def print_timings(results: dict[str, list[float]]) -> None:
+    """The Markdown table every benchmark prints: median, min and max of each measurement."""
+    print("| measurement | median (s) | min (s) | max (s) |")
+    print("|---|---|---|---|")
+    for key, values in results.items():
+        print(f"| {key} | {statistics.median(values):.2f} | {min(values):.2f} | {max(values):.2f} |")
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     try:
@@ -86,10 +94,7 @@ def main() -> None:
     anchor = statistics.median(results["both scripts"])
     submit = statistics.median(results["runjobs submit"])
     print(f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}. Rounds: {rounds}, median shown.\n")
-    print("| measurement | median (s) | min (s) | max (s) |")
-    print("|---|---|---|---|")
-    for key, values in results.items():
-        print(f"| {key} | {statistics.median(values):.2f} | {min(values):.2f} | {max(values):.2f} |")
+    print_timings(results)
     print(f"\nrunjobs submit / both scripts = {submit / anchor:.2f} (target <= 0.5)")
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_submit import machine, timed  # noqa: E402
+from bench_submit import machine, print_timings, timed  # noqa: E402
 
 RUNJOBS = str(Path(sys.executable).with_name("runjobs"))
 SPEC = HERE.parent / "examples" / "lr-seed.yaml"
@@ -42,10 +42,7 @@ def main() -> None:
                     results["runjobs submit lr-seed.yaml"].append(timed(command))
             print(f"round {index + 1}/{rounds} done", file=sys.stderr)
     print(f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}. Rounds: {rounds}, median shown.\n")
-    print("| measurement | median (s) | min (s) | max (s) |")
-    print("|---|---|---|---|")
-    for key, values in results.items():
-        print(f"| {key} | {statistics.median(values):.2f} | {min(values):.2f} | {max(values):.2f} |")
+    print_timings(results)
     anchor = statistics.median(results["Ray Tune, 8 trials"])
     ours = statistics.median(results["runjobs submit lr-seed.yaml"])
     print(f"\nrunjobs / Ray Tune = {ours / anchor:.3f} (target <= 0.12)")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_submit import machine, timed  # noqa: E402
+from bench_submit import machine, print_timings, timed  # noqa: E402
 
 RUNJOBS = str(Path(sys.executable).with_name("runjobs"))
 EPOCHS_FOR_ROWS = {100_000: 50, 1_000_000: 20, 10_000_000: 5}
@@ -61,10 +61,7 @@ def end_to_end(rounds: int) -> None:
                 }.items():
                     breakdown.setdefault(key, []).append(value)
             print(f"round {index + 1}/{rounds} done", file=sys.stderr)
-    print("| measurement | median (s) | min (s) | max (s) |")
-    print("|---|---|---|---|")
-    for key, values in {**results, **breakdown}.items():
-        print(f"| {key} | {statistics.median(values):.2f} | {min(values):.2f} | {max(values):.2f} |")
+    print_timings({**results, **breakdown})
     anchor = statistics.median(results["Ray Train TorchTrainer, 2 workers"])
     ours = statistics.median(results["runjobs ddp, 2 workers"])
     print(f"\nrunjobs ddp / Ray Train = {ours / anchor:.2f} (target <= 0.3)\n")

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from jobs.output import replace_directory
 from workers.export import MANIFEST
 
 MODELS_DIRECTORY = "models"
@@ -59,27 +59,15 @@ def write_model_files(models_directory: Path, job_id: str, files: dict[str, byte
             raise ValueError(f"model file {name!r} is not a path inside the job's model directory")
     models_directory.mkdir(parents=True, exist_ok=True)
     target = models_directory / job_id
-    temporary = models_directory / f".{job_id}.{os.getpid()}.tmp"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
-    try:
+
+    def fill(directory: Path) -> None:
         for name, content in files.items():
-            path = temporary.joinpath(*PurePosixPath(name).parts)
+            path = directory.joinpath(*PurePosixPath(name).parts)
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("wb") as handle:
                 handle.write(content)
                 handle.flush()
                 os.fsync(handle.fileno())
-        if target.exists():
-            # A directory cannot be renamed over a non-empty one: move the old one aside first.
-            retired = models_directory / f".{job_id}.{os.getpid()}.old"
-            shutil.rmtree(retired, ignore_errors=True)
-            os.replace(target, retired)
-            os.replace(temporary, target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(temporary, target)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
+
+    replace_directory(target, fill)
     return target

@@ -7,6 +7,8 @@ Every report file is written to a temporary name and renamed into place, so a re
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +82,31 @@ def render_report_html(report: dict[str, Any]) -> str:
             "report.json, report.csv and report.md hold the results; "
             "`runjobs report DIR` renders it again.</p></body></html>\n"
         )
+
+
+def replace_directory(target: Path, fill: Callable[[Path], None]) -> None:
+    """Make `target` a directory holding what `fill` writes into an empty one, all at once.
+
+    `fill` writes into a temporary directory beside it, which is then renamed into place,
+    so a reader never sees half of it; an earlier `target` is replaced.
+    """
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    try:
+        fill(temporary)
+        if target.exists():
+            # A directory cannot be renamed over a non-empty one: move the old one aside first.
+            retired = target.with_name(f".{target.name}.{os.getpid()}.old")
+            shutil.rmtree(retired, ignore_errors=True)
+            os.replace(target, retired)
+            os.replace(temporary, target)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(temporary, target)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
 
 
 def write_atomically(path: Path, text: str) -> None:

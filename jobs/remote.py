@@ -234,9 +234,7 @@ def fetch_remote(address: str, job_id: str, output_dir: Path) -> tuple[SubmitOut
             )
         ledger.add_jobs([(job["id"], job["config"]) for job in plan["jobs"]])
         follower = Follower(output_dir, ledger, LineProgress())
-        follower.quiet = True
-        for line in lines:
-            follower.line(line)
+        follower.replay(lines)
         wanted = {job["id"] for job in plan["jobs"]}
         if follower.end is not None:
             ledger.set_meta(cluster=follower.end["cluster"], driver_timings=follower.end["driver_timings"])
@@ -282,6 +280,7 @@ class Follower:
         self.kept = 0
         self.end: dict[str, Any] | None = None
         self.quiet = False
+        self.count_starts = True
         self.ended: set[str] = set()  # jobs whose record is kept: a replayed line is not kept twice
 
     def chunk(self, text: str) -> None:
@@ -294,6 +293,21 @@ class Follower:
         if self.partial:
             self.line(self.partial)
             self.partial = ""
+
+    def replay(self, lines: list[str], count_starts: bool = True) -> None:
+        """Feed a whole log quietly, from its beginning.
+
+        `count_starts=False` for a log whose start lines were already applied: each one
+        counts an attempt in the ledger.
+        """
+        self.reader = MarkedLines()
+        saved = self.quiet, self.count_starts
+        self.quiet, self.count_starts = True, count_starts
+        try:
+            for line in lines:
+                self.line(line)
+        finally:
+            self.quiet, self.count_starts = saved
 
     def line(self, line: str) -> None:
         marked = self.reader.feed(line.rstrip("\r"))
@@ -324,7 +338,7 @@ class Follower:
             self.progress.ended(record)
 
     def _started(self, job_id: str) -> None:
-        if job_id in self.ended:
+        if job_id in self.ended or not self.count_starts:
             return
         self.ledger.mark(job_id, "running")
         if not self.quiet:
@@ -374,11 +388,7 @@ def follow(client, job_id: str, follower: Follower) -> None:
     if follower.end is None:
         # The stream can close a moment before the last lines reach the job's log: read
         # the whole log once more; records already kept are skipped.
-        follower.reader = MarkedLines()
-        quiet, follower.quiet = follower.quiet, True  # the replay's other lines were shown
-        for line in complete_lines(client.get_job_logs(job_id)):
-            follower.line(line)
-        follower.quiet = quiet
+        follower.replay(complete_lines(client.get_job_logs(job_id)), count_starts=False)
 
 
 def _plan_from(lines: list[str]) -> dict[str, Any] | None:
@@ -410,10 +420,7 @@ def _collect_earlier_remote_run(client, address: str, output_dir: Path, ledger: 
             f"`runjobs report --address {address} {job_id} --output {output_dir}`, or stop it with "
             f"`ray job stop --address {address} {job_id}`"
         )
-    follower = Follower(output_dir, ledger, LineProgress())
-    follower.quiet = True
-    for line in complete_lines(client.get_job_logs(job_id)):
-        follower.line(line)
+    Follower(output_dir, ledger, LineProgress()).replay(complete_lines(client.get_job_logs(job_id)))
 
 
 def _finish(

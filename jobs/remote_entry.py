@@ -20,7 +20,6 @@ import tempfile
 from pathlib import Path
 
 from jobs.driver import PlannedJob
-from jobs.ledger import Ledger
 from jobs.progress import LineProgress
 from jobs.remote import END_MARKER, PLAN_MARKER, RECORD_MARKER, STARTED_MARKER, encode_record, marked_text
 from jobs.spec import JobSpec
@@ -63,11 +62,10 @@ def main(plan_path: str) -> int:
     # `ray job stop` sends SIGTERM: the driver's connection turns it into an interrupt,
     # which cancels and records the running jobs like Ctrl-C (jobs/cluster.py).
     scratch = Path(tempfile.mkdtemp(prefix=f"runjobs-{plan['run_id']}-"))
-    with Ledger.open(scratch / "run", for_writing=True) as ledger:
-        ledger.set_meta(run_id=plan["run_id"])  # the client's run id, in the driver's messages too
     request = SubmitRequest(
         address=os.environ.get("RAY_ADDRESS") or "auto",
         output=scratch / "run",
+        run_id=plan["run_id"],  # the client's run id, in the driver's messages too
         rerun="all",
         max_concurrent=plan.get("max_concurrent"),
     )

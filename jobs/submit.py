@@ -41,6 +41,7 @@ class SubmitRequest:
     spec_file: Path | None = None
     rerun: str | None = None  # None: only jobs without a result; "failed"; "all"
     max_concurrent: int | None = None
+    run_id: str | None = None  # a new run's id; default: a fresh one (a directory keeps its own)
 
 
 @dataclass
@@ -138,7 +139,7 @@ def submit(
     """
     progress = progress or LineProgress()
     planned = plan_jobs(request) if planned is None else planned
-    run_id = new_run_id()
+    run_id = request.run_id or new_run_id()
     output_dir = request.output or Path("runs") / run_id
     ledger = None
     if is_ledger_directory(output_dir):

@@ -25,6 +25,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from jobs.output import replace_directory
+
 TENSORBOARD_DIRECTORY = "tensorboard"
 EVENT_FILE_PREFIX = "events.out.tfevents"
 DEFAULT_PORT = 6006  # TensorBoard's own default
@@ -174,24 +176,18 @@ def _finite(value: Any) -> bool:
 def _replace_directory(target: Path, events) -> None:
     from tensorboard.summary.writer.record_writer import RecordWriter
 
-    # The file name carries the write time (as TensorBoard's writers do), so a running
-    # TensorBoard sees a rebuilt file as new and reloads the job's steps from it.
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    _remove(temporary)
-    temporary.mkdir(parents=True)
-    event_file = temporary / f"{EVENT_FILE_PREFIX}.{int(time.time())}.{socket.gethostname()}.runjobs"
-    with event_file.open("wb") as handle:
-        records = RecordWriter(handle)
-        for event in events:
-            records.write(event.SerializeToString())
-        handle.flush()
-        os.fsync(handle.fileno())
-    previous = target.with_name(f".{target.name}.{os.getpid()}.old")
-    _remove(previous)
-    if target.exists():
-        os.replace(target, previous)
-    os.replace(temporary, target)
-    _remove(previous)
+    def fill(directory: Path) -> None:
+        # The file name carries the write time (as TensorBoard's writers do), so a running
+        # TensorBoard sees a rebuilt file as new and reloads the job's steps from it.
+        event_file = directory / f"{EVENT_FILE_PREFIX}.{int(time.time())}.{socket.gethostname()}.runjobs"
+        with event_file.open("wb") as handle:
+            records = RecordWriter(handle)
+            for event in events:
+                records.write(event.SerializeToString())
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    replace_directory(target, fill)
 
 
 def _remove(path: Path) -> None:

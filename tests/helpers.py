@@ -50,19 +50,45 @@ def free_port() -> int:
 
 def ledger_state(output_dir: Path, job_id: str) -> str | None:
     """A job's state in a run's ledger, read as any SQLite client would; None before it exists."""
+    rows = _ledger_rows(output_dir, "SELECT state FROM jobs WHERE id = ?", (job_id,))
+    return rows[0][0] if rows else None
+
+
+def ledger_states(output_dir: Path) -> list[str]:
+    """Every job's state in a run's ledger, in job order; [] before the ledger exists."""
+    return [row[0] for row in _ledger_rows(output_dir, "SELECT state FROM jobs ORDER BY position")]
+
+
+def _ledger_rows(output_dir: Path, query: str, parameters: tuple = ()) -> list[tuple]:
+    """Rows of a read-only query on a run's ledger; none before it (or its schema) exists."""
     import sqlite3
 
     path = output_dir / "ledger.sqlite"
     if not path.exists():
-        return None
+        return []
     connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
     try:
-        row = connection.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return connection.execute(query, parameters).fetchall()
     except sqlite3.OperationalError:  # the schema is being created
-        return None
+        return []
     finally:
         connection.close()
-    return row[0] if row else None
+
+
+def stop_process(process) -> None:
+    """End a process this test spawned in its own session: SIGTERM, then its group SIGKILLed after 30 s."""
+    import os
+    import signal
+    import subprocess
+
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def start_cli_in_background(args: list[str], output_dir: Path):
@@ -179,18 +205,8 @@ class RayNode:
             self.process.wait()
 
     def stop(self) -> None:
-        import os
-        import signal
-        import subprocess
-
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        if getattr(self, "temp_dir", None):
+        stop_process(self.process)
+        if self.temp_dir:
             import shutil
 
             shutil.rmtree(self.temp_dir, ignore_errors=True)

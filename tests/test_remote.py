@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.helpers import RUNJOBS, RayNode, free_port, ledger_state, run_cli, wait_for_http
+from tests.helpers import RUNJOBS, RayNode, free_port, ledger_state, ledger_states, run_cli, wait_for_http
 
 pytestmark = pytest.mark.slow
 
@@ -125,7 +125,7 @@ def test_a_cluster_that_goes_away_mid_run_exits_3_and_keeps_what_finished(tmp_pa
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 180
-        while not (output / "ledger.sqlite").exists() or "succeeded" not in _states(output):
+        while "succeeded" not in ledger_states(output):
             assert driver.poll() is None, driver.communicate()
             assert time.monotonic() < deadline, "the short job never finished"
             time.sleep(0.5)
@@ -139,7 +139,7 @@ def test_a_cluster_that_goes_away_mid_run_exits_3_and_keeps_what_finished(tmp_pa
     assert driver.returncode == 3, stderr
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("runjobs: error: ") and "finished job(s) are kept" in last, stderr
-    states = _states(output)
+    states = ledger_states(output)
     assert states.count("succeeded") == 1 and len(states) == 3, states
     report = json.loads((output / "report.json").read_text())
     assert sum(job["status"] == "succeeded" for job in report["jobs"]) == 1
@@ -152,18 +152,6 @@ def test_an_unreachable_jobs_address_exits_3_and_writes_nothing(tmp_path, monkey
     assert result.exit_code == 3, result.stderr
     assert f"no Ray cluster answers at {address}" in result.stderr
     assert not (tmp_path / "run").exists()
-
-
-def _states(output) -> list[str]:
-    import sqlite3
-
-    connection = sqlite3.connect(f"file:{output / 'ledger.sqlite'}?mode=ro", uri=True, timeout=10)
-    try:
-        return [row[0] for row in connection.execute("SELECT state FROM jobs ORDER BY position")]
-    except sqlite3.OperationalError:
-        return []
-    finally:
-        connection.close()
 
 
 def test_a_running_remote_run_is_not_submitted_twice_and_ray_job_stop_records_it_cancelled(

@@ -54,3 +54,17 @@ def test_the_follower_keeps_each_record_once_and_skips_an_unreadable_line(tmp_pa
         states = {job.id: job.state for job in ledger.jobs()}
     assert follower.kept == 1 and states == {"a": "succeeded", "b": "pending"}
     assert "skipped an unreadable runjobs-record line" in capsys.readouterr().err
+
+
+def test_replaying_a_log_counts_each_start_once(tmp_path):
+    from jobs.remote import STARTED_MARKER
+
+    with Ledger.open(tmp_path, for_writing=True) as ledger:
+        ledger.add_jobs([("a", JobSpec("torch").to_record())])
+        follower = Follower(tmp_path, ledger, LineProgress())
+        log = marked_text(STARTED_MARKER, "a")
+        follower.chunk(log)
+        # The stream closed without the end marker: the whole log is read again.
+        follower.replay(complete_lines(log), count_starts=False)
+        (job,) = ledger.jobs()
+    assert job.state == "running" and job.attempts == 1

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from jobs.tensorboard import event_files, write_event_files
-from tests.helpers import RUNJOBS, free_port, load_strict_json, run_cli
+from tests.helpers import RUNJOBS, free_port, load_strict_json, run_cli, stop_process
 
 SHARED_TAGS = {
     "loss/train", "parameters/weight", "parameters/bias", "time/epoch_s",
@@ -223,12 +221,7 @@ def test_runjobs_tensorboard_serves_every_jobs_scalars_on_loopback(tmp_path):
             (epoch, pytest.approx(bias)) for epoch, bias in enumerate(records[1]["history"]["bias"])
         ]
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_process(server)
     assert f"--host 127.0.0.1 --port {port}" in log_path.read_text()
 
 

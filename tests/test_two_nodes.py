@@ -14,7 +14,7 @@ import time
 import pytest
 
 from jobs.ledger import Ledger
-from tests.helpers import RUNJOBS, RayNode, free_port, load_strict_json
+from tests.helpers import RUNJOBS, RayNode, free_port, ledger_states, load_strict_json
 
 pytestmark = pytest.mark.slow
 
@@ -118,9 +118,9 @@ def test_a_node_lost_mid_sweep_has_its_jobs_retried_and_loses_no_finished_result
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 180
-        while _states(output).count("running") < 4:
+        while ledger_states(output).count("running") < 4:
             assert driver.poll() is None, driver.communicate()
-            assert time.monotonic() < deadline, _states(output)
+            assert time.monotonic() < deadline, ledger_states(output)
             time.sleep(0.5)
         time.sleep(5)  # into training
         cluster.worker.crash()
@@ -140,17 +140,3 @@ def test_a_node_lost_mid_sweep_has_its_jobs_retried_and_loses_no_finished_result
     report = load_strict_json(output / "report.json")
     assert len(report["jobs"]) == 4
     assert driver.returncode == (0 if all(job.state == "succeeded" for job in jobs) else 1), stderr
-
-
-def _states(output) -> list[str]:
-    import sqlite3
-
-    if not (output / "ledger.sqlite").exists():
-        return []
-    connection = sqlite3.connect(f"file:{output / 'ledger.sqlite'}?mode=ro", uri=True, timeout=10)
-    try:
-        return [row[0] for row in connection.execute("SELECT state FROM jobs")]
-    except sqlite3.OperationalError:
-        return []
-    finally:
-        connection.close()
