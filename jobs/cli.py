@@ -410,16 +410,22 @@ def report(directory, address, output) -> None:
 def logs(directory, job_id, stream) -> None:
     """Print a job's kept stdout and stderr (each rank's, for multi-worker jobs).
 
-    Exit code 2 when the job is unknown or kept no output (it has not ended yet).
+    Exit code 2 when the job is unknown or kept no output (it has not ended yet, or it
+    ended without output: a worker that died, a job cancelled before it started).
     """
     from jobs.output import log_paths
     from jobs.status import job_detail
 
-    _input(lambda: job_detail(directory, job_id))  # an unknown job names the known ones
+    job = _input(lambda: job_detail(directory, job_id))  # an unknown job names the known ones
     suffixes = {"both": (".out", ".err"), "stdout": (".out",), "stderr": (".err",)}[stream]
     paths = [path for path in log_paths(directory, job_id) if path.suffix in suffixes]
+    if not paths and job["state"] in ("pending", "running"):
+        raise InputError(f"job {job_id} in {directory} is {job['state']}: its output is kept when it ends")
     if not paths:
-        raise InputError(f"job {job_id} in {directory} has no kept output yet; it is kept when the job ends")
+        raise InputError(
+            f"job {job_id} in {directory} ended {job['state']} without kept output (its worker died, or it "
+            f"never started); `runjobs show {directory} {job_id}` has its error"
+        )
     for path in paths:
         click.echo(f"==> {path} <==")
         click.echo(path.read_text(), nl=False)
@@ -433,14 +439,13 @@ def logs(directory, job_id, stream) -> None:
 def cancel(directory, wait_s) -> None:
     """Stop a running run: its driver cancels the running jobs and records them cancelled.
 
-    Sends the driver (found through the directory's lock, on this machine) the same
-    signal as Ctrl-C, then waits for it to write the report. Exit code 0 once it has
-    stopped, 1 if it is still running after --wait, 2 when no driver runs on DIRECTORY.
+    Writes a cancel request into the run's ledger, which its driver reads a few times a
+    second (no signal is sent: a driver started by cron or a batch script ignores
+    Ctrl-C's), then waits for the driver's answer and prints how many running and
+    pending jobs it cancelled. Exit code 0 once the driver has answered (or ended), 1
+    when it has not answered within --wait, 2 when no driver runs on DIRECTORY.
     """
-    import os
-    import signal
-
-    from jobs.ledger import is_ledger_directory, running_driver
+    from jobs.ledger import CANCEL_OUTCOME, Ledger, is_ledger_directory, request_cancel, running_driver
 
     if not is_ledger_directory(directory):
         raise InputError(
@@ -449,15 +454,40 @@ def cancel(directory, wait_s) -> None:
     pid = running_driver(directory)
     if pid is None:
         raise InputError(f"no runjobs driver is running on {directory}; nothing to cancel")
-    os.kill(pid, signal.SIGINT)
+    requested_at = _input(lambda: request_cancel(directory))
     click.echo(f"asked the driver (pid {pid}) to cancel the run in {directory}", err=True)
+
+    def answer() -> dict | None:
+        with Ledger.open(directory, for_writing=False) as ledger:
+            outcome = ledger.meta().get(CANCEL_OUTCOME)
+        return outcome if outcome and outcome.get("at", 0.0) >= requested_at else None
+
     deadline = time.monotonic() + wait_s
-    while running_driver(directory) is not None:
-        if time.monotonic() > deadline:
-            click.echo(f"the driver is still running after {wait_s:g}s", err=True)
-            click.get_current_context().exit(EXIT_JOBS_FAILED)
+    outcome = None
+    while running_driver(directory) is not None and time.monotonic() <= deadline:
+        outcome = outcome or answer()
         time.sleep(0.2)
-    click.echo(f"cancelled; see runjobs status {directory}")
+    outcome = outcome or answer()
+    if outcome is not None:
+        click.echo(
+            f"cancelled {outcome['running']} running and {outcome['pending']} pending job(s); "
+            f"see runjobs status {directory}"
+        )
+        if running_driver(directory) is not None:
+            click.echo(f"the driver is still writing the report after {wait_s:g}s", err=True)
+        return
+    if running_driver(directory) is None:
+        click.echo(
+            "the driver ended before it read the request: nothing was cancelled; "
+            f"see runjobs status {directory}"
+        )
+        return
+    click.echo(
+        f"the driver (pid {pid}) did not answer within {wait_s:g}s; the request stays in the ledger "
+        f"and is honoured if it gets to it, or stop it with `kill -TERM {pid}`",
+        err=True,
+    )
+    click.get_current_context().exit(EXIT_JOBS_FAILED)
 
 
 @cli.command()
@@ -560,6 +590,7 @@ def _raise_as_user_error(error: Exception):
 
 
 def _is_input_error(error: Exception) -> bool:
+    from jobs.authentication import AuthenticationError
     from jobs.cluster import ResourceRequestError
     from jobs.ledger import LedgerError
     from jobs.output import OutputError
@@ -571,6 +602,7 @@ def _is_input_error(error: Exception) -> bool:
         (
             SpecError,
             DataError,
+            AuthenticationError,
             OutputError,
             LedgerError,
             ResourceRequestError,

@@ -3,9 +3,10 @@
 `--address` (or RAY_ADDRESS) names a running cluster: `HOST:PORT` for its GCS (as
 `ray start --head` prints), `ray://HOST:10001` for Ray Client, or `auto` for the
 cluster started on this machine. Without either, runjobs starts an embedded local Ray
-and shuts it down afterwards. A cluster with token authentication (Ray's default for
-clusters started with `ray start`) needs its token: on the head's machine Ray reads
-~/.ray/auth_token; elsewhere copy that file there or set RAY_AUTH_TOKEN.
+and shuts it down afterwards. Whether to present a token is the cluster's answer, not
+this machine's files (jobs/authentication.py): a cluster with token authentication
+needs its token (on the head's machine Ray reads ~/.ray/auth_token; elsewhere copy that
+file there or set RAY_AUTH_TOKEN), a cluster without it gets none.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+from jobs.authentication import choose_mode_for
 
 # How long to keep trying a cluster's port before giving up on it (a head that is
 # still starting takes a few seconds to listen); RUNJOBS_CONNECT_TIMEOUT_S overrides it.
@@ -105,7 +108,9 @@ def connected(address: str | None, shutdown: BackgroundShutdown | None = None) -
             )
         if address != "auto":
             wait_until_reachable(address)
-        present_token_if_available()
+        gcs_address = address if address != "auto" else _local_cluster_address()
+        if gcs_address is not None:
+            choose_mode_for(gcs_address)
         try:
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError, ValueError) as error:
@@ -150,26 +155,14 @@ def _stop_on_sigterm():
     return signal.signal(signal.SIGTERM, interrupt)
 
 
-def present_token_if_available() -> None:
-    """Send the cluster's token when this machine has one.
+def _local_cluster_address() -> str | None:
+    """The GCS address `auto` stands for (the last `ray start` here), or None when none is found."""
+    from ray._private.services import canonicalize_bootstrap_address
 
-    Ray turns token authentication on by default for clusters it starts, but a client
-    that connects by explicit address sends no token unless RAY_AUTH_MODE=token is set
-    (ray/_private/worker.py, ray.init). A user who has the token (RAY_AUTH_TOKEN,
-    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) expects it to be used, as `ray.init()`
-    does for a local cluster; RAY_AUTH_MODE set explicitly is always respected.
-    """
-    if os.environ.get("RAY_AUTH_MODE") is not None:
-        return
-    token_path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
-    if os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(token_path):
-        os.environ["RAY_AUTH_MODE"] = "token"
-        try:
-            from ray._raylet import Config
-
-            Config.initialize("")  # Ray caches its config; make it read RAY_AUTH_MODE again
-        except (ImportError, AttributeError):
-            pass
+    try:
+        return canonicalize_bootstrap_address("auto")
+    except Exception:  # no cluster found, in one of several ways: ray.init says which
+        return None
 
 
 def wait_until_reachable(address: str, timeout_s: float | None = None) -> None:

@@ -32,10 +32,26 @@ class PlannedJob:
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """The run was interrupted; every job has been handed to on_record, finished or cancelled."""
+    """The run was interrupted; every job has been handed to on_record, finished or cancelled.
 
-    def __init__(self) -> None:
+    `running` and `pending` count the jobs it cancelled that were running, and that had
+    not started; `requested` is true when `runjobs cancel` asked for it (not a signal).
+    """
+
+    def __init__(self, running: int = 0, pending: int = 0, requested: bool = False) -> None:
         super().__init__("interrupted")
+        self.running = running
+        self.pending = pending
+        self.requested = requested
+
+
+class _CancelRequested(Exception):
+    """`runjobs cancel` asked this run to stop (seen through should_stop)."""
+
+
+# How often the driver asks whether `runjobs cancel` wants the run stopped: a cancel is
+# answered within about this long, and the question (one SQLite read) costs ~50 us.
+CANCEL_POLL_S = 0.25
 
 
 @dataclass
@@ -75,6 +91,7 @@ class Driver:
         on_record: Callable[[dict[str, Any]], None],
         on_start: Callable[[str], None] | None = None,
         max_concurrent: int | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> None:
         import ray
 
@@ -84,6 +101,8 @@ class Driver:
         self.on_record = on_record
         self.on_start = on_start or (lambda job_id: None)
         self.max_concurrent = max_concurrent
+        self.should_stop = should_stop
+        self.next_stop_check = 0.0
         self.pool = warm_workers.WarmWorkerPool()
         # A GPU job, and a mirrored job that splits the CPU into logical devices, needs a
         # fresh process: the frameworks fix their devices (and CUDA_VISIBLE_DEVICES) when
@@ -115,6 +134,7 @@ class Driver:
         queue.reverse()  # popped from the end, in the order given
         try:
             while queue or self.pool.has_pending() or self.executions:
+                self._check_cancel_request()
                 # Ray starts each task or gang as resources allow; warm workers take jobs
                 # as they come free. --max-concurrent caps how many run at once.
                 while queue and self._free_slots() != 0:
@@ -122,25 +142,14 @@ class Driver:
                     queue.pop()
                 for job, attempt, worker in self.pool.assignments(self._pool_capacity(), self._free_slots()):
                     self._start_on_warm_worker(job, attempt, worker)
-                ready, _ = ray.wait(list(self.executions), num_returns=1, timeout=self._time_to_deadline())
+                ready, _ = ray.wait(list(self.executions), num_returns=1, timeout=self._wait_timeout())
                 for reference in ready:
                     self._collect(reference)
                 self._cancel_overdue()
         except KeyboardInterrupt:
-            # Ctrl-C: stop what is still running, record it and what never started as
-            # cancelled, keep what finished. Every job without a status is recorded, so
-            # a job caught between queue and start is not lost; a record the interrupt
-            # caught on its way to on_record is handed over again (on_record is idempotent).
-            if self.delivering is not None:
-                self._deliver(self.delivering)
-            for execution in self._live_executions():
-                self._cancel(execution, "cancelled: the run was interrupted")
-            for job in jobs:
-                if job.id not in self.statuses:
-                    self._finish(
-                        Execution(job, time.time()), "cancelled", "cancelled: the run was interrupted"
-                    )
-            raise RunInterrupted() from None
+            raise self._stop_all(jobs, "cancelled: the run was interrupted", requested=False) from None
+        except _CancelRequested:
+            raise self._stop_all(jobs, "cancelled: runjobs cancel", requested=True) from None
         finally:
             # After an error (a full disk in on_record, say), free what still runs: its
             # actors, placement groups and CPUs would otherwise outlive the run.
@@ -148,6 +157,39 @@ class Driver:
                 self._abandon(execution)
             self.pool.shutdown()
         return [self.statuses[job.id] for job in jobs]
+
+    def _stop_all(self, jobs: list[PlannedJob], reason: str, requested: bool) -> RunInterrupted:
+        """Stop what is still running, record it and what never started as cancelled, keep what finished.
+
+        Every job without a status is recorded, so a job caught between queue and start is
+        not lost; a record the interrupt caught on its way to on_record is handed over
+        again (on_record is idempotent).
+        """
+        if self.delivering is not None:
+            self._deliver(self.delivering)
+        running = self._live_executions()
+        for execution in running:
+            self._cancel(execution, reason)
+        pending = 0
+        for job in jobs:
+            if job.id not in self.statuses:
+                pending += 1
+                self._finish(Execution(job, time.time()), "cancelled", reason)
+        return RunInterrupted(len(running), pending, requested)
+
+    def _check_cancel_request(self) -> None:
+        """Raise _CancelRequested once `runjobs cancel` has asked; asks at most every CANCEL_POLL_S."""
+        if self.should_stop is None or time.monotonic() < self.next_stop_check:
+            return
+        self.next_stop_check = time.monotonic() + CANCEL_POLL_S
+        if self.should_stop():
+            raise _CancelRequested()
+
+    def _wait_timeout(self) -> float | None:
+        """How long to wait for a job to end: until the next deadline, and the next cancel check."""
+        timeouts = [self._time_to_deadline(), CANCEL_POLL_S if self.should_stop is not None else None]
+        timeouts = [timeout for timeout in timeouts if timeout is not None]
+        return min(timeouts) if timeouts else None
 
     def _free_slots(self) -> int | None:
         """How many more jobs may start under --max-concurrent; None without a cap."""
@@ -362,9 +404,14 @@ def run_jobs(
     on_record: Callable[[dict[str, Any]], None],
     on_start: Callable[[str], None] | None = None,
     max_concurrent: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[str]:
-    """Run every job on Ray, handing each record to on_record as it ends; return the statuses."""
-    return Driver(on_record, on_start, max_concurrent).run(jobs)
+    """Run every job on Ray, handing each record to on_record as it ends; return the statuses.
+
+    `should_stop` is asked a few times a second; once it answers true, the run stops as
+    on Ctrl-C and RunInterrupted(requested=True) is raised.
+    """
+    return Driver(on_record, on_start, max_concurrent, should_stop).run(jobs)
 
 
 def merge_worker_results(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -397,9 +444,25 @@ def job_record(job: PlannedJob, status: str, error: str | None, result: dict[str
 
 
 def describe_error(error: Exception) -> str:
-    """The original exception's type and message, without Ray's traceback framing."""
+    """The original exception's type and message, without Ray's traceback framing.
+
+    A worker that died has no exception of its own: the most specific cause Ray gives is
+    kept, the process and node it died on and why (an ActorDiedError's exit detail).
+    """
     cause = getattr(error, "cause", None)
     if isinstance(cause, BaseException):
         return f"{type(cause).__name__}: {cause}"
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    text = f"{type(error).__name__}: {lines[0]}"
+    fields = dict(
+        line.split(": ", 1) for line in lines[1:] if ": " in line and " " not in line.split(": ")[0]
+    )
+    if "pid" in fields or "ip" in fields:
+        text += f" (pid {fields.get('pid', '?')} on {fields.get('ip', '?')})"
+    reason = next((line for line in lines[1:] if " is dead because " in line), None)
+    if reason:
+        # Ray follows the exit detail with a paragraph of generic advice; the detail is the news.
+        text += " " + reason.split(" Some common causes include")[0]
+    return text

@@ -22,6 +22,9 @@ from typing import Any
 from jobs import report as reports
 
 LEDGER_NAME = "ledger.sqlite"
+# Meta keys of `runjobs cancel`: the request it writes, and the outcome the driver writes back.
+CANCEL_REQUEST = "cancel_request"
+CANCEL_OUTCOME = "cancel_outcome"
 LOCK_NAME = "ledger.lock"
 STATES = ("pending", "running", "succeeded", "failed", "cancelled")
 FINAL_STATES = ("succeeded", "failed", "cancelled")
@@ -79,6 +82,8 @@ class Ledger:
         self.path = path
         self.connection = connection
         self.lock_handle = lock_handle
+        # When this process opened the ledger: a writer honours cancel requests made since.
+        self.opened_at = time.time()
 
     @classmethod
     def open(cls, directory: Path, for_writing: bool) -> Ledger:
@@ -177,6 +182,11 @@ class Ledger:
             for row in rows
         ]
 
+    def cancel_requested(self) -> bool:
+        """Whether `runjobs cancel` asked this driver (not an earlier one) to stop."""
+        row = self.connection.execute("SELECT value FROM meta WHERE key = ?", (CANCEL_REQUEST,)).fetchone()
+        return row is not None and json.loads(row[0]).get("at", 0.0) >= self.opened_at
+
     def counts(self) -> dict[str, int]:
         counts = dict.fromkeys(STATES, 0)
         for state, count in self.connection.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
@@ -189,6 +199,22 @@ class Ledger:
 
     def _transaction(self) -> Iterator[None]:
         return _Transaction(self.connection)
+
+
+def request_cancel(directory: Path) -> float:
+    """Ask the driver running on `directory` to cancel its run; returns the request's time.
+
+    The request is a row in the ledger, which the driver reads a few times a second. It
+    does not depend on signals: a driver started in the background by a non-interactive
+    shell (cron, a batch script) has SIGINT ignored, so a signal could not stop it.
+    """
+    requested_at = time.time()
+    ledger = Ledger.open(directory, for_writing=False)
+    try:
+        ledger.set_meta(**{CANCEL_REQUEST: {"at": requested_at, "pid": os.getpid()}})
+    finally:
+        ledger.close()
+    return requested_at
 
 
 class _Transaction:

@@ -25,13 +25,15 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.cluster import ClusterUnreachableError, present_token_if_available, wait_until_reachable
+from jobs.authentication import choose_mode_for
+from jobs.cluster import ClusterUnreachableError, wait_until_reachable
+from jobs.driver import CANCEL_POLL_S, RunInterrupted
 from jobs.ledger import Ledger, is_ledger_directory
 from jobs.output import check_usable
 from jobs.progress import LineProgress
@@ -115,9 +117,9 @@ def is_jobs_address(address: str | None) -> bool:
 
 
 def jobs_client(address: str):
-    """A Jobs API client for `address`, presenting the cluster's token when this machine has one."""
+    """A Jobs API client for `address`, presenting a token when the cluster wants one."""
     wait_until_reachable(address)
-    present_token_if_available()
+    choose_mode_for(address)
     from ray.job_submission import JobSubmissionClient
 
     # The SDK's INFO lines (package upload, websocket closed) are not for our users; set
@@ -189,10 +191,11 @@ def submit_remote(
         progress.begin(len(to_run))
         follower = Follower(output_dir, ledger, progress)
         try:
-            follow(client, job_id, follower)
-        except KeyboardInterrupt:
-            # Ctrl-C: stop the remote driver, which records its running jobs cancelled;
-            # keep what it sends until it has ended.
+            follow(client, job_id, follower, should_stop=ledger.cancel_requested)
+        except (KeyboardInterrupt, CancelRequested) as stop:
+            # Ctrl-C or `runjobs cancel`: stop the remote driver, which records its running
+            # jobs cancelled; keep what it sends until it has ended.
+            counts = ledger.counts()
             progress.say(f"interrupted: stopping Ray job {job_id}")
             try:
                 client.stop_job(job_id)
@@ -201,7 +204,12 @@ def submit_remote(
                 progress.say(f"could not stop Ray job {job_id}: {_first_line(error)}; `ray job stop` it")
             finally:
                 rebuild_report(output_dir, ledger, wanted)
-            raise
+            if isinstance(stop, KeyboardInterrupt):
+                raise
+            ledger.set_meta(
+                cancel_outcome={"at": time.time(), "running": counts["running"], "pending": counts["pending"]}
+            )
+            raise RunInterrupted(counts["running"], counts["pending"], requested=True) from None
         except ClusterLostError as error:
             rebuild_report(output_dir, ledger, wanted)
             raise ClusterLostError(
@@ -349,8 +357,15 @@ class _KeepFailed(Exception):
     """Keeping a record failed here (a full disk): not the cluster's fault."""
 
 
-def follow(client, job_id: str, follower: Follower) -> None:
-    """Feed the job's output to `follower` until the job ends; ClusterLostError if the cluster goes."""
+class CancelRequested(Exception):
+    """`runjobs cancel` asked the run that this client follows to stop."""
+
+
+def follow(client, job_id: str, follower: Follower, should_stop: Callable[[], bool] | None = None) -> None:
+    """Feed the job's output to `follower` until the job ends; ClusterLostError if the cluster goes.
+
+    `should_stop` is asked a few times a second; CancelRequested once it answers true.
+    """
 
     follower.partial = ""  # a stream followed again starts from the log's beginning
     follower.reader = MarkedLines()
@@ -366,9 +381,24 @@ def follow(client, job_id: str, follower: Follower) -> None:
                 # state once a second) for the stream to close after the job exits.
                 return
 
+    async def watch() -> None:
+        while not should_stop():
+            await asyncio.sleep(CANCEL_POLL_S)
+        raise CancelRequested()
+
+    async def tail_until_stopped() -> None:
+        if should_stop is None:
+            return await tail()
+        tasks = [asyncio.ensure_future(tail()), asyncio.ensure_future(watch())]
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        done.pop().result()  # the first to end: its exception (CancelRequested, an error) goes on
+
     try:
-        asyncio.run(tail())
-    except KeyboardInterrupt:
+        asyncio.run(tail_until_stopped())
+    except (KeyboardInterrupt, CancelRequested):
         raise
     except _KeepFailed as failure:
         raise failure.__cause__ from None

@@ -212,9 +212,22 @@ def _run(
         jobs_started = time.perf_counter()
         interrupted = None
         try:
-            run_jobs(to_run, on_record, on_start, request.max_concurrent)
+            run_jobs(to_run, on_record, on_start, request.max_concurrent, ledger.cancel_requested)
         except RunInterrupted as interruption:
             interrupted = interruption
+            if interruption.requested:
+                # `runjobs cancel` waits for this answer: what its request cancelled.
+                ledger.set_meta(
+                    cancel_outcome={
+                        "at": time.time(),
+                        "running": interruption.running,
+                        "pending": interruption.pending,
+                    }
+                )
+                progress.say(
+                    f"cancelled by runjobs cancel: {interruption.running} running and "
+                    f"{interruption.pending} pending job(s) recorded cancelled"
+                )
         driver_timings["jobs_s"] = time.perf_counter() - jobs_started
 
     # Ray shuts down while the reports are written (see BackgroundShutdown); its time

@@ -173,12 +173,16 @@ class RayNode:
 
     @classmethod
     def worker(cls, log_path: Path, head_address: str, *args: str) -> RayNode:
-        # A node joining a cluster with token auth must present the token too.
+        from jobs.authentication import wants_token
+
+        # A node joining a cluster with token auth must present the token too; one
+        # joining a cluster without it must not.
+        mode = "token" if wants_token(head_address, token=None) else "disabled"
         return cls(
             log_path,
             ["--address", head_address, "--node-ip-address", "127.0.0.1", *args],
             "Ray runtime started",
-            {"RAY_AUTH_MODE": "token"} if Path("~/.ray/auth_token").expanduser().is_file() else None,
+            {"RAY_AUTH_MODE": mode},
         )
 
     def wait_for(self, text: str, limit_s: float = 90) -> None:

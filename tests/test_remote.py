@@ -182,3 +182,31 @@ def test_a_running_remote_run_is_not_submitted_twice_and_ray_job_stop_records_it
     assert fetched.exit_code == 1, fetched.stderr
     (job,) = json.loads((output / "report.json").read_text())["jobs"]
     assert job["status"] == "cancelled" and job["error"] == "cancelled: the run was interrupted"
+
+
+def test_runjobs_cancel_stops_a_remote_run_followed_from_a_background_shell(jobs_address, tmp_path):
+    import signal
+
+    output = tmp_path / "run"
+    client_process = subprocess.Popen(
+        [RUNJOBS, "submit", "--address", jobs_address, "--framework", "torch", "--epochs", "3000000",
+         "--output", str(output)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # as cron starts it
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while ledger_state(output, "torch") != "running":
+            assert client_process.poll() is None, client_process.communicate()
+            assert time.monotonic() < deadline, "the remote job never started"
+            time.sleep(0.2)
+        cancelled = run_cli(["cancel", str(output)])
+        assert cancelled.exit_code == 0, cancelled.stderr
+        assert "cancelled 1 running and 0 pending job(s)" in cancelled.stdout
+        assert client_process.wait(timeout=60) == 130, client_process.stderr.read()
+    finally:
+        if client_process.poll() is None:
+            client_process.kill()
+            client_process.wait()
+    (job,) = json.loads((output / "report.json").read_text())["jobs"]
+    assert job["status"] == "cancelled"

@@ -228,15 +228,19 @@ def test_cancel_stops_a_running_sweep_and_records_its_jobs_cancelled(tmp_path):
     spec = write_spec(
         tmp_path, "name: c\ndefaults: {epochs: 20000}\ngrid: {framework: [torch], seed: [0, 1, 2]}\n"
     )
+    # Started as cron or a batch script starts it (`runjobs submit ... &` from a
+    # non-interactive shell): SIGINT ignored, so cancel must not depend on a signal.
     driver = subprocess.Popen(
         [RUNJOBS, "submit", str(spec), "--output", str(output), "--max-concurrent", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )  # fmt: skip
     try:
         first = SweepSpec.load(spec).expand()[0][0]
         wait_for_state(output, first, ("running",))
         cancelled = run_cli(["cancel", str(output)])
         assert cancelled.exit_code == 0, cancelled.stderr
+        assert "cancelled 1 running and 2 pending job(s)" in cancelled.stdout
         assert driver.wait(timeout=60) == 130, driver.stderr.read()
     finally:
         if driver.poll() is None:
@@ -249,6 +253,9 @@ def test_cancel_stops_a_running_sweep_and_records_its_jobs_cancelled(tmp_path):
     assert report["summary"]["cancelled"] == 3
     again = run_cli(["cancel", str(output)])
     assert again.exit_code == 2 and "no runjobs driver is running" in again.stderr
+    never_started = SweepSpec.load(spec).expand()[2][0]
+    logs = run_cli(["logs", str(output), never_started])
+    assert logs.exit_code == 2 and "ended cancelled without kept output" in logs.stderr
 
 
 @pytest.mark.slow
