@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from jobs.spec import FRAMEWORKS, OPTIMIZERS, PRESETS, VARIANTS, Overrides, SpecError, parse_point
+from jobs.plan.spec import FRAMEWORKS, OPTIMIZERS, PRESETS, VARIANTS, Overrides, SpecError, parse_point
 from workers.export import FORMAT_PREFERENCE
 
 EXIT_OK = 0
@@ -202,8 +202,8 @@ def submit(
     started), 3 when the cluster cannot be reached or goes away (finished jobs are kept),
     130 when interrupted.
     """
-    from jobs.submit import SubmitRequest, plan_jobs
-    from jobs.submit import submit as run_submit
+    from jobs.run.submit import SubmitRequest, plan_jobs
+    from jobs.run.submit import submit as run_submit
 
     try:
         overrides = Overrides()
@@ -240,8 +240,8 @@ def submit(
         if dry_run:
             _print_plan(plan_jobs(request), json_output)
             return
-        from jobs.progress import for_stream
-        from jobs.remote import RemoteSubmission, is_jobs_address, submit_remote
+        from jobs.run.progress import for_stream
+        from jobs.run.remote import RemoteSubmission, is_jobs_address, submit_remote
 
         if no_wait and not is_jobs_address(address):
             raise SpecError("--no-wait needs a Ray Jobs address: --address http://HEAD:8265")
@@ -256,7 +256,7 @@ def submit(
     except (ValueError, RuntimeError) as error:
         _raise_as_user_error(error)
 
-    from jobs.report import render_table, summary
+    from jobs.report.combined import render_table, summary
 
     if json_output:
         click.echo(json.dumps(summary(outcome.report, outcome.output_dir, outcome.exit_code), indent=2))
@@ -318,10 +318,10 @@ def status(directory, address, json_output) -> None:
     remote run's Ray job instead. Exit code 2 when DIRECTORY holds no run (or there is
     no such Ray job), 3 when the address does not answer.
     """
-    from jobs.status import run_status
+    from jobs.record.status import run_status
 
     if address:
-        from jobs.remote import remote_status
+        from jobs.run.remote import remote_status
 
         remote = _input(lambda: remote_status(address, directory))
         if json_output:
@@ -353,7 +353,7 @@ def status(directory, address, json_output) -> None:
 @click.option("--json", "json_output", is_flag=True, help="Print JSON.")
 def list_jobs(directory, json_output) -> None:
     """One line per job: id, state, attempts, convergence, train time."""
-    from jobs.status import job_rows
+    from jobs.record.status import job_rows
 
     rows = _input(lambda: job_rows(directory))
     if json_output:
@@ -368,7 +368,7 @@ def list_jobs(directory, json_output) -> None:
 @click.argument("job_id", metavar="JOB")
 def show(directory, job_id) -> None:
     """One job's full record (its config, state and results) as JSON."""
-    from jobs.status import job_detail
+    from jobs.record.status import job_detail
 
     click.echo(json.dumps(_input(lambda: job_detail(directory, job_id)), indent=2))
 
@@ -383,11 +383,11 @@ def report(directory, address, output) -> None:
     With --address ADDR RAY_JOB_ID --output DIR: fetch a remote run (from `submit
     --no-wait`) into DIR, as far as it has got, and write its report there.
     """
-    from jobs.report import render_table
-    from jobs.submit import rebuild_report
+    from jobs.report.combined import render_table
+    from jobs.run.submit import rebuild_report
 
     if address:
-        from jobs.remote import fetch_remote
+        from jobs.run.remote import fetch_remote
 
         if output is None:
             raise InputError("with --address, name the directory to keep the run in: --output DIR")
@@ -413,8 +413,8 @@ def logs(directory, job_id, stream) -> None:
     Exit code 2 when the job is unknown or kept no output (it has not ended yet, or it
     ended without output: a worker that died, a job cancelled before it started).
     """
-    from jobs.output import log_paths
-    from jobs.status import job_detail
+    from jobs.record.output import log_paths
+    from jobs.record.status import job_detail
 
     job = _input(lambda: job_detail(directory, job_id))  # an unknown job names the known ones
     suffixes = {"both": (".out", ".err"), "stdout": (".out",), "stderr": (".err",)}[stream]
@@ -445,7 +445,7 @@ def cancel(directory, wait_s) -> None:
     pending jobs it cancelled. Exit code 0 once the driver has answered (or ended), 1
     when it has not answered within --wait, 2 when no driver runs on DIRECTORY.
     """
-    from jobs.ledger import CANCEL_OUTCOME, Ledger, is_ledger_directory, request_cancel, running_driver
+    from jobs.record.ledger import CANCEL_OUTCOME, Ledger, is_ledger_directory, request_cancel, running_driver
 
     if not is_ledger_directory(directory):
         raise InputError(
@@ -507,7 +507,7 @@ def tensorboard(directory, port, host) -> None:
     in the foreground. Exit code 2 when DIRECTORY holds no TensorBoard files or the port
     is taken; 1 when TensorBoard is not installed (the command to type is printed).
     """
-    from jobs import tensorboard as board
+    from jobs.report import tensorboard as board
 
     try:
         board.check_has_event_files(directory)
@@ -577,8 +577,8 @@ def _input(action):
 
 def _raise_as_user_error(error: Exception):
     """Re-raise a user-facing error as its one-line exit (2 input, 3 cluster); anything else as it is."""
-    from jobs.cluster import ClusterUnreachableError
-    from jobs.remote import RemoteRunError
+    from jobs.run.cluster import ClusterUnreachableError
+    from jobs.run.remote import RemoteRunError
 
     if isinstance(error, ClusterUnreachableError):
         raise ClusterError(str(error)) from None
@@ -590,11 +590,11 @@ def _raise_as_user_error(error: Exception):
 
 
 def _is_input_error(error: Exception) -> bool:
-    from jobs.authentication import AuthenticationError
-    from jobs.cluster import ResourceRequestError
-    from jobs.ledger import LedgerError
-    from jobs.output import OutputError
-    from jobs.remote import RemoteRunBusyError, UnknownRemoteJobError
+    from jobs.record.ledger import LedgerError
+    from jobs.record.output import OutputError
+    from jobs.run.authentication import AuthenticationError
+    from jobs.run.cluster import ResourceRequestError
+    from jobs.run.remote import RemoteRunBusyError, UnknownRemoteJobError
     from workers.data import DataError
 
     return isinstance(

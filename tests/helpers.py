@@ -173,7 +173,7 @@ class RayNode:
 
     @classmethod
     def worker(cls, log_path: Path, head_address: str, *args: str) -> RayNode:
-        from jobs.authentication import wants_token
+        from jobs.run.authentication import wants_token
 
         # A node joining a cluster with token auth must present the token too; one
         # joining a cluster without it must not.

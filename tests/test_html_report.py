@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from jobs import report as reports
-from jobs.html_report import FIGURE_IDS, render_html
+from jobs.record.records import empty_record
+from jobs.report import combined as reports
+from jobs.report.html import FIGURE_IDS, render_html
 from tests.helpers import run_cli
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -34,7 +35,7 @@ def succeeded_record(job_id: str, framework: str, **config_changes) -> dict:
         "target": None, "normalize": False, "predict": [[1800.0]],
     }  # fmt: skip
     config.update(config_changes)
-    record = reports.empty_record(job_id, config, "succeeded", None)
+    record = empty_record(job_id, config, "succeeded", None)
     record.update(
         convergence="converged",
         params={"weights": [0.199], "bias": 0.5},
@@ -52,7 +53,7 @@ def succeeded_record(job_id: str, framework: str, **config_changes) -> dict:
 
 def failed_record(job_id: str, framework: str, error: str) -> dict:
     record = succeeded_record("unused", framework)
-    return reports.empty_record(job_id, record["config"], "failed", error)
+    return empty_record(job_id, record["config"], "failed", error)
 
 
 def built(records: list[dict], run_id: str = "run-1") -> dict:

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from jobs.models import store_job_model
+from jobs.record.models import store_job_model
 from tests.helpers import run_cli
 from workers.export import FORMAT_FILES, FORMAT_PREFERENCE, FRAMEWORK_FORMATS, MANIFEST, export_model
 

@@ -7,7 +7,7 @@ import re
 
 from rich.console import Console
 
-from jobs.progress import LineProgress, LiveProgress, for_stream, format_eta
+from jobs.run.progress import LineProgress, LiveProgress, for_stream, format_eta
 
 
 def record(job_id, status="succeeded", convergence="converged", error=None):

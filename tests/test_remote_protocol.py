@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
-from jobs.ledger import Ledger
-from jobs.progress import LineProgress
-from jobs.remote import (
+from jobs.plan.spec import JobSpec
+from jobs.record.ledger import Ledger
+from jobs.record.records import empty_record
+from jobs.run.progress import LineProgress
+from jobs.run.remote import (
     LINE_LIMIT,
     RECORD_MARKER,
     Follower,
@@ -15,8 +17,6 @@ from jobs.remote import (
     encode_record,
     marked_text,
 )
-from jobs.report import empty_record
-from jobs.spec import JobSpec
 
 
 def test_a_payload_longer_than_a_line_comes_back_whole_around_foreign_lines():
@@ -57,7 +57,7 @@ def test_the_follower_keeps_each_record_once_and_skips_an_unreadable_line(tmp_pa
 
 
 def test_replaying_a_log_counts_each_start_once(tmp_path):
-    from jobs.remote import STARTED_MARKER
+    from jobs.run.remote import STARTED_MARKER
 
     with Ledger.open(tmp_path, for_writing=True) as ledger:
         ledger.add_jobs([("a", JobSpec("torch").to_record())])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.spec import FIELD_NAMES, JobSpec, Overrides, SpecError, build_job_specs, job_ids
+from jobs.plan.spec import FIELD_NAMES, JobSpec, Overrides, SpecError, build_job_specs, job_ids
 
 
 def test_default_specs_are_the_built_in_comparison():

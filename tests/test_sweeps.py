@@ -14,9 +14,9 @@ import psutil
 import pytest
 import ray
 
-from jobs.ledger import Ledger
-from jobs.spec import Overrides, SpecError
-from jobs.sweep import SweepSpec
+from jobs.plan.spec import Overrides, SpecError
+from jobs.plan.sweep import SweepSpec
+from jobs.record.ledger import Ledger
 from tests.helpers import RUNJOBS, kill_actor_once_training, ledger_state, run_cli, start_cli_in_background
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.tensorboard import event_files, write_event_files
+from jobs.report.tensorboard import event_files, write_event_files
 from tests.helpers import RUNJOBS, free_port, load_strict_json, run_cli, stop_process
 
 SHARED_TAGS = {
@@ -138,7 +138,7 @@ def test_writing_event_files_imports_no_framework(tmp_path):
     records_path = tmp_path / "records.json"
     records_path.write_text(json.dumps([job_record("torch-b2", "torch")]))
     program = (
-        "import json, sys; from jobs.tensorboard import write_event_files; "
+        "import json, sys; from jobs.report.tensorboard import write_event_files; "
         "write_event_files(json.load(open(sys.argv[1])), sys.argv[2]); "
         "print(sorted({name.split('.')[0] for name in sys.modules} & {'tensorflow', 'torch', 'keras'}))"
     )
@@ -152,7 +152,7 @@ def test_writing_event_files_imports_no_framework(tmp_path):
 
 
 def test_tensorboard_command_on_a_run_without_files_says_what_to_type(tmp_path):
-    from jobs.ledger import Ledger
+    from jobs.record.ledger import Ledger
 
     Ledger.open(tmp_path, for_writing=True).close()
     result = run_cli(["tensorboard", str(tmp_path)])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jobs.spec import JobSpec
+from jobs.plan.spec import JobSpec
 from workers.data import article_dataset
 from workers.training import Scaling, TrainingData
 

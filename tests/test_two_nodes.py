@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from jobs.ledger import Ledger
+from jobs.record.ledger import Ledger
 from tests.helpers import RUNJOBS, RayNode, free_port, ledger_states, load_strict_json
 
 pytestmark = pytest.mark.slow

@@ -163,7 +163,7 @@ def test_a_peer_that_never_arrives_fails_the_rank_within_the_timeout(tmp_path):
     # so this test process never imports torch.
     program = """
 import sys, time
-from jobs.spec import JobSpec
+from jobs.plan.spec import JobSpec
 from workers.data import article_dataset
 from workers.distributed import WorkerContext, reserve_address
 spec = JobSpec("torch", variant="ddp", workers=2, epochs=5, batch_size=10, setup_timeout_s=3)

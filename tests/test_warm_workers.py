@@ -7,7 +7,7 @@ from collections import defaultdict
 
 import pytest
 
-from jobs.ledger import Ledger
+from jobs.record.ledger import Ledger
 from tests.helpers import run_cli, start_cli_in_background
 
 pytestmark = pytest.mark.slow

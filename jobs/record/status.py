@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs.ledger import Ledger, LedgerError
+from jobs.record.ledger import Ledger, LedgerError
 
 
 def run_status(directory: Path) -> dict[str, Any]:

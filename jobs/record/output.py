@@ -1,7 +1,8 @@
-"""The output directory of a run: its ledger (jobs/ledger.py) and the report files.
+"""The output directory of a run: whether it can be used, each job's kept output, atomic writes.
 
-Every report file is written to a temporary name and renamed into place, so a reader
-(or a crash) never sees half a file; report.json is written last.
+Every file here is written to a temporary name and renamed into place, so a reader (or
+a crash) never sees half a file. The ledger (jobs/record/ledger.py) and the report
+files (jobs/report/files.py) live in the same directory.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-from jobs import report as reports
 
 
 class OutputError(ValueError):
@@ -50,38 +49,6 @@ def write_job_logs(directory: Path, job_id: str, logs: list[dict[str, Any]]) -> 
         stem = job_id if len(logs) == 1 else f"{job_id}.rank{entry['rank']}"
         write_atomically(directory / LOGS_DIRECTORY / f"{stem}.out", entry.get("stdout", ""))
         write_atomically(directory / LOGS_DIRECTORY / f"{stem}.err", entry.get("stderr", ""))
-
-
-def write_reports(directory: Path, report: dict[str, Any]) -> None:
-    write_atomically(directory / "report.csv", reports.to_csv(report))
-    write_atomically(directory / "report.md", reports.to_markdown(report))
-    write_atomically(directory / "report.html", render_report_html(report))
-    from jobs.tensorboard import write_event_files  # imports TensorBoard's protos only here
-
-    write_event_files(report, directory)  # DIR/tensorboard/JOB, rebuilt whole
-    write_report_json(directory, report)
-
-
-def write_report_json(directory: Path, report: dict[str, Any]) -> None:
-    """report.json, the file schedulers read: always written last."""
-    write_atomically(directory / "report.json", reports.to_json(report))
-
-
-def render_report_html(report: dict[str, Any]) -> str:
-    """report.html; a page that cannot be rendered says why instead of costing the run report.json."""
-    from jobs.html_report import render_html  # imports plotly only here
-
-    try:
-        return render_html(report)
-    except Exception as error:  # any plotting failure (or plotly missing): the other files stand
-        import html
-
-        return (
-            '<!DOCTYPE html><html><head><meta charset="utf-8"><title>runjobs report</title></head><body>'
-            f"<p>report.html could not be rendered: {html.escape(f'{type(error).__name__}: {error}')}. "
-            "report.json, report.csv and report.md hold the results; "
-            "`runjobs report DIR` renders it again.</p></body></html>\n"
-        )
 
 
 def replace_directory(target: Path, fill: Callable[[Path], None]) -> None:

@@ -2,7 +2,7 @@
 
 `runjobs submit --address http://HEAD:8265` plans and checks every job here, then submits
 one Ray Job whose runtime_env working_dir carries runjobs' own code, the planned jobs
-and any CSV data they read. On the cluster, `python -m jobs.remote_entry` runs the usual
+and any CSV data they read. On the cluster, `python -m jobs.run.remote_entry` runs the usual
 driver against the cluster and prints each ended job's whole record (logs and model
 files included) as one marked line of its output. This side follows that output
 through the Jobs API and keeps each record in the local output directory's ledger the
@@ -31,13 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.authentication import choose_mode_for
-from jobs.cluster import ClusterUnreachableError, wait_until_reachable
-from jobs.driver import CANCEL_POLL_S, RunInterrupted
-from jobs.ledger import Ledger, is_ledger_directory
-from jobs.output import check_usable
-from jobs.progress import LineProgress
-from jobs.submit import (
+from jobs.record.ledger import Ledger, is_ledger_directory
+from jobs.record.output import check_usable
+from jobs.run.authentication import choose_mode_for
+from jobs.run.cluster import ClusterUnreachableError, wait_until_reachable
+from jobs.run.driver import CANCEL_POLL_S, RunInterrupted
+from jobs.run.progress import LineProgress
+from jobs.run.submit import (
     SubmitOutcome,
     SubmitRequest,
     keep_record,
@@ -57,7 +57,7 @@ END_MARKER = "runjobs-end "
 PART_MARKER = "runjobs-part "
 LINE_LIMIT = 512 * 1024
 PLAN_FILE = "runjobs-plan.json"
-ENTRYPOINT = f"python -m jobs.remote_entry {PLAN_FILE}"
+ENTRYPOINT = f"python -m jobs.run.remote_entry {PLAN_FILE}"
 TERMINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
 # Ray's own INFO lines in a job's log ("2026-11-25 09:50:50,528\tINFO job_manager.py:581 -- ...").
 RAY_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(DEBUG|INFO)\s")

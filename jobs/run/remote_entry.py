@@ -1,9 +1,9 @@
-"""The driver of a remote run, as a Ray Job's entrypoint: `python -m jobs.remote_entry PLAN.json`.
+"""The driver of a remote run, as a Ray Job's entrypoint: `python -m jobs.run.remote_entry PLAN.json`.
 
 Runs in the job's working_dir (runjobs' code, the plan, the CSV files), connects to the
 cluster the Ray Job runs on (Ray sets RAY_ADDRESS for the entrypoint), and runs the
 planned jobs with the usual driver into a scratch directory on the head. Every ended
-job's whole record goes to stdout as one marked line for the client (jobs/remote.py) to
+job's whole record goes to stdout as one marked line for the client (jobs/run/remote.py) to
 keep; `ray job stop` (SIGTERM) cancels the running jobs and records them, as Ctrl-C does
 locally. A payload too long for one line of Ray's log stream goes out in parts. Exits 0
 when every job succeeded, 1 otherwise, 130 when stopped.
@@ -19,11 +19,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from jobs.driver import PlannedJob
-from jobs.progress import LineProgress
-from jobs.remote import END_MARKER, PLAN_MARKER, RECORD_MARKER, STARTED_MARKER, encode_record, marked_text
-from jobs.spec import JobSpec
-from jobs.submit import SubmitRequest, submit
+from jobs.plan.spec import JobSpec
+from jobs.run.driver import PlannedJob
+from jobs.run.progress import LineProgress
+from jobs.run.remote import END_MARKER, PLAN_MARKER, RECORD_MARKER, STARTED_MARKER, encode_record, marked_text
+from jobs.run.submit import SubmitRequest, submit
 from workers.data import load_dataset
 
 
@@ -60,7 +60,7 @@ def main(plan_path: str) -> int:
         planned.append(PlannedJob(job["id"], spec, datasets[key]))
 
     # `ray job stop` sends SIGTERM: the driver's connection turns it into an interrupt,
-    # which cancels and records the running jobs like Ctrl-C (jobs/cluster.py).
+    # which cancels and records the running jobs like Ctrl-C (jobs/run/cluster.py).
     scratch = Path(tempfile.mkdtemp(prefix=f"runjobs-{plan['run_id']}-"))
     request = SubmitRequest(
         address=os.environ.get("RAY_ADDRESS") or "auto",

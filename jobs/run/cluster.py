@@ -4,7 +4,7 @@
 `ray start --head` prints), `ray://HOST:10001` for Ray Client, or `auto` for the
 cluster started on this machine. Without either, runjobs starts an embedded local Ray
 and shuts it down afterwards. Whether to present a token is the cluster's answer, not
-this machine's files (jobs/authentication.py): a cluster with token authentication
+this machine's files (jobs/run/authentication.py): a cluster with token authentication
 needs its token (on the head's machine Ray reads ~/.ray/auth_token; elsewhere copy that
 file there or set RAY_AUTH_TOKEN), a cluster without it gets none.
 """
@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from jobs.authentication import choose_mode_for
+from jobs.run.authentication import choose_mode_for
 
 # How long to keep trying a cluster's port before giving up on it (a head that is
 # still starting takes a few seconds to listen); RUNJOBS_CONNECT_TIMEOUT_S overrides it.

@@ -16,15 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs import cluster as clusters
-from jobs import report as reports
-from jobs.driver import PlannedJob, RunInterrupted, run_jobs
-from jobs.ledger import Ledger, is_ledger_directory
-from jobs.models import store_job_model
-from jobs.output import check_usable, write_job_logs, write_report_json, write_reports
-from jobs.progress import LineProgress
-from jobs.spec import JobSpec, Overrides, SpecError, build_job_specs, job_ids
-from jobs.sweep import SweepSpec
+from jobs.plan.spec import JobSpec, Overrides, SpecError, build_job_specs, job_ids
+from jobs.plan.sweep import SweepSpec
+from jobs.record.ledger import Ledger, is_ledger_directory
+from jobs.record.models import store_job_model
+from jobs.record.output import check_usable, write_job_logs
+from jobs.report import combined as reports
+from jobs.report.files import write_report_json, write_reports
+from jobs.run import cluster as clusters
+from jobs.run.driver import PlannedJob, RunInterrupted, run_jobs
+from jobs.run.progress import LineProgress
 from workers.data import ARTICLE_PREDICTION_SQFT, Dataset, load_dataset
 
 RERUN_CHOICES = ("failed", "all")

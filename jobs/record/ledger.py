@@ -19,15 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs import report as reports
+from jobs.record.records import STATES, empty_record, finite_only
 
 LEDGER_NAME = "ledger.sqlite"
 # Meta keys of `runjobs cancel`: the request it writes, and the outcome the driver writes back.
 CANCEL_REQUEST = "cancel_request"
 CANCEL_OUTCOME = "cancel_outcome"
 LOCK_NAME = "ledger.lock"
-STATES = ("pending", "running", "succeeded", "failed", "cancelled")
-FINAL_STATES = ("succeeded", "failed", "cancelled")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -151,7 +149,7 @@ class Ledger:
     def mark(self, job_id: str, state: str, record: dict[str, Any] | None = None) -> None:
         """One state change, in one transaction; `running` counts an attempt."""
         assert state in STATES, state
-        text = None if record is None else json.dumps(reports.finite_only(record), allow_nan=False)
+        text = None if record is None else json.dumps(finite_only(record), allow_nan=False)
         with self._transaction():
             self.connection.execute(
                 "UPDATE jobs SET state = ?, record = COALESCE(?, record), updated_at = ?, "
@@ -230,4 +228,4 @@ class _Transaction:
 
 def stub_record(job: LedgerJob) -> dict[str, Any]:
     """A record for a job that has not ended: its config and state, no results."""
-    return reports.empty_record(job.id, job.config, job.state, None)
+    return empty_record(job.id, job.config, job.state, None)

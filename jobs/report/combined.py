@@ -13,6 +13,8 @@ import json
 import math
 from typing import Any
 
+from jobs.record.records import finite_only
+
 COMPARED_FRAMEWORKS = ("tensorflow", "torch")
 
 
@@ -42,29 +44,6 @@ def build_report(
     return finite_only(report)
 
 
-def empty_record(job_id: str, config: dict[str, Any], status: str, error: str | None) -> dict[str, Any]:
-    """A job record with its identity, config and status, and no results yet."""
-    return {
-        "id": job_id,
-        "framework": config["framework"],
-        "variant": config["variant"],
-        "workers": config["workers"],
-        "world_size": config["workers"],
-        "config": config,
-        "status": status,
-        "error": error,
-        "convergence": None,
-        "params": None,
-        "reference": None,
-        "loss": None,
-        "history": None,
-        "predictions": [],
-        "timings": {},
-        "placement": None,
-        "versions": None,
-    }
-
-
 def summary(report: dict[str, Any], output_dir, exit_code: int) -> dict[str, Any]:
     """The machine-readable end of a submit (`--json`): counts, exit code and each job's state."""
     return {
@@ -83,17 +62,6 @@ def summary(report: dict[str, Any], output_dir, exit_code: int) -> dict[str, Any
         ],
         "warnings": report.get("warnings", []),
     }
-
-
-def finite_only(value: Any) -> Any:
-    """A copy of `value` with every non-finite float replaced by None."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: finite_only(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_only(item) for item in value]
-    return value
 
 
 # Fields that may differ between a multi-device job and its single-device twin.

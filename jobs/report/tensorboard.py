@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from jobs.output import replace_directory
+from jobs.record.output import replace_directory
 
 TENSORBOARD_DIRECTORY = "tensorboard"
 EVENT_FILE_PREFIX = "events.out.tfevents"
@@ -203,7 +203,7 @@ def event_files(output_dir: Path) -> list[Path]:
 
 def check_has_event_files(output_dir: Path) -> None:
     """Refuse a directory with no event files, saying what to type instead."""
-    from jobs.ledger import is_ledger_directory
+    from jobs.record.ledger import is_ledger_directory
 
     if event_files(output_dir):
         return

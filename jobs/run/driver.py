@@ -1,6 +1,6 @@
 """The driver: runs each job on Ray and gathers a record per job as it ends.
 
-A single-device CPU job runs on a warm worker (jobs/warm_workers.py): an actor that keeps
+A single-device CPU job runs on a warm worker (jobs/run/warm_workers.py): an actor that keeps
 its framework imported across jobs. A GPU or mirrored job is one Ray task with the job's
 GPUs, in a fresh process. A multiworker or ddp job
 is gang-scheduled: a placement group reserves all of its workers' bundles at once (so a
@@ -18,9 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from jobs import warm_workers
-from jobs.report import empty_record
-from jobs.spec import JobSpec
+from jobs.plan.spec import JobSpec
+from jobs.record.records import empty_record
+from jobs.run import warm_workers
 from workers.data import Dataset
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.spec import (
+from jobs.plan.spec import (
     FIELD_NAMES,
     FRAMEWORKS,
     VARIANT_FRAMEWORKS,

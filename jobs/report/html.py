@@ -7,7 +7,7 @@ so the file opens offline from disk; it makes the page about 5 MB, small beside 
 run's ledger and logs. Every figure sits in `<div class="figure" id="...">` (the ids are
 FIGURE_IDS) so a browser test can find it.
 
-Like jobs/report.py this is a pure function of recorded results, except that the
+Like jobs/report/combined.py this is a pure function of recorded results, except that the
 "data with learned lines" figure reads the data again through workers/data.py (the
 article's houses and synthetic data are rebuilt; a CSV is read if it is still there).
 plotly is imported inside render_html, so `runjobs --help` never pays for it.
@@ -20,7 +20,7 @@ import json
 import math
 from typing import Any
 
-from jobs import report as reports
+from jobs.report import combined as reports
 
 FIGURE_IDS = {
     "loss": "loss-curves",

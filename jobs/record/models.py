@@ -13,7 +13,7 @@ import os
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from jobs.output import replace_directory
+from jobs.record.output import replace_directory
 from workers.export import MANIFEST
 
 MODELS_DIRECTORY = "models"

@@ -1,0 +1,49 @@
+"""What a job's run hands back and the ledger keeps: the record, its shape declared once.
+
+A record is a plain JSON-ready dict (report.json's `jobs[]` entries are records), so
+every stage can read it without Ray or a framework. The run stage builds records, the
+record stage keeps them, the report stage reads them: all three import this module, and
+it imports none of them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+STATES = ("pending", "running", "succeeded", "failed", "cancelled")
+FINAL_STATES = ("succeeded", "failed", "cancelled")
+
+
+def empty_record(job_id: str, config: dict[str, Any], status: str, error: str | None) -> dict[str, Any]:
+    """A job record with its identity, config and status, and no results yet."""
+    return {
+        "id": job_id,
+        "framework": config["framework"],
+        "variant": config["variant"],
+        "workers": config["workers"],
+        "world_size": config["workers"],
+        "config": config,
+        "status": status,
+        "error": error,
+        "convergence": None,
+        "params": None,
+        "reference": None,
+        "loss": None,
+        "history": None,
+        "predictions": [],
+        "timings": {},
+        "placement": None,
+        "versions": None,
+    }
+
+
+def finite_only(value: Any) -> Any:
+    """A copy of `value` with every non-finite float replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_only(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_only(item) for item in value]
+    return value
