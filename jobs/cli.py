@@ -14,7 +14,8 @@ from pathlib import Path
 
 import click
 
-from jobs.plan.spec import FRAMEWORKS, OPTIMIZERS, PRESETS, VARIANTS, Overrides, SpecError, parse_point
+from jobs.plan.fields import POINTS, SWITCH, parse_point
+from jobs.plan.spec import FIELDS, FRAMEWORKS, PRESETS, VARIANTS, Overrides, SpecError
 from workers.export import FORMAT_PREFERENCE
 
 EXIT_OK = 0
@@ -69,6 +70,36 @@ def cli() -> None:
     """
 
 
+def job_field_options(command):
+    """The submit options of every job field that declares one (jobs/plan/spec.py, JobSpec).
+
+    Click's own types convert whole numbers and numbers (with its own error message);
+    every other value arrives as text and goes through the field's parser, as `--set`
+    does. A true-or-false field is a --name/--no-name pair; a field of inputs repeats.
+    """
+    for declared in reversed(FIELDS.values()):
+        info = declared.info
+        if info.option is None:
+            continue
+        name = info.option.removeprefix("--")
+        if info.kind is SWITCH:
+            command = click.option(
+                f"--{name}/--no-{name}", declared.name, default=None, help=declared.help_text
+            )(command)
+        elif info.kind is POINTS:
+            command = click.option(
+                info.option, declared.name, multiple=True, metavar=info.kind.metavar,
+                callback=lambda context, parameter, texts: tuple(parse_point(text) for text in texts),
+                help=declared.help_text,
+            )(command)  # fmt: skip
+        else:
+            kind_type = click.Choice(info.kind.choices) if info.kind.choices else info.kind.click_type
+            command = click.option(
+                info.option, declared.name, type=kind_type, metavar=info.kind.metavar, help=declared.help_text
+            )(command)
+    return command
+
+
 @cli.command()
 @click.argument("spec_file", required=False, type=click.Path(path_type=Path), metavar="[SPEC.yaml]")
 @click.option(
@@ -91,48 +122,7 @@ def cli() -> None:
     help="single (default); mirrored or multiworker (TensorFlow, tf.distribute); ddp (torch). "
     "Repeatable; each variant runs for the frameworks it belongs to.",
 )
-@click.option(
-    "--workers", type=int, help="Devices (mirrored) or worker processes (multiworker, ddp). Default 1."
-)
-@click.option("--epochs", type=int, help="Passes over the data. Default 500.")
-@click.option("--optimizer", type=click.Choice(OPTIMIZERS), help="Default adam.")
-@click.option("--lr", type=float, help="Learning rate. Default 0.01.")
-@click.option("--batch-size", type=int, help="Rows per step. Default: the full data.")
-@click.option("--seed", type=int, help="Seed for initialisation and shuffling. Default 0.")
-@click.option("--init", help="Initial parameters: framework, zeros or a number. Default zeros.")
-@click.option(
-    "--data", help="article, PATH.csv or synthetic:rows=N,features=K,noise=S,seed=R. Default article."
-)
-@click.option(
-    "--normalize/--no-normalize",
-    default=None,
-    help="Standardise features and target for training; parameters are reported in original units.",
-)
-@click.option(
-    "--predict",
-    "predictions",
-    multiple=True,
-    metavar="X",
-    help="Input to predict, e.g. 1800 (comma-separated for several features); repeatable. "
-    "Default: 1800 on the article data.",
-)
-@click.option(
-    "--gpus-per-job",
-    type=float,
-    help="GPUs per job (0, a fraction, or 1). Default: 1 where the cluster has GPUs, else 0.",
-)
-@click.option(
-    "--allow-cpu-fallback",
-    is_flag=True,
-    default=None,
-    help="Train on the CPU when Ray assigned a GPU that CUDA cannot use, instead of failing.",
-)
-@click.option(
-    "--save-models",
-    is_flag=True,
-    default=None,
-    help="Export each succeeded job's model to DIR/models/JOB (see runjobs predict).",
-)
+@job_field_options
 @click.option(
     "--address",
     envvar="RAY_ADDRESS",
@@ -162,7 +152,8 @@ def cli() -> None:
     "assignments",
     multiple=True,
     metavar="[FRAMEWORK.]KEY=VALUE",
-    help="Set any job field, e.g. --set epochs=200 or --set torch.lr=0.05; repeatable, applied last.",
+    help="Set any job field, e.g. --set epochs=200 or --set torch.lr=0.05; repeatable, applied last. "
+    "The fields: " + ", ".join(FIELDS) + " (`runjobs fields` describes each).",
 )
 def submit(
     spec_file,
@@ -173,23 +164,11 @@ def submit(
     frameworks,
     preset,
     variants,
-    workers,
-    epochs,
-    optimizer,
-    lr,
-    batch_size,
-    seed,
-    init,
-    data,
-    normalize,
-    predictions,
-    gpus_per_job,
-    allow_cpu_fallback,
-    save_models,
     address,
     no_wait,
     output,
     assignments,
+    **field_values,
 ) -> None:
     """Train each framework's house-price model as a Ray task and print one comparison.
 
@@ -207,23 +186,10 @@ def submit(
 
     try:
         overrides = Overrides()
-        flags = dict(
-            workers=workers,
-            epochs=epochs,
-            optimizer=optimizer,
-            lr=lr,
-            batch_size=batch_size,
-            seed=seed,
-            init=init,
-            data=data,
-            normalize=normalize,
-            gpus_per_job=gpus_per_job,
-            allow_cpu_fallback=allow_cpu_fallback,
-            save_models=save_models,
-        )
-        overrides.common.update({key: value for key, value in flags.items() if value is not None})
-        if predictions:
-            overrides.common["predict"] = tuple(parse_point(text) for text in predictions)
+        for name, value in field_values.items():
+            if value is None or value == ():
+                continue  # not given: the field keeps its default (or the preset's)
+            overrides.common[name] = FIELDS[name].parse_text(value) if isinstance(value, str) else value
         for assignment in assignments:
             overrides.add_assignment(assignment)
         request = SubmitRequest(
@@ -565,6 +531,26 @@ def predict(model, input_texts, model_format, json_output) -> None:
     for prediction in outcome["predictions"]:
         output = prediction["output"]
         click.echo(f"{format_point(prediction['input'])} -> {'nan' if output is None else f'{output:.6g}'}")
+
+
+@cli.command()
+@click.option("--json", "json_output", is_flag=True, help="Print JSON.")
+def fields(json_output) -> None:
+    """Every job field: its option (if any), the values it takes, its default and what it does.
+
+    Any field can be given with `submit --set FIELD=VALUE` and as a key of a spec file.
+    """
+    rows = [
+        {"field": declared.name, "option": declared.info.option, "values": declared.info.kind.name,
+         "help": declared.help_text}
+        for declared in FIELDS.values()
+    ]  # fmt: skip
+    if json_output:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        option = f" ({row['option']})" if row["option"] else ""
+        click.echo(f"{row['field']}{option}: {row['values']}. {row['help']}")
 
 
 def _input(action):

@@ -50,13 +50,13 @@ def free_port() -> int:
 
 def ledger_state(output_dir: Path, job_id: str) -> str | None:
     """A job's state in a run's ledger, read as any SQLite client would; None before it exists."""
-    rows = _ledger_rows(output_dir, "SELECT state FROM jobs WHERE id = ?", (job_id,))
+    rows = _ledger_rows(output_dir, "SELECT status FROM jobs WHERE id = ?", (job_id,))
     return rows[0][0] if rows else None
 
 
 def ledger_states(output_dir: Path) -> list[str]:
     """Every job's state in a run's ledger, in job order; [] before the ledger exists."""
-    return [row[0] for row in _ledger_rows(output_dir, "SELECT state FROM jobs ORDER BY position")]
+    return [row[0] for row in _ledger_rows(output_dir, "SELECT status FROM jobs ORDER BY position")]
 
 
 def _ledger_rows(output_dir: Path, query: str, parameters: tuple = ()) -> list[tuple]:

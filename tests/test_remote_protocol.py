@@ -51,7 +51,7 @@ def test_the_follower_keeps_each_record_once_and_skips_an_unreadable_line(tmp_pa
         follower.chunk(text[10:])
         follower.chunk(text)  # replayed from the whole log: not kept twice
         follower.chunk(RECORD_MARKER + '{"id": "b", "stat\n')  # cut short
-        states = {job.id: job.state for job in ledger.jobs()}
+        states = {job.id: job.status for job in ledger.jobs()}
     assert follower.kept == 1 and states == {"a": "succeeded", "b": "pending"}
     assert "skipped an unreadable runjobs-record line" in capsys.readouterr().err
 
@@ -67,4 +67,4 @@ def test_replaying_a_log_counts_each_start_once(tmp_path):
         # The stream closed without the end marker: the whole log is read again.
         follower.replay(complete_lines(log), count_starts=False)
         (job,) = ledger.jobs()
-    assert job.state == "running" and job.attempts == 1
+    assert job.status == "running" and job.attempts == 1

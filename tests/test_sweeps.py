@@ -187,7 +187,7 @@ def test_a_driver_killed_mid_sweep_loses_nothing_and_the_rerun_finishes_the_rest
             driver.kill()
             driver.wait()
     with Ledger.open(output, for_writing=False) as ledger:
-        finished_before = {job.id: job.record for job in ledger.jobs() if job.state == "succeeded"}
+        finished_before = {job.id: job.record for job in ledger.jobs() if job.status == "succeeded"}
     assert len(finished_before) >= 2
 
     # Ray's reaper ends the killed driver's embedded Ray; wait for it before going on.
@@ -200,7 +200,7 @@ def test_a_driver_killed_mid_sweep_loses_nothing_and_the_rerun_finishes_the_rest
     assert rerun.returncode == 0, rerun.stderr
     with Ledger.open(output, for_writing=False) as ledger:
         jobs = ledger.jobs()
-    assert [job.state for job in jobs] == ["succeeded"] * 6
+    assert [job.status for job in jobs] == ["succeeded"] * 6
     for job in jobs:
         if job.id in finished_before:
             assert job.attempts == 1 and job.record == finished_before[job.id], "a finished job ran again"
@@ -247,7 +247,7 @@ def test_cancel_stops_a_running_sweep_and_records_its_jobs_cancelled(tmp_path):
             driver.kill()
             driver.wait()
     with Ledger.open(output, for_writing=False) as ledger:
-        states = [job.state for job in ledger.jobs()]
+        states = [job.status for job in ledger.jobs()]
     assert states == ["cancelled"] * 3
     report = json.loads((output / "report.json").read_text())
     assert report["summary"]["cancelled"] == 3
@@ -283,7 +283,7 @@ def test_a_job_whose_worker_died_is_retried_when_asked(ray_session, tmp_path):
     assert result.exit_code == 0, result.stderr
     with Ledger.open(output, for_writing=False) as ledger:
         (job,) = ledger.jobs()
-    assert job.state == "succeeded" and job.attempts == 2
+    assert job.status == "succeeded" and job.attempts == 2
 
 
 @pytest.mark.slow

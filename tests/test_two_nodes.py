@@ -132,11 +132,11 @@ def test_a_node_lost_mid_sweep_has_its_jobs_retried_and_loses_no_finished_result
         cluster.stop()
     with Ledger.open(output, for_writing=False) as ledger:
         jobs = ledger.jobs()
-    assert all(job.state in ("succeeded", "failed") for job in jobs), [(job.id, job.state) for job in jobs]
+    assert all(job.status in ("succeeded", "failed") for job in jobs), [(job.id, job.status) for job in jobs]
     retried = [job for job in jobs if job.attempts == 2]
     assert retried, "the jobs on the node that left should have been retried"
     for job in retried:
-        assert job.state == "succeeded" or "node" in (job.record or {}).get("error", "").lower()
+        assert job.status == "succeeded" or "node" in (job.record or {}).get("error", "").lower()
     report = load_strict_json(output / "report.json")
     assert len(report["jobs"]) == 4
-    assert driver.returncode == (0 if all(job.state == "succeeded" for job in jobs) else 1), stderr
+    assert driver.returncode == (0 if all(job.status == "succeeded" for job in jobs) else 1), stderr

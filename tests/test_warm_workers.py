@@ -65,7 +65,7 @@ def test_a_warm_worker_that_dies_is_replaced_and_its_job_retried(ray_session, tm
     assert result.exit_code == 0, result.stderr
     with Ledger.open(output, for_writing=False) as ledger:
         jobs = ledger.jobs()
-    assert [job.state for job in jobs] == ["succeeded"] * 3
+    assert [job.status for job in jobs] == ["succeeded"] * 3
     assert sorted(job.attempts for job in jobs) == [1, 1, 2]
     pids = {job["placement"]["pid"] for job in result.report()["jobs"]}
     assert len(pids) >= 1 and not any(name in ray.util.list_named_actors() for name in names)

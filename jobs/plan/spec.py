@@ -13,6 +13,26 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from jobs.plan.fields import (
+    BATCH,
+    GPUS,
+    IN_ID_NEVER,
+    IN_ID_UNLESS_DEFAULT,
+    INIT,
+    NAMES,
+    NUMBER,
+    OPTIONAL_TEXT,
+    POINTS,
+    SECONDS,
+    SWITCH,
+    TEXT,
+    WHOLE,
+    SpecError,
+    choice,
+    declared_fields,
+    job_field,
+)
+
 FRAMEWORKS = ("tensorflow", "torch")
 OPTIMIZERS = ("adam", "sgd")
 VARIANTS = ("single", "mirrored", "multiworker", "ddp")
@@ -29,42 +49,97 @@ INIT_KEYWORDS = ("framework", "zeros")
 PRESETS = ("article",)
 
 
-class SpecError(ValueError):
-    """A job field has a value runjobs cannot use; the message names the field and the fix."""
-
-
 @dataclass(frozen=True)
 class JobSpec:
-    """One training job. Defaults are the built-in comparison (article data, Adam lr 0.01)."""
+    """One training job. Defaults are the built-in comparison (article data, Adam lr 0.01).
 
-    framework: str
-    variant: str = "single"
-    workers: int = 1
-    epochs: int = 500
-    optimizer: str = "adam"
-    lr: float = 0.01
-    beta_1: float = 0.9
-    beta_2: float = 0.999
-    epsilon: float = 1e-7
-    batch_size: int | None = None  # None trains on the full batch
-    seed: int = 0
-    init: str = "zeros"  # framework | zeros | a number for every weight and the bias
-    data: str = "article"
-    features: tuple[str, ...] = ()  # CSV feature columns; empty means all but the target
-    target: str | None = None  # CSV target column; None means the last column
-    normalize: bool = False
-    predict: tuple[tuple[float, ...], ...] = ()
-    # The job's GPUs in all, split evenly over its workers. None: 1 per worker where the
-    # cluster has GPUs, else 0.
-    gpus_per_job: float | None = None
-    allow_cpu_fallback: bool = False
-    loop: str = "fast"  # fast: each framework's quickest path; article: Keras model.fit
-    placement: str = "pack"  # how a multi-worker job's workers are spread over nodes
-    setup_timeout_s: float = 60.0  # for process group / strategy set-up and each collective
-    timeout_s: float | None = None  # a job still running after this long is cancelled
-    retries: int = 0  # times a job whose worker or node died is started again
-    retry_exceptions: bool = False  # also retry a job whose training code raised
-    save_models: bool = False  # export the trained model to DIR/models/JOB (workers/export.py)
+    Each field is declared here once (jobs/plan/fields.py): the submit options, `--set`,
+    the spec-file keys and their help are generated from these declarations.
+    """
+
+    framework: str = job_field(
+        None, choice(*FRAMEWORKS), "Framework to train with.", default_text="each framework"
+    )
+    variant: str = job_field(
+        "single",
+        choice(*VARIANTS),
+        "single; mirrored or multiworker (TensorFlow, tf.distribute); ddp (torch).",
+    )
+    workers: int = job_field(
+        1, WHOLE, "Devices (mirrored) or worker processes (multiworker, ddp).", option="--workers"
+    )
+    epochs: int = job_field(500, WHOLE, "Passes over the data.", option="--epochs")
+    optimizer: str = job_field("adam", choice(*OPTIMIZERS), "Optimizer.", option="--optimizer")
+    lr: float = job_field(0.01, NUMBER, "Learning rate.", option="--lr")
+    beta_1: float = job_field(0.9, NUMBER, "Adam's beta_1.")
+    beta_2: float = job_field(0.999, NUMBER, "Adam's beta_2.")
+    epsilon: float = job_field(1e-7, NUMBER, "Adam's epsilon.")
+    batch_size: int | None = job_field(
+        None, BATCH, "Rows per step.", option="--batch-size", default_text="the full data"
+    )
+    seed: int = job_field(0, WHOLE, "Seed for initialisation and shuffling.", option="--seed")
+    init: str = job_field("zeros", INIT, "Initial parameters: framework, zeros or a number.", option="--init")
+    data: str = job_field(
+        "article", TEXT, "article, PATH.csv or synthetic:rows=N,features=K,noise=S,seed=R.", option="--data"
+    )
+    features: tuple[str, ...] = job_field(
+        (), NAMES, "CSV feature columns.", default_text="every column but the target"
+    )
+    target: str | None = job_field(None, OPTIONAL_TEXT, "CSV target column.", default_text="the last column")
+    normalize: bool = job_field(
+        False,
+        SWITCH,
+        "Standardise features and target for training; parameters are reported in original units.",
+        option="--normalize",
+    )
+    predict: tuple[tuple[float, ...], ...] = job_field(
+        (),
+        POINTS,
+        "Input to predict, e.g. 1800 (comma-separated for several features); repeatable.",
+        option="--predict",
+        default_text="1800 on the article data",
+    )
+    # The job's GPUs in all, split evenly over its workers.
+    gpus_per_job: float | None = job_field(
+        None,
+        GPUS,
+        "GPUs per job (0, a fraction, or 1).",
+        option="--gpus-per-job",
+        default_text="1 where the cluster has GPUs, else 0",
+    )
+    allow_cpu_fallback: bool = job_field(
+        False,
+        SWITCH,
+        "Train on the CPU when Ray assigned a GPU that CUDA cannot use, instead of failing.",
+        option="--allow-cpu-fallback",
+    )
+    loop: str = job_field(
+        "fast", choice(*LOOPS), "fast: each framework's quickest path; article: Keras model.fit."
+    )
+    placement: str = job_field(
+        "pack", choice(*PLACEMENTS), "How a multi-worker job's workers are spread over nodes."
+    )
+    setup_timeout_s: float = job_field(
+        60.0, NUMBER, "Seconds for process group or strategy set-up, and for each collective."
+    )
+    timeout_s: float | None = job_field(None, SECONDS, "A job still running after this long is cancelled.")
+    retries: int = job_field(0, WHOLE, "Times a job whose worker or node died is started again.")
+    retry_exceptions: bool = job_field(False, SWITCH, "Also retry a job whose training code raised.")
+    save_models: bool = job_field(
+        False,
+        SWITCH,
+        "Export each succeeded job's model to DIR/models/JOB (see runjobs predict).",
+        option="--save-models",
+        in_id=IN_ID_NEVER,
+    )
+    label: str | None = job_field(
+        None,
+        OPTIONAL_TEXT,
+        "A name of your own for the job, kept in its record and its id: the same settings "
+        "under another label run again as a job of their own.",
+        option="--label",
+        in_id=IN_ID_UNLESS_DEFAULT,
+    )
 
     def __post_init__(self) -> None:
         _require_choice("framework", self.framework, FRAMEWORKS)
@@ -72,8 +147,10 @@ class JobSpec:
         _require_choice("optimizer", self.optimizer, OPTIMIZERS)
         _require_choice("loop", self.loop, LOOPS)
         _require_choice("placement", self.placement, PLACEMENTS)
-        if not isinstance(self.save_models, bool):
-            raise SpecError(f"save_models={self.save_models!r}: use true or false")
+        for declared in FIELDS.values():
+            _require_kind(declared, getattr(self, declared.name))
+        if self.label is not None and not (0 < len(self.label) <= 200 and self.label.isprintable()):
+            raise SpecError(f"label={self.label!r}: use 1 to 200 printable characters")
         if self.framework not in VARIANT_FRAMEWORKS[self.variant]:
             owners = " or ".join(VARIANT_FRAMEWORKS[self.variant])
             raise SpecError(
@@ -163,7 +240,8 @@ class JobSpec:
         return record
 
 
-FIELD_NAMES = tuple(spec_field.name for spec_field in dataclasses.fields(JobSpec))
+FIELDS = {declared.name: declared for declared in declared_fields(JobSpec)}
+FIELD_NAMES = tuple(FIELDS)
 
 # The article's own settings: Keras defaults for TensorFlow (Adam lr 0.001, eps 1e-7,
 # batch 32, glorot-uniform init, model.fit) and the article's torch loop (Adam lr 0.01).
@@ -271,49 +349,14 @@ def job_ids(specs: list[JobSpec]) -> list[str]:
 
 def parse_field(name: str, text: str) -> Any:
     """Convert the text of `--set name=text` to the field's type."""
-    if name not in FIELD_NAMES:
+    return known_field(name).parse_text(text)
+
+
+def known_field(name: str):
+    """The declared field `name`; an unknown name is answered with the list of fields."""
+    if name not in FIELDS:
         raise SpecError(f"unknown job field {name!r}; the fields are: {', '.join(FIELD_NAMES)}")
-    try:
-        if name in ("workers", "epochs", "seed", "retries"):
-            return int(text)
-        if name == "batch_size":
-            return None if text.lower() in ("full", "none", "") else int(text)
-        if name in ("lr", "beta_1", "beta_2", "epsilon", "setup_timeout_s"):
-            return float(text)
-        if name == "gpus_per_job":
-            return None if text.lower() in ("auto", "none", "") else float(text)
-        if name == "timeout_s":
-            return None if text.lower() in ("none", "") else float(text)
-        if name in ("normalize", "allow_cpu_fallback", "retry_exceptions", "save_models"):
-            return parse_bool(name, text)
-        if name == "features":
-            return tuple(part.strip() for part in text.split(",") if part.strip())
-        if name == "predict":
-            return tuple(parse_point(point) for point in text.split(";") if point.strip())
-        if name == "target":
-            return text or None
-        return text
-    except ValueError as error:
-        if isinstance(error, SpecError):
-            raise
-        raise SpecError(f"{name}={text!r}: {error}") from None
-
-
-def parse_point(text: str) -> tuple[float, ...]:
-    """`1800` or, for several features, `1800,3`."""
-    try:
-        return tuple(float(part) for part in text.split(","))
-    except ValueError:
-        raise SpecError(f"predict {text!r}: give numbers separated by commas, e.g. 1800 or 1800,3") from None
-
-
-def parse_bool(name: str, text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise SpecError(f"{name}={text!r}: use true or false")
+    return FIELDS[name]
 
 
 def _is_number(value: Any) -> bool:
@@ -323,6 +366,21 @@ def _is_number(value: Any) -> bool:
 def _require_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise SpecError(f"{name}={value!r}: choose one of {', '.join(choices)}")
+
+
+def _require_kind(declared, value: Any) -> None:
+    """A value of the right type for its field's kind (a spec file can hold any YAML value)."""
+    kind = declared.info.kind
+    if kind is SWITCH and not isinstance(value, bool):
+        raise SpecError(f"{declared.name}={value!r}: use true or false")
+    if kind in (TEXT, INIT) and not isinstance(value, str):
+        raise SpecError(f"{declared.name}={value!r}: give a {kind.name}")
+    if kind is OPTIONAL_TEXT and value is not None and not isinstance(value, str):
+        raise SpecError(f"{declared.name}={value!r}: give a {kind.name}")
+    if kind is NAMES and not (isinstance(value, tuple) and all(isinstance(item, str) for item in value)):
+        raise SpecError(f"{declared.name}={value!r}: give {kind.name}, e.g. size,rooms")
+    if kind is POINTS and not (isinstance(value, tuple) and all(isinstance(item, tuple) for item in value)):
+        raise SpecError(f"{declared.name}={value!r}: give {kind.name}")
 
 
 def _require_whole(name: str, value: Any, minimum: int) -> None:

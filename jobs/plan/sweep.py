@@ -23,14 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from jobs.plan.spec import (
-    FIELD_NAMES,
+    FIELDS,
     FRAMEWORKS,
     VARIANT_FRAMEWORKS,
     JobSpec,
     Overrides,
     SpecError,
+    known_field,
     make_spec,
-    parse_field,
 )
 
 SPEC_KEYS = ("name", "defaults", "grid", "jobs", "repeat")
@@ -117,32 +117,16 @@ class SweepSpec:
 
 def field_value(key: str, value: Any) -> Any:
     """A YAML value as the job field's type; strings go through the `--set` parser."""
-    if key not in FIELD_NAMES:
-        raise SpecError(f"unknown job field {key!r}; the fields are: {', '.join(FIELD_NAMES)}")
-    if isinstance(value, str):
-        return parse_field(key, value)
-    if key == "features" and isinstance(value, list):
-        return tuple(str(item) for item in value)
-    if key == "predict" and isinstance(value, list):
-        return tuple(tuple(item) if isinstance(item, list) else (item,) for item in value)
-    if key == "predict" and isinstance(value, (int, float)):
-        return ((value,),)
-    float_fields = ("lr", "beta_1", "beta_2", "epsilon", "setup_timeout_s", "gpus_per_job", "timeout_s")
-    if key in float_fields and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if key == "init" and isinstance(value, (int, float)):
-        return str(value)
-    return value
-
-
-# Fields that change what a job keeps, not what it trains: adding --save-models to a
-# finished sweep's re-run must not give its jobs new ids (and run them all again).
-FIELDS_OUTSIDE_THE_ID = ("save_models",)
+    return known_field(key).from_document(value)
 
 
 def sweep_job_id(spec: JobSpec) -> str:
-    """framework[-variant]-HASH, the hash over the fields that decide training, so equal specs share an id."""
-    fields = {key: value for key, value in spec.to_record().items() if key not in FIELDS_OUTSIDE_THE_ID}
+    """framework[-variant]-HASH, the hash over the fields that decide training, so equal specs share an id.
+
+    Which fields enter the hash is each field's declaration (jobs/plan/fields.py): a field
+    added after runjobs 0.1 enters it only when set, so existing ids never change.
+    """
+    fields = {key: value for key, value in spec.to_record().items() if FIELDS[key].enters_id(value)}
     digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
     base = spec.framework if spec.variant == "single" else f"{spec.framework}-{spec.variant}"
     return f"{base}-{digest}"

@@ -27,18 +27,23 @@ CANCEL_REQUEST = "cancel_request"
 CANCEL_OUTCOME = "cancel_outcome"
 LOCK_NAME = "ledger.lock"
 
+# The ledger's schema version, kept in SQLite's user_version. 0: runjobs 0.1, whose jobs
+# table named the status column `state`; 1: `status`, as a record says. An older ledger is
+# migrated when opened; a newer one is refused, never misread.
+SCHEMA_VERSION = 1
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
     position INTEGER NOT NULL,
     config TEXT NOT NULL,
-    state TEXT NOT NULL,
+    status TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     record TEXT,
     updated_at REAL NOT NULL
 );
 """
+MIGRATIONS = {0: "ALTER TABLE jobs RENAME COLUMN state TO status"}
 
 
 class LedgerError(ValueError):
@@ -50,7 +55,7 @@ class LedgerJob:
     id: str
     position: int
     config: dict[str, Any]
-    state: str
+    status: str
     attempts: int
     record: dict[str, Any] | None
     updated_at: float
@@ -76,8 +81,11 @@ def running_driver(directory: Path) -> int | None:
 
 
 class Ledger:
-    def __init__(self, path: Path, connection: sqlite3.Connection, lock_handle=None) -> None:
+    def __init__(
+        self, path: Path, connection: sqlite3.Connection, lock_handle=None, status_column: str = "status"
+    ) -> None:
         self.path = path
+        self.status_column = status_column  # `state` in a runjobs 0.1 ledger that could not be migrated
         self.connection = connection
         self.lock_handle = lock_handle
         # When this process opened the ledger: a writer honours cancel requests made since.
@@ -106,12 +114,19 @@ class Ledger:
             raise LedgerError(
                 f"{directory} holds no runjobs ledger ({LEDGER_NAME}); name a run's output directory"
             )
-        connection = sqlite3.connect(directory / LEDGER_NAME, isolation_level=None, timeout=30)
-        connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("PRAGMA synchronous=FULL")  # a committed state change survives a crash
-        if for_writing:
-            connection.executescript(SCHEMA)
-        return cls(directory, connection, lock_handle)
+        try:
+            connection = sqlite3.connect(directory / LEDGER_NAME, isolation_level=None, timeout=30)
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=FULL")  # a committed state change survives a crash
+            status_column = _bring_up_to_date(connection, directory, for_writing)
+        except sqlite3.DatabaseError as error:
+            if lock_handle is not None:
+                lock_handle.close()
+            raise LedgerError(
+                f"{directory / LEDGER_NAME} is not a usable runjobs ledger ({error}); move it away, "
+                "or name another directory"
+            ) from None
+        return cls(directory, connection, lock_handle, status_column)
 
     def close(self) -> None:
         self.connection.close()
@@ -141,7 +156,7 @@ class Ledger:
             start = self.connection.execute("SELECT COALESCE(MAX(position), -1) + 1 FROM jobs").fetchone()[0]
             for offset, (job_id, config) in enumerate(jobs):
                 self.connection.execute(
-                    "INSERT OR IGNORE INTO jobs (id, position, config, state, updated_at) "
+                    f"INSERT OR IGNORE INTO jobs (id, position, config, {self.status_column}, updated_at) "
                     "VALUES (?, ?, ?, 'pending', ?)",
                     (job_id, start + offset, json.dumps(config, sort_keys=True), time.time()),
                 )
@@ -152,7 +167,7 @@ class Ledger:
         text = None if record is None else json.dumps(finite_only(record), allow_nan=False)
         with self._transaction():
             self.connection.execute(
-                "UPDATE jobs SET state = ?, record = COALESCE(?, record), updated_at = ?, "
+                f"UPDATE jobs SET {self.status_column} = ?, record = COALESCE(?, record), updated_at = ?, "
                 "attempts = attempts + (CASE WHEN ? = 'running' THEN 1 ELSE 0 END) WHERE id = ?",
                 (state, text, time.time(), state, job_id),
             )
@@ -165,7 +180,8 @@ class Ledger:
 
     def jobs(self) -> list[LedgerJob]:
         rows = self.connection.execute(
-            "SELECT id, position, config, state, attempts, record, updated_at FROM jobs ORDER BY position"
+            f"SELECT id, position, config, {self.status_column}, attempts, record, updated_at "
+            "FROM jobs ORDER BY position"
         ).fetchall()
         return [
             LedgerJob(
@@ -187,7 +203,8 @@ class Ledger:
 
     def counts(self) -> dict[str, int]:
         counts = dict.fromkeys(STATES, 0)
-        for state, count in self.connection.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
+        column = self.status_column
+        for state, count in self.connection.execute(f"SELECT {column}, COUNT(*) FROM jobs GROUP BY {column}"):
             counts[state] = count
         return counts
 
@@ -197,6 +214,40 @@ class Ledger:
 
     def _transaction(self) -> Iterator[None]:
         return _Transaction(self.connection)
+
+
+def _bring_up_to_date(connection: sqlite3.Connection, directory: Path, for_writing: bool) -> str:
+    """Create or migrate the schema; return the name of the jobs table's status column.
+
+    A reader that cannot write (a read-only copy of an old run) reads the old column.
+    """
+    version = connection.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise LedgerError(
+            f"{directory / LEDGER_NAME} was written by a newer runjobs (ledger schema {version}; this one "
+            f"reads up to {SCHEMA_VERSION}); upgrade runjobs to use this directory"
+        )
+    has_jobs = connection.execute("SELECT 1 FROM sqlite_master WHERE name = 'jobs'").fetchone() is not None
+    if not has_jobs:
+        if for_writing:
+            with _Transaction(connection):
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        connection.execute(statement)
+                connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        return "status"
+    if version == SCHEMA_VERSION:
+        return "status"
+    try:
+        with _Transaction(connection):
+            for step in range(version, SCHEMA_VERSION):
+                connection.execute(MIGRATIONS[step])
+            connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    except sqlite3.OperationalError:
+        if for_writing:
+            raise
+        return "state"  # read-only: read the 0.1 column as it is
+    return "status"
 
 
 def request_cancel(directory: Path) -> float:
@@ -228,4 +279,4 @@ class _Transaction:
 
 def stub_record(job: LedgerJob) -> dict[str, Any]:
     """A record for a job that has not ended: its config and state, no results."""
-    return empty_record(job.id, job.config, job.state, None)
+    return empty_record(job.id, job.config, job.status, None)

@@ -20,9 +20,9 @@ def run_status(directory: Path) -> dict[str, Any]:
     durations = [
         job.record["timings"]["total_s"]
         for job in jobs
-        if job.state == "succeeded" and job.record and job.record["timings"].get("total_s")
+        if job.status == "succeeded" and job.record and job.record["timings"].get("total_s")
     ]
-    running = [job.id for job in jobs if job.state == "running"]
+    running = [job.id for job in jobs if job.status == "running"]
     left = counts["pending"] + counts["running"]
     eta = None
     if left and durations and not finished:
@@ -45,7 +45,7 @@ def job_rows(directory: Path) -> list[dict[str, Any]]:
     return [
         {
             "id": job.id,
-            "state": job.state,
+            "state": job.status,
             "attempts": job.attempts,
             "convergence": (job.record or {}).get("convergence"),
             "train_s": round(job.record["timings"]["train_s"], 4)
@@ -65,7 +65,7 @@ def job_detail(directory: Path, job_id: str) -> dict[str, Any]:
     job = jobs[job_id]
     return {
         "id": job.id,
-        "state": job.state,
+        "state": job.status,
         "attempts": job.attempts,
         "config": job.config,
         "record": job.record,

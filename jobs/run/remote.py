@@ -160,7 +160,7 @@ def submit_remote(
         run_id = ledger.meta().get("run_id") or run_id
         _collect_earlier_remote_run(client, address, output_dir, ledger)
         ledger.add_jobs([(job.id, job.spec.to_record()) for job in planned])
-        states = {job.id: job.state for job in ledger.jobs()}
+        states = {job.id: job.status for job in ledger.jobs()}
         to_run = [job for job in planned if should_run(states[job.id], request.rerun)]
         wanted = {job.id for job in planned}
         if not to_run:

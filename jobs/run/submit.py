@@ -149,7 +149,7 @@ def submit(
         check_usable(output_dir)
     try:
         if ledger is not None:
-            states = {job.id: job.state for job in ledger.jobs()}
+            states = {job.id: job.status for job in ledger.jobs()}
             if not any(should_run(states.get(job.id, "pending"), request.rerun) for job in planned):
                 # Every job already has its result: a cron re-run needs no Ray at all.
                 progress.say(
@@ -187,7 +187,7 @@ def _run(
         run_id = meta.get("run_id") or new_id
         ledger.set_meta(run_id=run_id, started_at=time.time(), cluster=cluster.to_record(), finished_at=None)
         ledger.add_jobs([(job.id, job.spec.to_record()) for job in resolved])
-        states = {job.id: job.state for job in ledger.jobs()}
+        states = {job.id: job.status for job in ledger.jobs()}
         to_run = [job for job in resolved if should_run(states[job.id], request.rerun)]
         for job in to_run:
             ledger.mark(job.id, "pending")
