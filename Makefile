@@ -11,7 +11,7 @@ TORCH_CPU ?= torch==2.13.0+cpu
 TORCH_CPU_INDEX ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install run test test-quick bench lint clean
+.PHONY: help install run test test-quick test-without-ray bench lint clean
 
 help: ## Show this list of targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -38,6 +38,11 @@ test: install ## Set up, then run the whole test suite (real Ray, TensorFlow and
 
 test-quick: install ## Run the quick subset (no end-to-end training through Ray).
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+test-without-ray: install ## Run the quick subset with Ray made unimportable (a stub that raises ImportError).
+	@stub=$$(mktemp -d) && mkdir $$stub/ray && \
+	echo 'raise ImportError("Ray is made unimportable for this run")' > $$stub/ray/__init__.py && \
+	PYTHONPATH=$$stub $(BIN)/pytest -m "not slow" $(PYTEST_ARGS); code=$$?; rm -rf $$stub; exit $$code
 
 bench: install ## Run the benchmarks and print their tables (see docs/BENCHMARKS.md).
 	$(BIN)/pip install --quiet -e '.[bench]'

@@ -70,9 +70,10 @@ def end_to_end(rounds: int) -> None:
 def scaling(sizes: list[int]) -> None:
     import ray
 
+    from jobs.pipeline import submit
+    from jobs.plan.planning import SubmitRequest
     from jobs.plan.spec import Overrides
     from jobs.run.progress import LineProgress
-    from jobs.run.submit import SubmitRequest, submit
 
     class SilentProgress(LineProgress):
         def say(self, message: str) -> None:

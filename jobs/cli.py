@@ -181,8 +181,7 @@ def submit(
     started), 3 when the cluster cannot be reached or goes away (finished jobs are kept),
     130 when interrupted.
     """
-    from jobs.run.submit import SubmitRequest, plan_jobs
-    from jobs.run.submit import submit as run_submit
+    from jobs.plan.planning import SubmitRequest, plan_jobs
 
     try:
         overrides = Overrides()
@@ -206,16 +205,15 @@ def submit(
         if dry_run:
             _print_plan(plan_jobs(request), json_output)
             return
+        from jobs.pipeline import RemoteSubmission
+        from jobs.pipeline import submit as run_submit
         from jobs.run.progress import for_stream
-        from jobs.run.remote import RemoteSubmission, is_jobs_address, submit_remote
+        from jobs.run.ray_jobs import is_jobs_address
 
         if no_wait and not is_jobs_address(address):
             raise SpecError("--no-wait needs a Ray Jobs address: --address http://HEAD:8265")
         with for_stream(sys.stderr) as progress:
-            if is_jobs_address(address):
-                outcome = submit_remote(request, progress, wait=not no_wait)
-            else:
-                outcome = run_submit(request, progress)
+            outcome = run_submit(request, progress, wait=not no_wait)
         if isinstance(outcome, RemoteSubmission):
             _print_submission(outcome, json_output)
             return
@@ -287,7 +285,7 @@ def status(directory, address, json_output) -> None:
     from jobs.record.status import run_status
 
     if address:
-        from jobs.run.remote import remote_status
+        from jobs.run.ray_jobs import remote_status
 
         remote = _input(lambda: remote_status(address, directory))
         if json_output:
@@ -350,10 +348,10 @@ def report(directory, address, output) -> None:
     --no-wait`) into DIR, as far as it has got, and write its report there.
     """
     from jobs.report.combined import render_table
-    from jobs.run.submit import rebuild_report
+    from jobs.report.files import rebuild_report
 
     if address:
-        from jobs.run.remote import fetch_remote
+        from jobs.pipeline import fetch_remote
 
         if output is None:
             raise InputError("with --address, name the directory to keep the run in: --output DIR")
@@ -564,7 +562,7 @@ def _input(action):
 def _raise_as_user_error(error: Exception):
     """Re-raise a user-facing error as its one-line exit (2 input, 3 cluster); anything else as it is."""
     from jobs.run.cluster import ClusterUnreachableError
-    from jobs.run.remote import RemoteRunError
+    from jobs.run.ray_jobs import RemoteRunError
 
     if isinstance(error, ClusterUnreachableError):
         raise ClusterError(str(error)) from None
@@ -580,7 +578,7 @@ def _is_input_error(error: Exception) -> bool:
     from jobs.record.output import OutputError
     from jobs.run.authentication import AuthenticationError
     from jobs.run.cluster import ResourceRequestError
-    from jobs.run.remote import RemoteRunBusyError, UnknownRemoteJobError
+    from jobs.run.ray_jobs import RemoteRunBusyError, UnknownRemoteJobError
     from workers.data import DataError
 
     return isinstance(

@@ -9,7 +9,9 @@ Loading never unpickles untrusted data: TorchScript archives hold code and tenso
 a state_dict is read with `torch.load(weights_only=True)` (which refuses any object
 that is not a tensor or a plain container), `.keras` files are loaded in Keras' safe
 mode, and SavedModel and ONNX files are graphs. Only the framework the chosen format
-needs is imported.
+needs is imported: the registry (workers/frameworks/) says which formats exist, how a
+file of each is recognised, and which framework (or, for ONNX, onnxruntime alone) reads
+it; the loaders are the frameworks' own.
 """
 
 from __future__ import annotations
@@ -23,11 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from workers import frameworks
 from workers.capture import captured_output
-from workers.export import FORMAT_PREFERENCE, MANIFEST, ONNX_INSTALL_HINT, read_manifest
-
-FORMATS_BY_SUFFIX = {".keras": "keras", ".onnx": "onnx"}
-TORCH_SUFFIXES = (".pt", ".pth")
+from workers.export import MANIFEST, read_manifest
+from workers.frameworks.base import ModelLoadError
 
 
 class PredictError(ValueError):
@@ -90,8 +91,9 @@ def parse_inputs(texts: list[str]) -> list[tuple[float, ...]]:
 
 def resolve_model(path: Path, wanted_format: str | None = None) -> ModelSource:
     """Which file to load, and as what, without importing any framework."""
-    if wanted_format is not None and wanted_format not in FORMAT_PREFERENCE:
-        raise PredictError(f"--format {wanted_format}: choose one of {', '.join(FORMAT_PREFERENCE)}")
+    preference = frameworks.format_preference()
+    if wanted_format is not None and wanted_format not in preference:
+        raise PredictError(f"--format {wanted_format}: choose one of {', '.join(preference)}")
     if not path.exists():
         raise PredictError(
             f"{path} does not exist; name a job's model directory (DIR/models/JOB, written by "
@@ -123,8 +125,11 @@ def _from_job_directory(directory: Path, wanted_format: str | None) -> ModelSour
             f"{directory / MANIFEST} cannot be read ({error}); export the model again"
         ) from None
     formats = manifest.get("formats", {})
+    # The registry's order, asked now: a framework registered after import counts too.
     available = [
-        name for name in FORMAT_PREFERENCE if name in formats and (directory / formats[name]).exists()
+        name
+        for name in frameworks.format_preference()
+        if name in formats and (directory / formats[name]).exists()
     ]
     names = tuple(manifest.get("features", ()))
     if wanted_format is not None:
@@ -141,61 +146,76 @@ def _from_job_directory(directory: Path, wanted_format: str | None) -> ModelSour
 
 
 def _detect_format(path: Path) -> str:
+    """The format of the model file or directory a user named, by the registry's formats, unloaded."""
+    known = frameworks.model_formats()
     if path.is_dir():
-        if (path / "saved_model.pb").is_file():
-            return "saved_model"
+        for candidate in known:
+            if candidate.directory_marker and (path / candidate.directory_marker).is_file():
+                return candidate.name
+        directory_kinds = " nor ".join(
+            f"a {candidate.label} ({candidate.directory_marker})"
+            for candidate in known
+            if candidate.directory_marker
+        )
         raise PredictError(
-            f"{path} holds neither a runjobs model ({MANIFEST}) nor a SavedModel (saved_model.pb); "
+            f"{path} holds neither a runjobs model ({MANIFEST}) nor {directory_kinds}; "
             "name a job's model directory, e.g. DIR/models/JOB"
         )
     suffix = path.suffix.lower()
-    if suffix in FORMATS_BY_SUFFIX:
-        return FORMATS_BY_SUFFIX[suffix]
-    if suffix in TORCH_SUFFIXES:
-        return _torch_file_format(path)
-    raise PredictError(
-        f"{path}: unknown model format; give a .keras, .onnx or .pt file, a SavedModel directory "
-        "or a job's model directory"
-    )
+    candidates = [candidate for candidate in known if suffix in candidate.suffixes]
+    if len(candidates) == 1:
+        return candidates[0].name
+    if candidates:
+        return _archive_format(path, candidates)
+    suffixes = list(dict.fromkeys(ending for candidate in known for ending in candidate.suffixes[:1]))
+    directories = [f"a {candidate.label} directory" for candidate in known if candidate.directory_marker]
+    files = f"{', '.join(suffixes[:-1])} or {suffixes[-1]}" if len(suffixes) > 1 else "".join(suffixes)
+    choices = [f"a {files} file", *directories, "a job's model directory"]
+    raise PredictError(f"{path}: unknown model format; give {', '.join(choices[:-1])} or {choices[-1]}")
 
 
-def _torch_file_format(path: Path) -> str:
-    """TorchScript or state_dict, told apart by the archive's entries, without loading it.
+def _archive_format(path: Path, candidates: list[frameworks.ModelFormat]) -> str:
+    """Which of the formats sharing this file's suffix it is, from its zip entries, without loading it.
 
-    Both are zip archives; a TorchScript archive holds its compiled code under `code/`.
+    TorchScript and a state_dict are both `.pt` zip archives: the format whose
+    `archive_marker` folder the archive holds, else the one without a marker.
     """
+    owners = {frameworks.format_owner(candidate.name) for candidate in candidates}
+    owner = owners.pop() if len(owners) == 1 and None not in owners else "model"
+    kinds = " or ".join(candidate.label for candidate in candidates)
     try:
         with zipfile.ZipFile(path) as archive:
-            entries = archive.namelist()
+            entries = [f"/{entry}" for entry in archive.namelist()]
     except (zipfile.BadZipFile, OSError):
         raise PredictError(
-            f"{path} is not a torch archive (TorchScript or torch.save); give a file written by "
-            "runjobs submit --save-models"
+            f"{path} is not a {owner} archive ({kinds}); give a file written by runjobs submit --save-models"
         ) from None
-    holds_code = any("/code/" in f"/{entry}" for entry in entries)
-    return "torchscript" if holds_code else "state_dict"
+    for candidate in candidates:
+        if candidate.archive_marker and any(f"/{candidate.archive_marker}" in entry for entry in entries):
+            return candidate.name
+    unmarked = [candidate for candidate in candidates if not candidate.archive_marker]
+    if not unmarked:
+        raise PredictError(
+            f"{path} is a zip archive but not a {kinds} one; give a file written by "
+            "runjobs submit --save-models"
+        )
+    return unmarked[0].name
 
 
 def load_model(source: ModelSource) -> LoadedModel:
-    loader = {
-        "torchscript": _load_torchscript,
-        "state_dict": _load_state_dict,
-        "saved_model": _load_saved_model,
-        "keras": _load_keras,
-        "onnx": _load_onnx,
-    }[source.format]
+    """Load `source` with what its format needs: its framework, or for ONNX onnxruntime alone."""
     try:
         # TensorFlow logs a screenful at import and load (oneDNN, CUDA probing) before
         # its log level applies; keep the native stderr of loading off the terminal.
         with captured_output():
-            feature_count, run = loader(source.path)
-    except PredictError:
-        raise
+            predictor = frameworks.reader(source.format).load_model(source.path, source.format)
+    except ModelLoadError as error:
+        raise PredictError(str(error)) from None
     except Exception as error:  # each framework fails in its own way; the user needs one line
         lines = [line for line in str(error).splitlines() if line.strip()]
         detail = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
         raise PredictError(f"{source.path}: cannot load it as a {source.format} model ({detail})") from None
-    return LoadedModel(source, feature_count, run)
+    return LoadedModel(source, predictor.feature_count, predictor.predict)
 
 
 def check_feature_count(model: LoadedModel, inputs: list[tuple[float, ...]]) -> None:
@@ -209,112 +229,6 @@ def check_feature_count(model: LoadedModel, inputs: list[tuple[float, ...]]) -> 
         f"--input has {given} value(s) but the model takes {count} feature(s){names}; "
         f"give one value per feature, separated by commas, e.g. --input {example}"
     )
-
-
-def _load_torchscript(path: Path):
-    import torch
-
-    module = torch.jit.load(str(path), map_location="cpu")
-    module.eval()
-    feature_count = getattr(module, "in_features", None)
-
-    def run(features: np.ndarray):
-        with torch.inference_mode():
-            return module(torch.from_numpy(features)).numpy()
-
-    return feature_count, run
-
-
-def _load_state_dict(path: Path):
-    import pickle
-
-    import torch
-
-    try:
-        # weights_only: tensors and plain containers only; a pickled object is refused,
-        # never constructed.
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise PredictError(
-            f"{path}: refused: it holds Python objects, not only tensors, and runjobs reads a state_dict "
-            "with torch.load(weights_only=True), which never runs them; give a state_dict.pt written by "
-            "runjobs submit --save-models"
-        ) from None
-    weight = state.get("weight") if isinstance(state, dict) else None
-    bias = state.get("bias") if isinstance(state, dict) else None
-    if (
-        not isinstance(weight, torch.Tensor)
-        or not isinstance(bias, torch.Tensor)
-        or weight.dim() != 2
-        or weight.shape[0] != 1
-        or tuple(bias.shape) != (1,)
-    ):
-        raise PredictError(
-            f"{path} is not the state_dict of an nn.Linear(K, 1) (keys weight [1, K] and bias [1]); "
-            "give a state_dict.pt written by runjobs submit --save-models"
-        )
-    model = torch.nn.Linear(weight.shape[1], 1)
-    model.load_state_dict({"weight": weight.float(), "bias": bias.float()})
-    model.eval()
-
-    def run(features: np.ndarray):
-        with torch.inference_mode():
-            return model(torch.from_numpy(features)).numpy()
-
-    return int(weight.shape[1]), run
-
-
-def _load_saved_model(path: Path):
-    import tensorflow as tf
-
-    loaded = tf.saved_model.load(str(path))
-    signature = loaded.signatures.get("serving_default")
-    if signature is None:
-        raise PredictError(f"{path}: the SavedModel has no serving_default signature to call")
-    _, input_specs = signature.structured_input_signature
-    if len(input_specs) != 1:
-        raise PredictError(
-            f"{path}: the serving signature takes {len(input_specs)} inputs; runjobs models take 1"
-        )
-    ((input_name, input_spec),) = input_specs.items()
-    feature_count = input_spec.shape[-1] if input_spec.shape.rank else None
-
-    def run(features: np.ndarray):
-        outputs = signature(**{input_name: tf.constant(features, dtype=input_spec.dtype)})
-        return next(iter(outputs.values())).numpy()
-
-    return feature_count, run
-
-
-def _load_keras(path: Path):
-    import keras
-
-    # safe_mode refuses a .keras file whose config would deserialise Python code (lambdas).
-    model = keras.saving.load_model(path, safe_mode=True)
-    feature_count = model.input_shape[-1] if isinstance(model.input_shape, tuple) else None
-
-    def run(features: np.ndarray):
-        return keras.ops.convert_to_numpy(model(features))
-
-    return feature_count, run
-
-
-def _load_onnx(path: Path):
-    try:
-        import onnxruntime
-    except ImportError:
-        raise PredictError(f"reading {path} needs onnxruntime: {ONNX_INSTALL_HINT}") from None
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    inputs = session.get_inputs()
-    if len(inputs) != 1:
-        raise PredictError(f"{path}: the ONNX model takes {len(inputs)} inputs; runjobs models take 1")
-    dimension = inputs[0].shape[-1] if inputs[0].shape else None
-    feature_count = dimension if isinstance(dimension, int) else None
-
-    def run(features: np.ndarray):
-        return session.run(None, {inputs[0].name: features})[0]
-
-    return feature_count, run
 
 
 def format_point(point: tuple[float, ...]) -> str:

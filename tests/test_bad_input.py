@@ -5,9 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
-import ray
 
-from tests.helpers import free_port, run_cli
+from tests.helpers import free_port, ray_is_running, run_cli
 
 
 def assert_refused(result, expected: str, exit_code: int = 2) -> None:
@@ -60,10 +59,10 @@ def bad_csv(tmp_path):
     ],
 )
 def test_bad_options_are_refused_before_anything_starts(tmp_path, args, expected):
-    ray_was_running = ray.is_initialized()
+    ray_was_running = ray_is_running()
     result = run_cli(["submit", *args], tmp_path / "run")
     assert_refused(result, expected)
-    assert ray.is_initialized() == ray_was_running, "bad input must not start Ray"
+    assert ray_is_running() == ray_was_running, "bad input must not start Ray"
 
 
 @pytest.mark.parametrize(

@@ -112,6 +112,24 @@ def test_a_run_where_every_job_failed_still_renders():
     assert "No job learned parameters" in page
 
 
+def test_each_framework_and_variant_draws_as_the_registry_says_and_pairs_in_one_table():
+    page = render_html(
+        built(
+            [
+                succeeded_record("tensorflow-1", "tensorflow"),
+                succeeded_record("torch-1", "torch"),
+                succeeded_record("torch-ddp", "torch", variant="ddp", workers=2),
+            ]
+        )
+    )
+    # A wide solid TensorFlow line under thin dashed torch lines, each variant in its colour.
+    assert '"line":{"color":"#ff7f0e","width":4}' in page
+    assert '"line":{"color":"#1f77b4","dash":"dash","width":2}' in page
+    assert '"line":{"color":"#9467bd","dash":"dash","width":2}' in page
+    assert '<th class="text">tensorflow job</th><th class="text">torch job</th>' in page
+    assert "<th>train time tf/torch</th>" in page
+
+
 def test_the_sweep_section_appears_only_for_sweeps():
     comparison = built([succeeded_record("tensorflow-1", "tensorflow"), succeeded_record("torch-1", "torch")])
     assert f'id="{FIGURE_IDS["sweep"]}"' not in render_html(comparison)

@@ -16,7 +16,8 @@ import pytest
 
 from jobs.record.models import store_job_model
 from tests.helpers import run_cli
-from workers.export import FORMAT_FILES, FORMAT_PREFERENCE, FRAMEWORK_FORMATS, MANIFEST, export_model
+from workers import frameworks
+from workers.export import FORMAT_PREFERENCE, MANIFEST, export_model
 
 HAS_ONNX = all(importlib.util.find_spec(name) for name in ("onnx", "onnxruntime", "tf2onnx", "onnxscript"))
 # Two features, so a model that mixed up the weights or dropped one would show.
@@ -26,7 +27,7 @@ INPUTS = ["1800,3", "2000,4.5", "-7.25,0"]
 
 
 def formats_of(framework):
-    return [name for name in FRAMEWORK_FORMATS[framework] if name != "onnx" or HAS_ONNX]
+    return [name for name in frameworks.formats(framework) if name != "onnx" or HAS_ONNX]
 
 
 def exact(point):
@@ -53,9 +54,9 @@ def test_export_writes_every_format_of_its_framework_and_a_manifest(exported):
     assert manifest["framework"] == framework
     assert manifest["feature_count"] == 2 and manifest["features"] == ["size", "rooms"]
     assert manifest["job_id"] == "a-job"
-    assert manifest["formats"] == {name: FORMAT_FILES[name] for name in written}
+    assert manifest["formats"] == {name: frameworks.format_file(name) for name in written}
     for name in written:
-        assert (directory / FORMAT_FILES[name]).exists(), name
+        assert (directory / frameworks.format_file(name)).exists(), name
 
 
 def test_every_format_round_trips_through_predict(exported):
@@ -64,7 +65,7 @@ def test_every_format_round_trips_through_predict(exported):
         # Both ways a user names a model: the job's directory with --format, or the file itself.
         for arguments in (
             [directory, "--format", name],
-            [directory / FORMAT_FILES[name]],
+            [directory / frameworks.format_file(name)],
         ):
             predictions = predict_json(*arguments, *[item for text in INPUTS for item in ("--input", text)])
             assert [item["input"] for item in predictions] == [
@@ -105,7 +106,7 @@ def test_the_wrong_number_of_features_is_refused_with_the_fix(exported):
 
 def test_a_format_the_job_does_not_have_names_the_ones_it_has(exported):
     framework, directory, written = exported
-    missing = next(name for name in FORMAT_FILES if name not in FRAMEWORK_FORMATS[framework])
+    missing = next(name for name in FORMAT_PREFERENCE if name not in frameworks.formats(framework))
     result = run_cli(["predict", str(directory), "--format", missing, "--input", "1,2"])
     assert result.exit_code == 2
     available = [name for name in FORMAT_PREFERENCE if name in written]

@@ -157,7 +157,8 @@ def test_an_unreachable_jobs_address_exits_3_and_writes_nothing(tmp_path, monkey
 def test_a_running_remote_run_is_not_submitted_twice_and_ray_job_stop_records_it_cancelled(
     jobs_address, tmp_path
 ):
-    from jobs.run.remote import STARTED_MARKER, jobs_client
+    from jobs.run.ray_jobs import jobs_client
+    from jobs.run.remote_protocol import STARTED_MARKER
 
     output = tmp_path / "run"
     args = ["submit", "--address", jobs_address, "--framework", "torch", "--epochs", "3000000"]

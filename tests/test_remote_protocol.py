@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 
+from jobs.pipeline import keeping_callbacks
 from jobs.plan.spec import JobSpec
 from jobs.record.ledger import Ledger
 from jobs.record.records import empty_record
 from jobs.run.progress import LineProgress
-from jobs.run.remote import (
+from jobs.run.remote_protocol import (
     LINE_LIMIT,
     RECORD_MARKER,
     Follower,
@@ -17,6 +18,11 @@ from jobs.run.remote import (
     encode_record,
     marked_text,
 )
+
+
+def follower_keeping_in(directory, ledger) -> Follower:
+    callbacks = keeping_callbacks(directory, ledger, LineProgress())
+    return Follower(callbacks.on_start, callbacks.on_record, callbacks.say)
 
 
 def test_a_payload_longer_than_a_line_comes_back_whole_around_foreign_lines():
@@ -45,7 +51,7 @@ def record_for(job_id: str) -> dict:
 def test_the_follower_keeps_each_record_once_and_skips_an_unreadable_line(tmp_path, capsys):
     with Ledger.open(tmp_path, for_writing=True) as ledger:
         ledger.add_jobs([("a", JobSpec("torch").to_record()), ("b", JobSpec("torch").to_record())])
-        follower = Follower(tmp_path, ledger, LineProgress())
+        follower = follower_keeping_in(tmp_path, ledger)
         text = marked_text(RECORD_MARKER, encode_record(record_for("a")))
         follower.chunk(text[:10])  # a stream chunk can end mid-line
         follower.chunk(text[10:])
@@ -57,11 +63,11 @@ def test_the_follower_keeps_each_record_once_and_skips_an_unreadable_line(tmp_pa
 
 
 def test_replaying_a_log_counts_each_start_once(tmp_path):
-    from jobs.run.remote import STARTED_MARKER
+    from jobs.run.remote_protocol import STARTED_MARKER
 
     with Ledger.open(tmp_path, for_writing=True) as ledger:
         ledger.add_jobs([("a", JobSpec("torch").to_record())])
-        follower = Follower(tmp_path, ledger, LineProgress())
+        follower = follower_keeping_in(tmp_path, ledger)
         log = marked_text(STARTED_MARKER, "a")
         follower.chunk(log)
         # The stream closed without the end marker: the whole log is read again.

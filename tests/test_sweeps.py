@@ -12,12 +12,18 @@ from pathlib import Path
 
 import psutil
 import pytest
-import ray
 
 from jobs.plan.spec import Overrides, SpecError
 from jobs.plan.sweep import SweepSpec
 from jobs.record.ledger import Ledger
-from tests.helpers import RUNJOBS, kill_actor_once_training, ledger_state, run_cli, start_cli_in_background
+from tests.helpers import (
+    RUNJOBS,
+    kill_actor_once_training,
+    ledger_state,
+    ray_is_running,
+    run_cli,
+    start_cli_in_background,
+)
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -74,14 +80,14 @@ def test_bad_spec_files_are_refused_naming_the_key(tmp_path, text, message):
 
 
 def test_dry_run_prints_the_jobs_and_starts_nothing(tmp_path):
-    ray_was_running = ray.is_initialized()
+    ray_was_running = ray_is_running()
     output = tmp_path / "run"
     result = run_cli(["submit", str(EXAMPLES / "lr-seed.yaml"), "--dry-run", "--json"], output)
     assert result.exit_code == 0, result.stderr
     jobs = json.loads(result.stdout)
     assert len(jobs) == 8 and {job["config"]["lr"] for job in jobs} == {0.01, 0.1}
     assert not output.exists()
-    assert ray.is_initialized() == ray_was_running
+    assert ray_is_running() == ray_was_running
     table = run_cli(["submit", str(EXAMPLES / "lr-seed.yaml"), "--dry-run"], output)
     assert "8 job(s); nothing started (--dry-run)" in table.stdout
 

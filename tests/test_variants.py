@@ -7,7 +7,6 @@ import sys
 import time
 
 import pytest
-import ray
 
 from tests.helpers import kill_actor_once_training, ledger_state, run_cli, start_cli_in_background
 
@@ -39,6 +38,8 @@ def assert_same_parameters(job, twin):
 
 
 def assert_nothing_left_allocated():
+    import ray
+
     named = [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)]
     assert not [name for name in named if name.startswith("runjobs:")], named
     groups = ray.util.placement_group_table().values()

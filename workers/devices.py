@@ -10,6 +10,7 @@ device was really used.
 from __future__ import annotations
 
 import os
+import sys
 
 from workers.training import Device
 
@@ -18,11 +19,20 @@ class DeviceUnavailableError(RuntimeError):
     """Ray assigned a GPU that this worker's framework cannot use."""
 
 
+def running_ray():
+    """Ray, when this process runs inside it (a Ray worker or driver); None otherwise.
+
+    Never imports Ray: a job run in this process without Ray (the in-process executor)
+    must not need it.
+    """
+    ray = sys.modules.get("ray")
+    return ray if ray is not None and ray.is_initialized() else None
+
+
 def ray_gpu_ids() -> tuple[str, ...]:
     """The GPU ids Ray assigned to the current task, or () outside a Ray task."""
-    import ray
-
-    if not ray.is_initialized():
+    ray = running_ray()
+    if ray is None:
         return ()
     return tuple(str(gpu_id) for gpu_id in ray.get_gpu_ids())
 

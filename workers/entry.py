@@ -1,13 +1,13 @@
 """The body of one job's Ray task: start the framework, train, judge, and return a result.
 
 The result is a plain JSON-ready dict, so the driver records it as it is and a report
-can be rebuilt from it later without Ray. The framework is imported here, inside the
-task, so the driver never pays for TensorFlow or torch.
+can be rebuilt from it later without Ray. The job's framework comes from the registry
+(workers/frameworks/), which imports it here, inside the task, so the driver never pays
+for TensorFlow or torch.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import platform
 import socket
@@ -18,14 +18,13 @@ from typing import Any
 
 import numpy as np
 
+from workers import frameworks
 from workers.capture import captured_output
 from workers.data import Dataset
-from workers.devices import ray_gpu_ids
+from workers.devices import ray_gpu_ids, running_ray
 from workers.distributed import SINGLE_WORKER, WorkerContext
 from workers.reference import classify_convergence, least_squares, mean_squared_error, r2_gap
 from workers.training import Scaling, TrainingData
-
-TRAINER_MODULES = {"tensorflow": "workers.tensorflow_trainer", "torch": "workers.torch_trainer"}
 
 
 def run_job(
@@ -68,13 +67,16 @@ def _train(
     gpu_ids = ray_gpu_ids()
 
     startup_began = time.perf_counter()
-    trainer = importlib.import_module(TRAINER_MODULES[spec.framework])
-    device = trainer.initialise(gpu_ids, spec.allow_cpu_fallback, spec, context)
+    # The first job of a process imports the framework here: start-up, not set-up.
+    framework = frameworks.get(spec.framework)
+    device = framework.initialise(gpu_ids, spec.allow_cpu_fallback, spec, context)
     startup_in_task = time.perf_counter() - startup_began
 
     scaling = Scaling.standardise(dataset) if spec.normalize else Scaling.identity(dataset.feature_count)
     prediction_inputs = np.asarray(spec.predict, dtype=np.float64).reshape(-1, dataset.feature_count)
-    outcome = trainer.train(spec, TrainingData.prepare(dataset, scaling, prediction_inputs), device, context)
+    outcome = framework.train(
+        spec, TrainingData.prepare(dataset, scaling, prediction_inputs), device, context
+    )
 
     weights, bias = scaling.original_parameters(outcome.weights, outcome.bias)
     weight_history, bias_history = scaling.original_parameter_history(outcome.parameter_history)
@@ -136,7 +138,7 @@ def _train(
         "versions": {
             "python": platform.python_version(),
             "ray": _ray_version(),
-            spec.framework: trainer.VERSION,
+            spec.framework: framework.version,
             "numpy": np.__version__,
         },
         "data": {
@@ -158,15 +160,13 @@ def _process_start_time() -> float:
 
 
 def _ray_node_id() -> str | None:
-    import ray
+    ray = running_ray()
+    return ray.get_runtime_context().get_node_id() if ray is not None else None
 
-    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
-
-def _ray_version() -> str:
-    import ray
-
-    return ray.__version__
+def _ray_version() -> str | None:
+    ray = running_ray()
+    return ray.__version__ if ray is not None else None
 
 
 def export_model_files(spec, dataset: Dataset, result: dict[str, Any]) -> dict[str, bytes]:

@@ -1,8 +1,8 @@
-"""What both trainers share: the arrays they train on, unit scaling, and what they hand back.
+"""What every framework's training shares: the arrays it trains on, unit scaling, and what it hands back.
 
-Trainers see only float32 arrays in training units; this module standardises the data
-when asked (`normalize`) and maps the learned parameters back to the data's own units,
-so both frameworks are judged on the same scale.
+Frameworks (workers/frameworks/) see only float32 arrays in training units; this module
+standardises the data when asked (`normalize`) and maps the learned parameters back to
+the data's own units, so every framework is judged on the same scale.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ class Device:
 
 @dataclass
 class TrainerOutcome:
-    """A trainer's result, still in training units."""
+    """A framework's training result (Framework.train), still in training units."""
 
     weights: np.ndarray
     bias: float

@@ -32,17 +32,15 @@ from jobs.plan.fields import (
     declared_fields,
     job_field,
 )
+from workers import frameworks
 
-FRAMEWORKS = ("tensorflow", "torch")
+# The frameworks and their variants are the registry's (workers/frameworks), which names
+# them without importing any framework.
+FRAMEWORKS = frameworks.names()
+VARIANTS = frameworks.variants()
+# Which frameworks each variant belongs to: tf.distribute for TensorFlow, DDP for torch.
+VARIANT_FRAMEWORKS = frameworks.variant_frameworks()
 OPTIMIZERS = ("adam", "sgd")
-VARIANTS = ("single", "mirrored", "multiworker", "ddp")
-# Which framework each variant belongs to: tf.distribute for TensorFlow, DDP for torch.
-VARIANT_FRAMEWORKS = {
-    "single": FRAMEWORKS,
-    "mirrored": ("tensorflow",),
-    "multiworker": ("tensorflow",),
-    "ddp": ("torch",),
-}
 PLACEMENTS = ("pack", "spread")
 LOOPS = ("fast", "article")
 INIT_KEYWORDS = ("framework", "zeros")
@@ -215,7 +213,7 @@ class JobSpec:
     @property
     def runs_one_task(self) -> bool:
         """single and mirrored run as one Ray task; multiworker and ddp as one actor per worker."""
-        return self.variant in ("single", "mirrored")
+        return frameworks.runs_one_task(self.variant)
 
     @property
     def initial_value(self) -> float | None:

@@ -47,3 +47,8 @@ def finite_only(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [finite_only(item) for item in value]
     return value
+
+
+def exit_code_for(report: dict[str, Any]) -> int:
+    """0 when every job of a report succeeded, 1 when any did not."""
+    return 0 if report["summary"]["succeeded"] == len(report["jobs"]) else 1

@@ -3,19 +3,23 @@
 Nothing here talks to Ray or imports a framework, so a report can be rebuilt from
 recorded results at any time. Numbers that are not finite (a diverged job's NaN) are
 written as null: report.json is strict JSON.
+
+Frameworks are compared two by two, in the registry's order (workers/frameworks/:
+tensorflow, then torch), so a framework added there is paired with the others without
+a change here.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import math
 from typing import Any
 
 from jobs.record.records import finite_only
-
-COMPARED_FRAMEWORKS = ("tensorflow", "torch")
+from workers import frameworks
 
 
 def build_report(
@@ -125,7 +129,8 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Repeated seeds grouped: mean and standard deviation per (framework, variant, hyperparameters).
 
     A group is every succeeded job whose config differs only in `seed`; groups of one job
-    are left out. `pairs` compares the TensorFlow and torch groups of the same settings.
+    are left out. `pairs` compares the groups of two frameworks (tensorflow and torch) with the
+    same settings.
     """
     import statistics
 
@@ -166,43 +171,58 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
             }
         )
     pairs = []
-    for tensorflow_group in (group for group in groups if group["framework"] == "tensorflow"):
-        settings = {k: v for k, v in tensorflow_group["config"].items() if k != "framework"}
-        for torch_group in (group for group in groups if group["framework"] == "torch"):
-            if {k: v for k, v in torch_group["config"].items() if k != "framework"} == settings:
-                pairs.append(
-                    {
-                        "groups": {"tensorflow": tensorflow_group["jobs"], "torch": torch_group["jobs"]},
-                        "train_time_ratio": _ratio(
-                            tensorflow_group["train_s"]["mean"], torch_group["train_s"]["mean"]
-                        ),
-                        "r2_gap_mean": {
-                            "tensorflow": tensorflow_group["r2_gap"]["mean"],
-                            "torch": torch_group["r2_gap"]["mean"],
-                        },
-                    }
-                )
+    for first, second in framework_pairs(groups):
+        for first_group in (group for group in groups if group["framework"] == first):
+            settings = {k: v for k, v in first_group["config"].items() if k != "framework"}
+            for second_group in (group for group in groups if group["framework"] == second):
+                if {k: v for k, v in second_group["config"].items() if k != "framework"} == settings:
+                    pairs.append(
+                        {
+                            "groups": {first: first_group["jobs"], second: second_group["jobs"]},
+                            "train_time_ratio": _ratio(
+                                first_group["train_s"]["mean"], second_group["train_s"]["mean"]
+                            ),
+                            "r2_gap_mean": {
+                                first: first_group["r2_gap"]["mean"],
+                                second: second_group["r2_gap"]["mean"],
+                            },
+                        }
+                    )
     return {"groups": groups, "pairs": pairs}
 
 
-def compare(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Pair each TensorFlow job with the torch job of the same config.
+def framework_pairs(items: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Every two frameworks among `items` (records or groups), in the registry's order.
 
-    When the run holds exactly one job of each framework but their configs differ (the
-    article preset), they are still paired, with `same_config` false and the differing
-    fields listed; the parameter difference is then not a parity measure and is omitted.
+    A framework a record names but the registry no longer lists (an older run) comes
+    after the registered ones, so its record is still compared.
     """
-    tensorflow_jobs = [record for record in records if record["framework"] == "tensorflow"]
-    torch_jobs = [record for record in records if record["framework"] == "torch"]
+    present = list(dict.fromkeys(item["framework"] for item in items))
+    ordered = [name for name in frameworks.names() if name in present]
+    ordered += [name for name in present if name not in ordered]
+    return list(itertools.combinations(ordered, 2))
+
+
+def compare(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pair each job of a framework with the job of the same config of each later framework.
+
+    With the built-in frameworks: each TensorFlow job beside the torch job of the same
+    config. When the run holds exactly one job of each of two frameworks but their
+    configs differ (the article preset), they are still paired, with `same_config`
+    false and the differing fields listed; the parameter difference is then not a
+    parity measure and is omitted.
+    """
     pairs = []
-    unpaired_torch = list(torch_jobs)
-    for tensorflow_job in tensorflow_jobs:
-        partner = next((job for job in unpaired_torch if _same_config(tensorflow_job, job)), None)
-        if partner is None and len(tensorflow_jobs) == 1 and len(unpaired_torch) == 1:
-            partner = unpaired_torch[0]
-        if partner is not None:
-            unpaired_torch.remove(partner)
-            pairs.append(_pair(tensorflow_job, partner))
+    for first, second in framework_pairs(records):
+        first_jobs = [record for record in records if record["framework"] == first]
+        unpaired = [record for record in records if record["framework"] == second]
+        for first_job in first_jobs:
+            partner = next((job for job in unpaired if _same_config(first_job, job)), None)
+            if partner is None and len(first_jobs) == 1 and len(unpaired) == 1:
+                partner = unpaired[0]
+            if partner is not None:
+                unpaired.remove(partner)
+                pairs.append(_pair(first_job, partner))
     return {"pairs": pairs}
 
 
@@ -214,10 +234,12 @@ def _same_config(first: dict[str, Any], second: dict[str, Any]) -> bool:
     return _comparable_config(first) == _comparable_config(second)
 
 
-def _pair(tensorflow_job: dict[str, Any], torch_job: dict[str, Any]) -> dict[str, Any]:
-    first, second = _comparable_config(tensorflow_job), _comparable_config(torch_job)
-    differing = sorted(key for key in first if first[key] != second.get(key))
-    sides = {"tensorflow": tensorflow_job, "torch": torch_job}
+def _pair(first_job: dict[str, Any], second_job: dict[str, Any]) -> dict[str, Any]:
+    """Two jobs of two frameworks side by side; the ratio is first/second, in the registry's order."""
+    first_config, second_config = _comparable_config(first_job), _comparable_config(second_job)
+    differing = sorted(key for key in first_config if first_config[key] != second_config.get(key))
+    first, second = first_job["framework"], second_job["framework"]
+    sides = {first: first_job, second: second_job}
     both_succeeded = all(job["status"] == "succeeded" for job in sides.values())
     pair: dict[str, Any] = {
         "jobs": {name: job["id"] for name, job in sides.items()},
@@ -229,13 +251,13 @@ def _pair(tensorflow_job: dict[str, Any], torch_job: dict[str, Any]) -> dict[str
         "max_param_difference": None,
     }
     if both_succeeded:
-        tensorflow_train = tensorflow_job["timings"]["train_s"]
-        torch_train = torch_job["timings"]["train_s"]
-        if torch_train > 0:
-            pair["train_time_ratio"] = {"tensorflow/torch": tensorflow_train / torch_train}
-        pair["faster"] = "tensorflow" if tensorflow_train < torch_train else "torch"
+        first_train = first_job["timings"]["train_s"]
+        second_train = second_job["timings"]["train_s"]
+        if second_train > 0:
+            pair["train_time_ratio"] = {f"{first}/{second}": first_train / second_train}
+        pair["faster"] = first if first_train < second_train else second
         if not differing:
-            pair["max_param_difference"] = _param_difference(tensorflow_job["params"], torch_job["params"])
+            pair["max_param_difference"] = _param_difference(first_job["params"], second_job["params"])
     return pair
 
 
@@ -468,21 +490,26 @@ def _aggregate_lines(groups: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+def pair_frameworks(pair: dict[str, Any]) -> tuple[str, str]:
+    """The two frameworks of a comparison pair, in the order its ratio divides them."""
+    first, second = pair["jobs"]
+    return first, second
+
+
 def _pair_sentences(report: dict[str, Any]) -> list[str]:
     sentences = []
     for pair in report["comparison"]["pairs"]:
         names = pair["jobs"]
+        first, second = pair_frameworks(pair)
         if pair["train_time_ratio"] is None:
-            sentences.append(
-                f"{names['tensorflow']} vs {names['torch']}: not compared (a job did not succeed)"
-            )
+            sentences.append(f"{names[first]} vs {names[second]}: not compared (a job did not succeed)")
             continue
-        ratio = pair["train_time_ratio"]["tensorflow/torch"]
-        sentence = f"{names['tensorflow']} vs {names['torch']}: train time ratio tensorflow/torch {ratio:.2f}"
+        ratio = pair["train_time_ratio"][f"{first}/{second}"]
+        sentence = f"{names[first]} vs {names[second]}: train time ratio {first}/{second} {ratio:.2f}"
         if pair["max_param_difference"] is not None:
             relative = pair["max_param_difference"]["relative"]
             sentence += f"; same config, parameters differ by {_small(relative)} (relative)"
-            if pair["frameworks"]["tensorflow"].get("initial_parameters") == "framework":
+            if pair["frameworks"][first].get("initial_parameters") == "framework":
                 sentence += ", from each framework's own initialisation"
         else:
             sentence += f"; configs differ in {', '.join(pair['differing_fields'])}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from jobs.record.ledger import Ledger
 from jobs.record.output import write_atomically
 from jobs.report import combined as reports
 
@@ -43,3 +44,22 @@ def render_report_html(report: dict[str, Any]) -> str:
             "report.json, report.csv and report.md hold the results; "
             "`runjobs report DIR` renders it again.</p></body></html>\n"
         )
+
+
+def rebuild_report(
+    output_dir: Path, ledger: Ledger | None = None, job_ids: set[str] | None = None
+) -> dict[str, Any]:
+    """The report files again, from the ledger alone: no Ray, no framework."""
+    owned = ledger is None
+    ledger = ledger or Ledger.open(output_dir, for_writing=False)
+    try:
+        meta = ledger.meta()
+        records = [record for record in ledger.records() if job_ids is None or record["id"] in job_ids]
+        report = reports.build_report(
+            meta.get("run_id", output_dir.name), meta.get("cluster", {}), records, meta.get("driver_timings")
+        )
+    finally:
+        if owned:
+            ledger.close()
+    write_reports(output_dir, report)
+    return report

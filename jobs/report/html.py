@@ -10,7 +10,9 @@ FIGURE_IDS) so a browser test can find it.
 Like jobs/report/combined.py this is a pure function of recorded results, except that the
 "data with learned lines" figure reads the data again through workers/data.py (the
 article's houses and synthetic data are rebuilt; a CSV is read if it is still there).
-plotly is imported inside render_html, so `runjobs --help` never pays for it.
+plotly is imported inside render_html, so `runjobs --help` never pays for it. Each
+framework's colours per variant, line and names come from the framework registry
+(workers/frameworks/), which imports no framework.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import math
 from typing import Any
 
 from jobs.report import combined as reports
+from workers import frameworks
 
 FIGURE_IDS = {
     "loss": "loss-curves",
@@ -39,13 +42,7 @@ MAX_SWEEP_SERIES = 12
 MAX_CURVES_PER_PANEL = 16
 MAX_UNFOLDED_ROWS = 24
 
-FRAMEWORK_VARIANT_COLORS = {
-    ("tensorflow", "single"): "#ff7f0e",
-    ("tensorflow", "mirrored"): "#bcbd22",
-    ("tensorflow", "multiworker"): "#8c564b",
-    ("torch", "single"): "#1f77b4",
-    ("torch", "ddp"): "#9467bd",
-}
+# For a job whose framework or variant has no colour in the registry (a record of an older run).
 OTHER_COLOR = "#7f7f7f"
 OPTIMUM_COLOR = "#000000"
 TIMING_PARTS = (
@@ -201,12 +198,15 @@ def _comparison_html(report: dict[str, Any]) -> str:
     # A large sweep's job and pair tables would push every figure pages down: folded, one click
     # away, with the seed groups (a line per setting) shown above them instead.
     parts.append(_foldable(f"{len(report['jobs'])} jobs", _table(header, rows, status_column=1), len(rows)))
-    if pairs:
+    # One table per two frameworks compared (with the built-in ones: TensorFlow and torch).
+    by_frameworks = _grouped(pairs, lambda pair: "/".join(reports.pair_frameworks(pair)))
+    for framework_pair in by_frameworks.values():
+        first, second = reports.pair_frameworks(framework_pair[0])
         parts.append(
             _foldable(
-                f"{len(pairs)} TensorFlow / torch pairs",
-                _table(*_pair_rows(pairs), text_columns=3),
-                len(pairs),
+                f"{len(framework_pair)} {_label(first)} / {_label(second)} pairs",
+                _table(*_pair_rows(framework_pair, first, second), text_columns=3),
+                len(framework_pair),
             )
         )
     if groups:
@@ -251,24 +251,25 @@ def _table(
     return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(body) + "\n</tbody>\n</table>"
 
 
-def _pair_rows(pairs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+def _pair_rows(pairs: list[dict[str, Any]], first: str, second: str) -> tuple[list[str], list[list[str]]]:
+    """The pairs of two frameworks, `first` and `second`, a row each."""
     header = [
-        "tensorflow job",
-        "torch job",
+        f"{first} job",
+        f"{second} job",
         "same config",
-        "train time tf/torch",
+        f"train time {_abbreviation(first)}/{_abbreviation(second)}",
         "faster",
         "max param diff (rel)",
     ]
     rows = []
     for pair in pairs:
-        ratio = (pair.get("train_time_ratio") or {}).get("tensorflow/torch")
+        ratio = (pair.get("train_time_ratio") or {}).get(f"{first}/{second}")
         difference = (pair.get("max_param_difference") or {}).get("relative")
         same = "yes" if pair["same_config"] else "no: " + ", ".join(pair.get("differing_fields", []))
         rows.append(
             [
-                pair["jobs"]["tensorflow"],
-                pair["jobs"]["torch"],
+                pair["jobs"][first],
+                pair["jobs"][second],
                 same,
                 "-" if ratio is None else f"{ratio:.2f}",
                 pair.get("faster") or "-",
@@ -276,6 +277,17 @@ def _pair_rows(pairs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]
             ]
         )
     return header, rows
+
+
+def _label(framework: str) -> str:
+    """The framework's name in prose ("TensorFlow"), or its record name when it is not registered."""
+    display = frameworks.display(framework)
+    return display.label if display is not None else framework
+
+
+def _abbreviation(framework: str) -> str:
+    display = frameworks.display(framework)
+    return display.abbreviation if display is not None else framework
 
 
 def _group_rows(groups: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
@@ -315,15 +327,25 @@ def _job_kind(job: dict[str, Any]) -> str:
 
 
 def _color(job: dict[str, Any]) -> str:
-    return FRAMEWORK_VARIANT_COLORS.get((job["framework"], job.get("variant", "single")), OTHER_COLOR)
+    display = frameworks.display(job["framework"])
+    if display is None:
+        return OTHER_COLOR
+    return display.colors.get(job.get("variant", "single"), OTHER_COLOR)
 
 
 def _line(job: dict[str, Any]) -> dict[str, Any]:
-    """Frameworks that learned the same thing draw on top of each other: a wide solid TensorFlow
-    line under a thin dashed torch line keeps both visible."""
-    if job["framework"] == "tensorflow":
-        return {"color": _color(job), "width": 4}
-    return {"color": _color(job), "width": 2, "dash": "dash"}
+    """The job's line: its variant's colour, its framework's width and dash (the registry's `Display`).
+
+    Frameworks that learned the same thing draw on top of each other: a wide solid
+    TensorFlow line under a thin dashed torch line keeps both visible.
+    """
+    display = frameworks.display(job["framework"])
+    if display is None:
+        return {"color": OTHER_COLOR, "width": 2, "dash": "dot"}
+    line: dict[str, Any] = {"color": _color(job), "width": display.line_width}
+    if display.line_dash is not None:
+        line["dash"] = display.line_dash
+    return line
 
 
 def _varying_fields(configs: list[dict[str, Any]], exclude: tuple[str, ...] = ()) -> list[str]:

@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -93,9 +94,8 @@ def connected(address: str | None, shutdown: BackgroundShutdown | None = None) -
 
     With `shutdown`, the shutdown starts on a thread as the block ends; the caller waits.
     """
-    import ray
-
-    if ray.is_initialized():
+    already = sys.modules.get("ray")
+    if already is not None and already.is_initialized():
         # A caller (a test session, a notebook) already owns a connection: use it as is.
         yield describe_cluster(embedded=False)
         return
@@ -108,6 +108,9 @@ def connected(address: str | None, shutdown: BackgroundShutdown | None = None) -
             )
         if address != "auto":
             wait_until_reachable(address)
+    import ray
+
+    if address:
         gcs_address = address if address != "auto" else _local_cluster_address()
         if gcs_address is not None:
             choose_mode_for(gcs_address)

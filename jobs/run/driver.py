@@ -1,9 +1,12 @@
-"""The driver: runs each job on Ray and gathers a record per job as it ends.
+"""The driver: the Ray layer that carries out the scheduler's decisions and reports what Ray did.
 
-A single-device CPU job runs on a warm worker (jobs/run/warm_workers.py): an actor that keeps
-its framework imported across jobs. A GPU or mirrored job is one Ray task with the job's
-GPUs, in a fresh process. A multiworker or ddp job
-is gang-scheduled: a placement group reserves all of its workers' bundles at once (so a
+jobs/run/scheduler.py decides which job starts next and where, retries, deadlines and
+cancel, without Ray; this module turns each of its decisions into Ray calls and each
+Ray outcome into one of its events. A single-device CPU job runs on a warm worker: an
+actor that keeps its framework imported across jobs (jobs/run/warm_workers.py holds the
+pool's policy; only the actors' creation and ray.kill are here). A GPU or mirrored job
+is one Ray task with the job's GPUs, in a fresh process. A multiworker or ddp job is
+gang-scheduled: a placement group reserves all of its workers' bundles at once (so a
 job never holds part of its devices while waiting for the rest), one actor per bundle
 reports an address, and then every worker trains with its rank. A job that raises, or
 whose worker dies, becomes a failed record carrying the cause; its actors and placement
@@ -14,21 +17,39 @@ the moment its job ends, so the caller can persist it before waiting for the res
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from jobs.plan.spec import JobSpec
+from jobs.plan.planning import PlannedJob
 from jobs.record.records import empty_record
-from jobs.run import warm_workers
+from jobs.run.scheduler import (
+    Decision,
+    Failure,
+    Phase,
+    Placement,
+    Record,
+    RetireWarmWorker,
+    Run,
+    Scheduler,
+    Start,
+    Stop,
+    TrainGang,
+)
 from workers.data import Dataset
 
-
-@dataclass(frozen=True)
-class PlannedJob:
-    id: str
-    spec: JobSpec
-    dataset: Dataset
+__all__ = [
+    "CANCEL_POLL_S",
+    "Driver",
+    "Execution",
+    "PlannedJob",
+    "RunInterrupted",
+    "describe_error",
+    "job_record",
+    "merge_worker_results",
+    "run_jobs",
+]
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -56,22 +77,13 @@ CANCEL_POLL_S = 0.25
 
 @dataclass
 class Execution:
-    """One job on Ray: the references it waits on, and what to release when it ends."""
+    """One attempt of a job on Ray: the references it waits on, and what to release when it ends."""
 
-    job: PlannedJob
-    submitted_at: float
-    attempt: int = 1
+    run: Run
     waiting: list[Any] = field(default_factory=list)  # ObjectRefs still pending
     results: dict[Any, Any] = field(default_factory=dict)  # ObjectRef -> result
-    actors: list[Any] = field(default_factory=list)
+    actors: list[Any] = field(default_factory=list)  # a gang's workers
     placement_group: Any = None
-    warm_worker: Any = None  # the warm worker running a single-device CPU job
-    phase: str = "train"  # "address" while a gang's workers report their addresses
-
-    @property
-    def deadline(self) -> float | None:
-        timeout = self.job.spec.timeout_s
-        return None if timeout is None else self.submitted_at + timeout
 
     def release(self) -> None:
         import ray
@@ -85,6 +97,12 @@ class Execution:
             self.placement_group = None
 
 
+def _cluster_cpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("CPU", 1))
+
+
 class Driver:
     def __init__(
         self,
@@ -96,86 +114,72 @@ class Driver:
         import ray
 
         from workers.entry import run_job
-        from workers.worker_actor import DistributedWorker
+        from workers.worker_actor import DistributedWorker, WarmWorker
 
         self.on_record = on_record
         self.on_start = on_start or (lambda job_id: None)
         self.max_concurrent = max_concurrent
         self.should_stop = should_stop
         self.next_stop_check = 0.0
-        self.pool = warm_workers.WarmWorkerPool()
         # A GPU job, and a mirrored job that splits the CPU into logical devices, needs a
-        # fresh process: the frameworks fix their devices (and CUDA_VISIBLE_DEVICES) when
-        # they start, so a reused worker could train on the previous job's GPU; and a
-        # process that exits hands its GPU memory back. max_calls=1 ends each process
-        # after one job, and the runtime_env gives these tasks a worker pool of their own,
-        # so no process that ran another job is ever leased to one of them.
+        # fresh process (see jobs/run/scheduler.py). max_calls=1 ends each process after
+        # one job, and the runtime_env gives these tasks a worker pool of their own, so no
+        # process that ran another job is ever leased to one of them.
         self.fresh_train_task = ray.remote(
             max_calls=1, runtime_env={"env_vars": {"RUNJOBS_FRESH_PROCESS": "1"}}
         )(run_job)
         self.worker_actor = ray.remote(DistributedWorker)
+        self.warm_worker_actor = ray.remote(WarmWorker)
+        self.warm_workers: dict[int, Any] = {}  # the scheduler's warm worker number -> its actor
         self.dataset_refs: dict[int, Any] = {}
         self.executions: dict[Any, Execution] = {}  # pending ObjectRef -> its job's execution
-        # Only each ended job's status: records go to on_record (the ledger) and are not
-        # kept here, so the driver's memory stays flat however many jobs a sweep has.
-        self.statuses: dict[str, str] = {}
+        self.by_job: dict[str, Execution] = {}  # job id -> its execution, while it runs
         self.delivering: dict[str, Any] | None = None  # a record on its way to on_record
+        self.scheduler: Scheduler | None = None
 
     def run(self, jobs: list[PlannedJob]) -> list[str]:
         """Run every job; return each job's final status, in the order given."""
         import ray
 
-        queue = []
-        for job in jobs:
-            if warm_workers.takes(job.spec):
-                self.pool.add(job)
-            else:
-                queue.append(job)
-        queue.reverse()  # popped from the end, in the order given
+        self.scheduler = Scheduler(
+            jobs, cluster_cpus=_cluster_cpus, clock=time.time, max_concurrent=self.max_concurrent
+        )
         try:
-            while queue or self.pool.has_pending() or self.executions:
+            while self.scheduler.has_work():
                 self._check_cancel_request()
                 # Ray starts each task or gang as resources allow; warm workers take jobs
                 # as they come free. --max-concurrent caps how many run at once.
-                while queue and self._free_slots() != 0:
-                    self._start(queue[-1])
-                    queue.pop()
-                for job, attempt, worker in self.pool.assignments(self._pool_capacity(), self._free_slots()):
-                    self._start_on_warm_worker(job, attempt, worker)
+                self._carry_out(self.scheduler.decide())
                 ready, _ = ray.wait(list(self.executions), num_returns=1, timeout=self._wait_timeout())
                 for reference in ready:
                     self._collect(reference)
-                self._cancel_overdue()
+                self._carry_out(self.scheduler.check_deadlines())
         except KeyboardInterrupt:
-            raise self._stop_all(jobs, "cancelled: the run was interrupted", requested=False) from None
+            raise self._stop_all("cancelled: the run was interrupted", requested=False) from None
         except _CancelRequested:
-            raise self._stop_all(jobs, "cancelled: runjobs cancel", requested=True) from None
+            raise self._stop_all("cancelled: runjobs cancel", requested=True) from None
         finally:
             # After an error (a full disk in on_record, say), free what still runs: its
-            # actors, placement groups and CPUs would otherwise outlive the run.
-            for execution in self._live_executions():
+            # actors, placement groups and CPUs would otherwise outlive the run. The warm
+            # workers end with the run, busy or idle.
+            for execution in list(self.by_job.values()):
                 self._abandon(execution)
-            self.pool.shutdown()
-        return [self.statuses[job.id] for job in jobs]
+            for worker in list(self.warm_workers):
+                self._retire_warm_worker(worker)
+        return self.scheduler.statuses()
 
-    def _stop_all(self, jobs: list[PlannedJob], reason: str, requested: bool) -> RunInterrupted:
+    def _stop_all(self, reason: str, requested: bool) -> RunInterrupted:
         """Stop what is still running, record it and what never started as cancelled, keep what finished.
 
-        Every job without a status is recorded, so a job caught between queue and start is
-        not lost; a record the interrupt caught on its way to on_record is handed over
-        again (on_record is idempotent).
+        Every job without a kept record is recorded, so a job caught between queue and
+        start is not lost; a record the interrupt caught on its way to on_record is handed
+        over again (on_record is idempotent).
         """
         if self.delivering is not None:
             self._deliver(self.delivering)
-        running = self._live_executions()
-        for execution in running:
-            self._cancel(execution, reason)
-        pending = 0
-        for job in jobs:
-            if job.id not in self.statuses:
-                pending += 1
-                self._finish(Execution(job, time.time()), "cancelled", reason)
-        return RunInterrupted(len(running), pending, requested)
+        cancellation = self.scheduler.cancel(reason)
+        self._carry_out(cancellation.decisions)
+        return RunInterrupted(cancellation.running, cancellation.pending, requested)
 
     def _check_cancel_request(self) -> None:
         """Raise _CancelRequested once `runjobs cancel` has asked; asks at most every CANCEL_POLL_S."""
@@ -187,115 +191,70 @@ class Driver:
 
     def _wait_timeout(self) -> float | None:
         """How long to wait for a job to end: until the next deadline, and the next cancel check."""
-        timeouts = [self._time_to_deadline(), CANCEL_POLL_S if self.should_stop is not None else None]
+        timeouts = [
+            self.scheduler.seconds_to_next_deadline(),
+            CANCEL_POLL_S if self.should_stop is not None else None,
+        ]
         timeouts = [timeout for timeout in timeouts if timeout is not None]
         return min(timeouts) if timeouts else None
 
-    def _free_slots(self) -> int | None:
-        """How many more jobs may start under --max-concurrent; None without a cap."""
-        return None if self.max_concurrent is None else max(self.max_concurrent - self._running(), 0)
+    # Decisions, carried out on Ray.
 
-    def _pool_capacity(self) -> int:
-        """Warm workers allowed: the cluster's CPUs less those the other jobs hold or wait for.
+    def _carry_out(self, decisions: list[Decision]) -> None:
+        for decision in decisions:
+            if isinstance(decision, Start):
+                self._start(decision.run)
+            elif isinstance(decision, TrainGang):
+                self._start_training(decision.run, decision.addresses)
+            elif isinstance(decision, Stop):
+                execution = self.by_job.get(decision.run.job.id)
+                # None when an interrupt came between the decision to start and the start.
+                if execution is not None:
+                    self._abandon(execution)
+            elif isinstance(decision, RetireWarmWorker):
+                self._retire_warm_worker(decision.worker)
+            elif isinstance(decision, Record):
+                self._record(decision)
+            else:
+                raise TypeError(f"the driver cannot carry out {decision!r}")
 
-        A gang or GPU task waiting for CPUs thus gets them as warm workers retire,
-        rather than losing them to new warm workers. Capped by --max-concurrent.
-        """
-        import ray
-
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        held = sum(
-            1 if execution.job.spec.runs_one_task else execution.job.spec.workers
-            for execution in self._live_executions()
-            if execution.warm_worker is None
-        )
-        capacity = max(cpus - held, 1)
-        return capacity if self.max_concurrent is None else min(capacity, self.max_concurrent)
-
-    def _live_executions(self) -> list[Execution]:
-        return list({id(execution): execution for execution in self.executions.values()}.values())
-
-    def _time_to_deadline(self) -> float | None:
-        deadlines = [execution.deadline for execution in self._live_executions() if execution.deadline]
-        return max(min(deadlines) - time.time(), 0.0) if deadlines else None
-
-    def _cancel_overdue(self) -> None:
-        now = time.time()
-        for execution in self._live_executions():
-            if execution.deadline is not None and now >= execution.deadline:
-                self._cancel(execution, f"timed out after {execution.job.spec.timeout_s:g}s (timeout_s)")
-
-    def _cancel(self, execution: Execution, reason: str) -> None:
-        """Stop a running job, free its actors and placement group, and record it cancelled."""
-        self._abandon(execution)
-        self._finish(execution, "cancelled", reason)
-
-    def _abandon(self, execution: Execution) -> None:
-        """Stop a job's work and free what it holds, without recording anything."""
-        import ray
-
-        for reference in execution.waiting:
-            self.executions.pop(reference, None)
-            # An actor's task cannot be force-cancelled: ending the actor stops it.
-            if not execution.actors and execution.warm_worker is None:
-                ray.cancel(reference, force=True)
-        execution.release()
-        self._release_warm_worker(execution, healthy=False)
-
-    def _running(self) -> int:
-        return len(self._live_executions())
-
-    def _dataset(self, dataset: Dataset) -> Any:
-        import ray
-
-        # Jobs on the same data share one copy of it in Ray's object store.
-        if id(dataset) not in self.dataset_refs:
-            self.dataset_refs[id(dataset)] = ray.put(dataset)
-        return self.dataset_refs[id(dataset)]
-
-    def _start(self, job: PlannedJob, attempt: int = 1) -> None:
-        if warm_workers.takes(job.spec):
-            self.pool.add(job, attempt)  # started when a warm worker is free
-            return
+    def _start(self, run: Run) -> None:
+        job, spec = run.job, run.job.spec
+        if run.placement is Placement.NEW_WARM_WORKER:
+            self.warm_workers[run.warm_worker] = self.warm_worker_actor.options(
+                num_cpus=1,
+                max_restarts=0,
+                # Named, so an operator (or a test) can find the warm workers in Ray's state.
+                name=f"runjobs:warm:{spec.framework}:{uuid.uuid4().hex[:8]}",
+            ).remote()
         self.on_start(job.id)
-        execution = Execution(job, time.time(), attempt)
-        spec = job.spec
-        if spec.runs_one_task:
+        self.scheduler.job_started(job.id)
+        execution = Execution(run)
+        self.by_job[job.id] = execution
+        if run.placement.on_warm_worker:
+            worker = self.warm_workers[run.warm_worker]
+            reference = worker.run.remote(spec, self._dataset(job.dataset), run.submitted_at)
+            self._wait_on(execution, [reference])
+        elif run.placement is Placement.FRESH_PROCESS:
             reference = self.fresh_train_task.options(
                 num_cpus=1,
                 num_gpus=spec.gpus_per_job or 0,
                 # A dead worker fails the job rather than silently training it twice.
                 max_retries=0,
                 name=f"runjobs:{job.id}",
-            ).remote(spec, self._dataset(job.dataset), execution.submitted_at)
+            ).remote(spec, self._dataset(job.dataset), run.submitted_at)
             self._wait_on(execution, [reference])
         else:
             self._start_gang(execution)
-
-    def _start_on_warm_worker(self, job: PlannedJob, attempt: int, worker: Any) -> None:
-        self.on_start(job.id)
-        execution = Execution(job, time.time(), attempt, warm_worker=worker)
-        reference = worker.run.remote(job.spec, self._dataset(job.dataset), execution.submitted_at)
-        self._wait_on(execution, [reference])
-
-    def _release_warm_worker(self, execution: Execution, healthy: bool) -> None:
-        if execution.warm_worker is None:
-            return
-        framework = execution.job.spec.framework
-        if healthy:
-            self.pool.give_back(framework, execution.warm_worker)
-        else:
-            self.pool.replace(framework, execution.warm_worker)
-        execution.warm_worker = None
 
     def _start_gang(self, execution: Execution) -> None:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        spec = execution.job.spec
+        spec = execution.run.job.spec
         gpus_per_worker = (spec.gpus_per_job or 0) / spec.workers
         bundle = {"CPU": 1.0, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
-        job_id = execution.job.id
+        job_id = execution.run.job.id
         execution.placement_group = placement_group(
             [dict(bundle) for _ in range(spec.workers)],
             strategy=spec.placement.upper(),
@@ -314,89 +273,107 @@ class Driver:
             ).remote()
             for rank in range(spec.workers)
         ]
-        execution.phase = "address"
         self._wait_on(execution, [actor.address.remote() for actor in execution.actors])
 
-    def _wait_on(self, execution: Execution, references: list[Any]) -> None:
-        execution.waiting = list(references)
-        execution.results = {}
-        for reference in references:
-            self.executions[reference] = execution
+    def _start_training(self, run: Run, addresses: tuple[str, ...]) -> None:
+        from workers.distributed import WorkerContext
+
+        execution = self.by_job[run.job.id]
+        spec = run.job.spec
+        dataset = self._dataset(run.job.dataset)
+        references = [
+            actor.run.remote(
+                spec,
+                dataset,
+                run.submitted_at,
+                WorkerContext(rank, spec.workers, addresses, spec.setup_timeout_s),
+            )
+            for rank, actor in enumerate(execution.actors)
+        ]
+        self._wait_on(execution, references)
+
+    def _abandon(self, execution: Execution) -> None:
+        """Stop a job's work and free what it holds, without recording anything."""
+        import ray
+
+        for reference in execution.waiting:
+            self.executions.pop(reference, None)
+            # An actor's task cannot be force-cancelled: ending the actor stops it (a
+            # warm worker's end is the scheduler's RetireWarmWorker that follows).
+            if not execution.actors and execution.run.warm_worker is None:
+                ray.cancel(reference, force=True)
+        execution.release()
+        self.by_job.pop(execution.run.job.id, None)
+
+    def _retire_warm_worker(self, worker: int) -> None:
+        import ray
+
+        actor = self.warm_workers.pop(worker, None)
+        # None when an interrupt came between the decision to create the worker and its creation.
+        if actor is not None:
+            ray.kill(actor, no_restart=True)
+
+    def _record(self, decision: Record) -> None:
+        record = job_record(decision.job, decision.status, decision.error, decision.result or {})
+        record["timings"]["total_s"] = decision.total_s
+        self._deliver(record)
+
+    def _deliver(self, record: dict[str, Any]) -> None:
+        # The scheduler hears of the record only once on_record has kept it: an interrupt
+        # in between finds it in `delivering` and hands it over again.
+        self.delivering = record
+        self.on_record(record)
+        self.scheduler.recorded(record["id"], record["status"])
+        self.delivering = None
+
+    # Ray's outcomes, reported to the scheduler.
 
     def _collect(self, reference: Any) -> None:
         import ray
         from ray.exceptions import RayError, RayTaskError
 
         execution = self.executions.pop(reference)
+        job_id = execution.run.job.id
         try:
             execution.results[reference] = ray.get(reference)
-        except (RayTaskError, RayError) as error:
+        except RayError as error:
             # One worker failed: the job has failed. Stop its other workers now rather
             # than let them wait out a collective timeout.
             for other in execution.waiting:
                 self.executions.pop(other, None)
             execution.release()
-            self._release_warm_worker(execution, healthy=False)
-            spec = execution.job.spec
-            # A dead worker or node is the cluster's failure: retry it when asked. An
-            # exception in the training code would fail the same way again, so it is
-            # retried only with retry_exceptions.
-            retryable = not isinstance(error, RayTaskError) or spec.retry_exceptions
-            if retryable and execution.attempt <= spec.retries:
-                self._start(execution.job, execution.attempt + 1)
-                return
-            message = describe_error(error)
-            logs = getattr(getattr(error, "cause", None), "runjobs_logs", None)
+            self.by_job.pop(job_id, None)
+            # A dead worker or node is the cluster's failure; an exception in the training
+            # code (a RayTaskError) is the job's own.
+            failure = Failure.TRAINING_RAISED if isinstance(error, RayTaskError) else Failure.WORKER_LOST
             rank = execution.waiting.index(reference)
-            if len(execution.waiting) > 1:
-                message += f" (worker rank {rank} of {spec.workers})"
-            if execution.attempt > 1:
-                message += f" (after {execution.attempt} attempts)"
-            self._finish(execution, "failed", message, {"logs": [{"rank": rank, **logs}]} if logs else None)
+            logs = getattr(getattr(error, "cause", None), "runjobs_logs", None)
+            result = {"logs": [{"rank": rank, **logs}]} if logs else None
+            self._carry_out(self.scheduler.job_failed(job_id, describe_error(error), failure, rank, result))
             return
         if len(execution.results) < len(execution.waiting):
             return
         results = [execution.results[item] for item in execution.waiting]
-        if execution.phase == "address":
-            self._start_training(execution, results)
+        if execution.run.phase is Phase.ADDRESSES:
+            self._carry_out(self.scheduler.addresses_reported(job_id, results))
             return
         execution.release()
-        if execution.warm_worker is not None:
-            self.pool.observe(execution.job.spec.framework, results[0]["timings"])
-        self._release_warm_worker(execution, healthy=True)
-        self._finish(execution, "succeeded", None, merge_worker_results(results))
+        self.by_job.pop(job_id, None)
+        self._carry_out(self.scheduler.job_succeeded(job_id, merge_worker_results(results)))
 
-    def _start_training(self, execution: Execution, addresses: list[str]) -> None:
-        from workers.distributed import WorkerContext
+    def _dataset(self, dataset: Dataset) -> Any:
+        import ray
 
-        spec = execution.job.spec
-        execution.phase = "train"
-        dataset = self._dataset(execution.job.dataset)
-        references = [
-            actor.run.remote(
-                spec,
-                dataset,
-                execution.submitted_at,
-                WorkerContext(rank, spec.workers, tuple(addresses), spec.setup_timeout_s),
-            )
-            for rank, actor in enumerate(execution.actors)
-        ]
-        self._wait_on(execution, references)
+        # Jobs on the same data share one copy of it in Ray's object store.
+        if id(dataset) not in self.dataset_refs:
+            self.dataset_refs[id(dataset)] = ray.put(dataset)
+        return self.dataset_refs[id(dataset)]
 
-    def _finish(
-        self, execution: Execution, status: str, error: str | None, result: dict | None = None
-    ) -> None:
-        record = job_record(execution.job, status, error, result or {})
-        record["timings"]["total_s"] = time.time() - execution.submitted_at
-        self._deliver(record)
-
-    def _deliver(self, record: dict[str, Any]) -> None:
-        # The status is set only once on_record has kept the record: an interrupt in
-        # between finds it in `delivering` and hands it over again.
-        self.delivering = record
-        self.on_record(record)
-        self.statuses[record["id"]] = record["status"]
-        self.delivering = None
+    def _wait_on(self, execution: Execution, references: list[Any]) -> None:
+        execution.waiting = list(references)
+        execution.results = {}
+        for reference in references:
+            self.executions[reference] = execution
 
 
 def run_jobs(

@@ -19,11 +19,18 @@ import sys
 import tempfile
 from pathlib import Path
 
+from jobs.pipeline import submit
+from jobs.plan.planning import PlannedJob, SubmitRequest
 from jobs.plan.spec import JobSpec
-from jobs.run.driver import PlannedJob
 from jobs.run.progress import LineProgress
-from jobs.run.remote import END_MARKER, PLAN_MARKER, RECORD_MARKER, STARTED_MARKER, encode_record, marked_text
-from jobs.run.submit import SubmitRequest, submit
+from jobs.run.remote_protocol import (
+    END_MARKER,
+    PLAN_MARKER,
+    RECORD_MARKER,
+    STARTED_MARKER,
+    encode_record,
+    marked_text,
+)
 from workers.data import load_dataset
 
 

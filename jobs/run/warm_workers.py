@@ -1,4 +1,4 @@
-"""Warm workers: per-framework Ray actors that run a sweep's single-device CPU jobs.
+"""Warm workers: the policy for per-framework workers that run a sweep's single-device CPU jobs.
 
 Importing TensorFlow or torch and starting its runtime costs seconds, training the
 article's model a fraction of one. A warm worker is an actor that imports one framework
@@ -11,14 +11,18 @@ retires a framework's idle workers once it has nothing left to run (their CPUs g
 other framework or to gang jobs), and replaces a worker whose job failed or who died: a
 job that wrecked its process must not poison the next one.
 
-GPU jobs and mirrored jobs never come here: they need a fresh process (see the driver).
+This module is the policy alone and never imports Ray: a worker is a plain number, which
+the driver (jobs/run/driver.py) maps to its actor when the scheduler (jobs/run/scheduler.py)
+tells it to create one, and ends with ray.kill when the scheduler retires it.
+
+GPU jobs and mirrored jobs never come here: they need a fresh process (see the scheduler).
 """
 
 from __future__ import annotations
 
-import uuid
+import itertools
 from collections import Counter, defaultdict, deque
-from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -27,16 +31,25 @@ def takes(spec) -> bool:
     return spec.variant == "single" and not spec.gpus_per_job
 
 
+@dataclass(frozen=True)
+class Assignment:
+    """A queued job handed to a warm worker: an idle one, or a new one the driver must create first."""
+
+    job: Any
+    attempt: int
+    worker: int
+    new_worker: bool
+
+
 class WarmWorkerPool:
+    """Which warm workers live, which are idle, and which of them takes which queued job."""
+
     def __init__(self) -> None:
-        import ray
-
-        from workers.worker_actor import WarmWorker
-
-        self.worker_class = ray.remote(WarmWorker)
         self.pending: dict[str, deque[tuple[Any, int]]] = defaultdict(deque)  # framework -> (job, attempt)
-        self.idle: dict[str, list[Any]] = defaultdict(list)
+        self.idle: dict[str, list[int]] = defaultdict(list)
         self.live: Counter[str] = Counter()  # framework -> its workers, busy or idle
+        self.framework_of: dict[int, str] = {}  # every live worker, busy or idle
+        self.worker_numbers = itertools.count(1)
         # Measured per framework: a new worker's start-up (import, runtime) and a warm job's time.
         self.startup_s: dict[str, float] = {}
         self.job_s: dict[str, float] = {}
@@ -52,37 +65,52 @@ class WarmWorkerPool:
     def has_pending(self) -> bool:
         return any(self.pending.values())
 
-    def assignments(self, capacity: int, slots: int | None) -> Iterator[tuple[Any, int, Any]]:
-        """Yield (job, attempt, worker) to start now: idle workers first, then new ones up to capacity.
+    def drop_pending(self) -> None:
+        """Forget every queued job: the run was cancelled and they are recorded so."""
+        self.pending.clear()
 
-        Each pair leaves the pool as it is yielded, so the caller starts it before asking
-        for the next.
+    def retire_unneeded(self, capacity: int) -> list[int]:
+        """End idle workers with nothing to run, and idle ones beyond capacity (other jobs wait for CPUs).
+
+        Returns the workers ended, for the driver to stop.
         """
-        self._retire_unneeded(capacity)
-        started = 0
-        while slots is None or started < slots:
+        retired = []
+        for framework, workers in self.idle.items():
+            if not self.pending[framework]:
+                while workers:
+                    retired.append(self._end(workers.pop()))
+        for workers in self.idle.values():
+            while workers and sum(self.live.values()) > capacity:
+                retired.append(self._end(workers.pop()))
+        return retired
+
+    def assign(self, capacity: int, slots: int | None) -> list[Assignment]:
+        """The queued jobs to start now: on idle workers first, then on new ones up to capacity.
+
+        `slots` caps how many start (None: no cap, as without --max-concurrent).
+        """
+        assignments: list[Assignment] = []
+        while slots is None or len(assignments) < slots:
             framework = next(
                 (name for name, workers in self.idle.items() if workers and self.pending[name]), None
             )
             if framework is not None:
                 worker = self.idle[framework].pop()
+                new_worker = False
             else:
                 waiting = [name for name, queue in self.pending.items() if queue and self._worth_adding(name)]
                 if not waiting or sum(self.live.values()) >= capacity:
-                    return
+                    break
                 # A new worker for the framework with the most pending jobs per worker, so
                 # a two-framework sweep on two CPUs gets one worker of each.
                 framework = max(waiting, key=lambda name: len(self.pending[name]) / (self.live[name] + 1))
-                worker = self.worker_class.options(
-                    num_cpus=1,
-                    max_restarts=0,
-                    # Named, so an operator (or a test) can find the warm workers in Ray's state.
-                    name=f"runjobs:warm:{framework}:{uuid.uuid4().hex[:8]}",
-                ).remote()
+                worker = next(self.worker_numbers)
+                self.framework_of[worker] = framework
                 self.live[framework] += 1
+                new_worker = True
             job, attempt = self.pending[framework].popleft()
-            started += 1
-            yield job, attempt, worker
+            assignments.append(Assignment(job, attempt, worker, new_worker))
+        return assignments
 
     def observe(self, framework: str, timings: dict[str, float]) -> None:
         """Learn from a succeeded job how long a worker takes to start and a job to run."""
@@ -107,31 +135,15 @@ class WarmWorkerPool:
         queued_work_per_worker = len(self.pending[framework]) * self.job_s[framework] / self.live[framework]
         return queued_work_per_worker > self.startup_s.get(framework, 0.0)
 
-    def give_back(self, framework: str, worker: Any) -> None:
+    def give_back(self, worker: int) -> None:
         """A worker whose job succeeded: keep it warm for the next job of its framework."""
-        self.idle[framework].append(worker)
+        self.idle[self.framework_of[worker]].append(worker)
 
-    def replace(self, framework: str, worker: Any) -> None:
+    def replace(self, worker: int) -> None:
         """A worker whose job failed, timed out or was cancelled: end it; a fresh one takes its place."""
-        self._end(framework, worker)
+        self._end(worker)
 
-    def shutdown(self) -> None:
-        for framework, workers in self.idle.items():
-            while workers:
-                self._end(framework, workers.pop())
-
-    def _retire_unneeded(self, capacity: int) -> None:
-        """End idle workers with nothing to run, and idle ones beyond capacity (other jobs wait for CPUs)."""
-        for framework, workers in self.idle.items():
-            if not self.pending[framework]:
-                while workers:
-                    self._end(framework, workers.pop())
-        for framework, workers in self.idle.items():
-            while workers and sum(self.live.values()) > capacity:
-                self._end(framework, workers.pop())
-
-    def _end(self, framework: str, worker: Any) -> None:
-        import ray
-
-        ray.kill(worker, no_restart=True)
+    def _end(self, worker: int) -> int:
+        framework = self.framework_of.pop(worker)
         self.live[framework] -= 1
+        return worker

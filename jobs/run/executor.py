@@ -1,0 +1,83 @@
+"""What an executor is: it runs planned jobs somewhere and hands back one record per job as each ends.
+
+The pipeline (jobs/pipeline.py) is the same for every executor: plan, open the run's
+ledger, `executor.connect()`, `session.run(jobs, callbacks)`, report. An executor only
+decides where the jobs run:
+
+- jobs/run/ray_cluster.py: a Ray cluster this process drives (an embedded local Ray, or
+  one reached by address), with the driver and scheduler here;
+- jobs/run/ray_jobs.py: a Ray Job on a cluster's head, whose driver runs there and
+  sends each record back;
+- jobs/run/in_process.py: every job in this process, one after another, no Ray (tests).
+
+`connect()` is where a cluster is started or reached: it raises before anything is
+written (bad input exit 2, unreachable exit 3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from jobs.plan.planning import PlannedJob
+
+
+@dataclass
+class RunCallbacks:
+    """How a session reports back to the pipeline while its jobs run."""
+
+    # A job started (an attempt). `quiet` (the second argument) while an earlier run's
+    # log is replayed: keep it, show nothing.
+    on_start: Callable[[str, bool], None]
+    # A job ended: its whole record, logs and model files beside the results; the
+    # pipeline keeps it before the next one. Idempotent: a record handed over twice is kept once.
+    on_record: Callable[[dict[str, Any], bool], None]
+    should_stop: Callable[[], bool]  # `runjobs cancel` asked the run to stop
+    say: Callable[[str], None]  # a progress line
+    keep_meta: Callable[..., None]  # run-level facts for the ledger (a remote run's Ray job id)
+
+
+@dataclass
+class RunSummary:
+    """What a session tells at its end: the cluster it ran on, the driver's timings, and
+    whether it was interrupted (Ctrl-C, SIGTERM, `runjobs cancel`) after handing every
+    job back, finished or cancelled."""
+
+    cluster: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+    interrupted: Any = None  # the RunInterrupted (jobs/run/driver.py) that ended the run early
+
+
+@dataclass
+class Detached:
+    """A run handed to the cluster without waiting for it (`--no-wait`)."""
+
+    job_id: str
+    address: str
+    jobs: int
+
+
+class Session(Protocol):
+    """A connected executor."""
+
+    cluster: dict[str, Any]  # the cluster's description, for the ledger and the report
+
+    def resolve(self, job: PlannedJob) -> PlannedJob:
+        """The job with what depends on the cluster filled in; refuses a job the cluster cannot hold."""
+
+    def recover(self, meta: dict[str, Any], callbacks: RunCallbacks) -> None:
+        """Before jobs are chosen: keep what an earlier run into the same directory finished
+        (`meta` is the ledger's); refuse when that run still goes."""
+
+    def run(self, jobs: list[PlannedJob], callbacks: RunCallbacks, run_id: str) -> RunSummary | Detached:
+        """Run the jobs, calling back as each starts and ends; an interrupt ends it early (RunSummary)."""
+
+
+class Executor(Protocol):
+    def connect(self) -> AbstractContextManager[Session]:
+        """Start or reach the place the jobs run, for the duration of the block."""
+
+    def closed(self) -> float | None:
+        """After the block: wait until the connection is closed; how long closing took, if measured."""

@@ -1,0 +1,73 @@
+"""The in-process executor: every job in this process, one after another, without Ray.
+
+For tests of everything around the run (the pipeline, the ledger, the reports, cancel)
+that need real training but not a cluster, as submitit's local executor serves its
+tests. It runs single-device CPU jobs only: a multi-device variant needs its own
+processes (and a GPU job a device from Ray); `resolve` refuses the rest. A cancel
+request stops it between jobs, as a timeout cannot be enforced on a job running in
+this very process.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from jobs.plan.planning import PlannedJob, resolve_for_cluster
+from jobs.run.cluster import ResourceRequestError
+from jobs.run.driver import RunInterrupted, describe_error, job_record, merge_worker_results
+from jobs.run.executor import RunCallbacks, RunSummary
+
+CLUSTER = {"address": "in-process", "embedded": True, "nodes": 1, "cpus": 1.0, "gpus": 0.0}
+
+
+class InProcessExecutor:
+    @contextmanager
+    def connect(self) -> Iterator[InProcessSession]:
+        yield InProcessSession()
+
+    def closed(self) -> float | None:
+        return None
+
+
+class InProcessSession:
+    cluster: dict[str, Any] = CLUSTER
+
+    def resolve(self, job: PlannedJob) -> PlannedJob:
+        resolved = resolve_for_cluster(job, cluster_has_gpus=False)
+        if resolved.spec.variant != "single" or resolved.spec.gpus_per_job:
+            raise ResourceRequestError(
+                f"job {job.id}: the in-process executor runs single-device CPU jobs only; "
+                "run multi-device and GPU jobs on Ray (without an in-process executor)"
+            )
+        return resolved
+
+    def recover(self, meta: dict[str, Any], callbacks: RunCallbacks) -> None:
+        """Nothing to recover: the ledger holds every result this executor finished."""
+
+    def run(self, jobs: list[PlannedJob], callbacks: RunCallbacks, run_id: str) -> RunSummary:
+        from workers.entry import run_job
+
+        started = time.perf_counter()
+        for index, job in enumerate(jobs):
+            if callbacks.should_stop():
+                for waiting in jobs[index:]:
+                    cancelled = job_record(waiting, "cancelled", "cancelled: runjobs cancel", {})
+                    cancelled["timings"]["total_s"] = 0.0
+                    callbacks.on_record(cancelled, False)
+                interrupted = RunInterrupted(0, len(jobs) - index, requested=True)
+                return RunSummary(CLUSTER, {"jobs_s": time.perf_counter() - started}, interrupted)
+            callbacks.on_start(job.id, False)
+            submitted_at = time.time()
+            try:
+                result = merge_worker_results([run_job(job.spec, job.dataset, submitted_at)])
+                record = job_record(job, "succeeded", None, result)
+            except Exception as error:
+                logs = getattr(error, "runjobs_logs", None)
+                extra = {"logs": [{"rank": 0, **logs}]} if logs else {}
+                record = job_record(job, "failed", describe_error(error), extra)
+            record["timings"]["total_s"] = time.time() - submitted_at
+            callbacks.on_record(record, False)
+        return RunSummary(CLUSTER, {"jobs_s": time.perf_counter() - started})

@@ -1,0 +1,66 @@
+"""The executor for a Ray cluster this process drives: an embedded local Ray, or one reached by address.
+
+Connecting starts or reaches Ray (jobs/run/cluster.py); the driver (jobs/run/driver.py)
+then runs the jobs as Ray tasks and actors from this process. Ray shuts down on a thread
+as the block ends, while the pipeline writes the reports (BackgroundShutdown).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from jobs.plan.planning import PlannedJob, resolve_for_cluster
+from jobs.run import cluster as clusters
+from jobs.run.driver import RunInterrupted, run_jobs
+from jobs.run.executor import RunCallbacks, RunSummary
+
+
+class RayClusterExecutor:
+    def __init__(self, address: str | None, max_concurrent: int | None = None) -> None:
+        self.address = address
+        self.max_concurrent = max_concurrent
+        self.shutdown = clusters.BackgroundShutdown()
+
+    @contextmanager
+    def connect(self) -> Iterator[RayClusterSession]:
+        started = time.perf_counter()
+        with clusters.connected(self.address, self.shutdown) as cluster:
+            yield RayClusterSession(cluster, time.perf_counter() - started, self.max_concurrent)
+
+    def closed(self) -> float | None:
+        return self.shutdown.wait()
+
+
+class RayClusterSession:
+    def __init__(self, cluster: clusters.ClusterInfo, connect_s: float, max_concurrent: int | None) -> None:
+        self.info = cluster
+        self.cluster: dict[str, Any] = cluster.to_record()
+        self.connect_s = connect_s
+        self.max_concurrent = max_concurrent
+
+    def resolve(self, job: PlannedJob) -> PlannedJob:
+        resolved = resolve_for_cluster(job, self.info.gpus > 0)
+        clusters.check_fits(resolved.spec, self.info)
+        return resolved
+
+    def recover(self, meta: dict[str, Any], callbacks: RunCallbacks) -> None:
+        """Nothing to recover: a local run's ledger already holds every result it finished."""
+
+    def run(self, jobs: list[PlannedJob], callbacks: RunCallbacks, run_id: str) -> RunSummary:
+        started = time.perf_counter()
+        interrupted = None
+        try:
+            run_jobs(
+                jobs,
+                lambda record: callbacks.on_record(record, False),
+                lambda job_id: callbacks.on_start(job_id, False),
+                self.max_concurrent,
+                callbacks.should_stop,
+            )
+        except RunInterrupted as interruption:
+            interrupted = interruption
+        timings = {"connect_s": self.connect_s, "jobs_s": time.perf_counter() - started}
+        return RunSummary(self.cluster, timings, interrupted)

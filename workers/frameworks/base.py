@@ -1,0 +1,167 @@
+"""The interface every framework implements: start on Ray's devices, train, export, load for prediction.
+
+A job's task body (workers/entry.py) asks the registry for the job's framework and calls,
+in order, `initialise` (once per job: the device for Ray's GPU assignment, and the
+framework's runtime start, which counts as start-up), then `train` (which refuses a
+variant the registry does not list for the framework, then calls `train_variant`).
+With `--save-models`, rank 0 then calls `export_model` on the learned parameters;
+`runjobs predict` calls `load_model` on one of the framework's formats.
+
+Implementations work in training units and float32 arrays (workers/training.py);
+scaling back to the data's units and judging the result are the task body's job, so
+every framework is judged the same way. One instance lives per process (the registry
+keeps it), so an implementation may keep state between the jobs of a warm worker.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
+import numpy as np
+
+from workers.distributed import SINGLE_WORKER, WorkerContext
+from workers.training import Device, TrainerOutcome, TrainingData
+
+if TYPE_CHECKING:
+    from workers.frameworks import FrameworkDescription
+
+
+class JobSettings(Protocol):
+    """The job fields a framework reads (jobs/plan/spec.py's JobSpec has them all).
+
+    Declared here so that the data plane never imports the control plane's spec module.
+    """
+
+    @property
+    def variant(self) -> str: ...
+    @property
+    def workers(self) -> int: ...
+    @property
+    def epochs(self) -> int: ...
+    @property
+    def optimizer(self) -> str: ...
+    @property
+    def lr(self) -> float: ...
+    @property
+    def beta_1(self) -> float: ...
+    @property
+    def beta_2(self) -> float: ...
+    @property
+    def epsilon(self) -> float: ...
+    @property
+    def batch_size(self) -> int | None: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def initial_value(self) -> float | None: ...
+    @property
+    def loop(self) -> str: ...
+
+
+class ModelLoadError(ValueError):
+    """A model file runjobs will not load; the message says what to give instead."""
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """A loaded model: how many features it takes (None when the format does not say) and its function."""
+
+    feature_count: int | None
+    predict: Callable[[np.ndarray], np.ndarray]  # float32 [rows, K] -> [rows, 1]
+
+
+class ModelReader(Protocol):
+    """What reads a model file: a framework for its own formats, or a reader module (ONNX)."""
+
+    def load_model(self, path: Path, format: str) -> Predictor: ...
+
+
+class Framework(ABC):
+    """One framework's implementation; `workers.frameworks.get(name)` returns this process's instance.
+
+    A subclass lists in `trained_variants` every variant `train_variant` handles; the
+    registry entry (its `description`) may not name a variant outside them.
+    """
+
+    trained_variants: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, description: FrameworkDescription) -> None:
+        unsupported = [name for name in description.variant_names if name not in self.trained_variants]
+        if unsupported:
+            raise TypeError(
+                f"{type(self).__name__} does not train {', '.join(unsupported)}, which the registry lists "
+                f"for {description.name}; add them to its trained_variants (and train_variant), or drop "
+                "them from its registry entry"
+            )
+        self.description = description
+
+    @property
+    def name(self) -> str:
+        return self.description.name
+
+    @property
+    def version(self) -> str:
+        """The framework's version, a plain str (a result is unpickled in a driver without the framework)."""
+        return str(importlib.import_module(self.description.version_module).__version__)
+
+    @abstractmethod
+    def initialise(
+        self,
+        gpu_ids: tuple[str, ...],
+        allow_cpu_fallback: bool,
+        spec: JobSettings,
+        context: WorkerContext = SINGLE_WORKER,
+    ) -> Device:
+        """Configure the framework for Ray's GPU assignment, start its runtime, and return the device.
+
+        Ray sets CUDA_VISIBLE_DEVICES for the task, so an assigned GPU is device 0 here;
+        with no `gpu_ids` the framework must stay off the node's GPUs. When a GPU was
+        assigned but the framework sees none, raise workers.devices.DeviceUnavailableError
+        unless `allow_cpu_fallback` (workers.devices.choose_device does both).
+        """
+
+    def train(
+        self, spec: JobSettings, data: TrainingData, device: Device, context: WorkerContext = SINGLE_WORKER
+    ) -> TrainerOutcome:
+        """Train `spec` on `data` as worker `context` of the job; refuses a variant this framework lacks."""
+        if spec.variant not in self.description.variant_names:
+            raise ValueError(
+                f"variant={spec.variant!r} is not a {self.name} variant; choose one of "
+                f"{', '.join(self.description.variant_names)}"
+            )
+        return self.train_variant(spec, data, device, context)
+
+    @abstractmethod
+    def train_variant(
+        self, spec: JobSettings, data: TrainingData, device: Device, context: WorkerContext
+    ) -> TrainerOutcome:
+        """Train a job of `spec.variant` (one of `trained_variants`), in training units."""
+
+    @abstractmethod
+    def export_model(self, weights: list[float], bias: float, directory: Path) -> dict[str, str]:
+        """Write y = x . weights + bias in every format of the framework's entry, each at its `file_name`.
+
+        Returns the formats not written, each with the reason (an optional converter
+        that is missing); a format that should have been written and fails raises.
+        """
+
+    @abstractmethod
+    def load_model(self, path: Path, format: str) -> Predictor:
+        """Load a model file of one of the framework's formats, never unpickling untrusted data.
+
+        Raise ModelLoadError, with what to give instead, for a file runjobs refuses.
+        """
+
+    def format_path(self, directory: Path, format: str) -> Path:
+        """Where format `format` goes inside a job's model directory."""
+        if format not in self.description.format_names:
+            raise ValueError(
+                f"format {format!r} is not a {self.name} format; choose one of "
+                f"{', '.join(self.description.format_names)}"
+            )
+        return directory / next(item.file_name for item in self.description.formats if item.name == format)

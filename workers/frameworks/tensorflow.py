@@ -1,0 +1,514 @@
+"""TensorFlow: a Keras Dense(1) on the devices Ray assigned, on one device or many.
+
+One training function serves every variant; what differs between them is one small
+strategy object each (`VARIANT_STRATEGIES`): `single` runs under TensorFlow's default
+strategy pinned to the job's device, `mirrored` under MirroredStrategy over the task's
+devices, `multiworker` under MultiWorkerMirroredStrategy with TF_CONFIG from the worker
+context. Two loops: `fast` runs every epoch inside one compiled tf.function (autograph
+turns the epoch loop into a tf.while_loop, so 500 epochs are one graph call); `article`
+calls Keras `model.fit` as the source article does (single only).
+
+A warm worker keeps its `TensorFlowFramework` (the registry holds one per process), and
+with it the last traced single-device loop, which the next job of the same shape reuses.
+
+Exports a SavedModel, a .keras file, and ONNX when tf2onnx is installed; reads SavedModel
+(a graph) and .keras (in Keras' safe mode) back. Importing this module imports
+TensorFlow; the registry imports it only for a job, export or prediction that needs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Keep TensorFlow's C++ start-up chatter (oneDNN, CUDA probing) out of job output.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from workers.devices import choose_device  # noqa: E402
+from workers.distributed import SINGLE_WORKER, WorkerContext  # noqa: E402
+from workers.frameworks import FrameworkDescription  # noqa: E402
+from workers.frameworks.base import Framework, JobSettings, ModelLoadError, Predictor  # noqa: E402
+from workers.frameworks.onnx_format import ONNX_OPSET, missing_converter, one_line  # noqa: E402
+from workers.training import Device, TrainerOutcome, TrainingData, batch_size_for  # noqa: E402
+
+keras = tf.keras
+
+
+class VariantStrategy(ABC):
+    """Everything one variant changes in a TensorFlow job; the training loop itself is shared."""
+
+    # The public tf.distribute name reported as the result's `strategy`
+    # (MultiWorkerMirroredStrategy's class is CollectiveAllReduceStrategy); None: not distributed.
+    strategy_name: str | None = None
+    # Pin the model's variables to the job's device. A distribution strategy places them itself.
+    pins_to_device = False
+    # Whether the traced loop may be kept for the next job in this process (see _CompiledLoop).
+    reuses_traced_loop = False
+
+    def task_devices(self, spec: JobSettings) -> int:
+        """How many devices this task drives (and, without GPUs, how many logical CPUs to split)."""
+        return 1
+
+    @abstractmethod
+    def create(self, device: Device, context: WorkerContext) -> tf.distribute.Strategy:
+        """The tf.distribute strategy to build the model and run the loop under."""
+
+
+class SingleDevice(VariantStrategy):
+    """`single`: TensorFlow's default strategy, the variables pinned to the job's one device."""
+
+    pins_to_device = True
+    reuses_traced_loop = True
+
+    def create(self, device: Device, context: WorkerContext) -> tf.distribute.Strategy:
+        return tf.distribute.get_strategy()
+
+
+class Mirrored(VariantStrategy):
+    """`mirrored`: one task, one replica per device it owns (`workers` of them)."""
+
+    strategy_name = "MirroredStrategy"
+
+    def task_devices(self, spec: JobSettings) -> int:
+        return spec.workers
+
+    def create(self, device: Device, context: WorkerContext) -> tf.distribute.Strategy:
+        return tf.distribute.MirroredStrategy(devices=list(device.replica_names))
+
+
+class MultiWorker(VariantStrategy):
+    """`multiworker`: one device per Ray actor, the actors joined through TF_CONFIG."""
+
+    strategy_name = "MultiWorkerMirroredStrategy"
+
+    def create(self, device: Device, context: WorkerContext) -> tf.distribute.Strategy:
+        os.environ["TF_CONFIG"] = context.tf_config()
+        implementation = (
+            tf.distribute.experimental.CommunicationImplementation.NCCL
+            if device.name != "cpu"
+            else tf.distribute.experimental.CommunicationImplementation.RING
+        )
+        options = tf.distribute.experimental.CommunicationOptions(
+            implementation=implementation, timeout_seconds=context.setup_timeout_s
+        )
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+
+
+VARIANT_STRATEGIES: dict[str, VariantStrategy] = {
+    "single": SingleDevice(),
+    "mirrored": Mirrored(),
+    "multiworker": MultiWorker(),
+}
+
+
+@dataclass
+class _CompiledLoop:
+    """A traced training loop with the model and optimizer it updates, kept for the next job."""
+
+    key: tuple
+    model: Any
+    optimizer: Any
+    run: Any  # ConcreteFunction: (epochs, seed) -> (losses, parameters, stamps)
+
+    def reset(self, spec: JobSettings, initial_model) -> None:
+        """Start a new job: its own initial parameters, a fresh optimizer state, its learning rate."""
+        for variable, value in zip(self.model.trainable_variables, initial_model.trainable_variables):
+            variable.assign(value)
+        for variable in self.optimizer.variables:
+            variable.assign(tf.zeros_like(variable))
+        self.optimizer.learning_rate = spec.lr
+
+
+class TensorFlowFramework(Framework):
+    """TensorFlow behind the framework interface; one instance per process keeps the traced loop."""
+
+    trained_variants = tuple(VARIANT_STRATEGIES)
+
+    def __init__(self, description: FrameworkDescription) -> None:
+        super().__init__(description)
+        # A warm worker runs many single-device jobs, and tracing the loop is most of a
+        # job's set-up (about 0.1-0.2 s against 10 ms for building the model). Jobs that
+        # differ only in learning rate, seed, initial parameters or epochs reuse the last
+        # traced loop: those enter it as variables or arguments. One entry, so a worker
+        # holds one job's data at most.
+        self._last_loop: _CompiledLoop | None = None
+
+    @property
+    def traced_loop(self) -> _CompiledLoop | None:
+        """The traced loop kept for the next job, if the last job left one."""
+        return self._last_loop
+
+    def initialise(
+        self,
+        gpu_ids: tuple[str, ...],
+        allow_cpu_fallback: bool,
+        spec: JobSettings,
+        context: WorkerContext = SINGLE_WORKER,
+    ) -> Device:
+        """Configure TensorFlow's devices for Ray's assignment before the runtime starts."""
+        device_count = VARIANT_STRATEGIES[spec.variant].task_devices(spec)
+        gpus = tf.config.list_physical_devices("GPU")
+        try:
+            if not gpu_ids:
+                # Ray gave this job no GPU: keep TensorFlow off any GPU the node has.
+                tf.config.set_visible_devices([], "GPU")
+                gpus = []
+            else:
+                # Memory growth lets a TensorFlow job share its GPU with another job
+                # instead of reserving nearly all of the GPU's memory at start.
+                for gpu in gpus:
+                    tf.config.experimental.set_memory_growth(gpu, True)
+            if device_count > 1 and not gpus:
+                # MirroredStrategy without GPUs: split the CPU into logical devices, one a replica.
+                cpu = tf.config.list_physical_devices("CPU")[0]
+                tf.config.set_logical_device_configuration(
+                    cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(device_count)]
+                )
+        except RuntimeError:
+            # The runtime is already initialised: a reused worker that configured it before.
+            pass
+        device = choose_device(
+            "tensorflow",
+            gpu_ids,
+            len(gpus),
+            "/GPU:0",
+            allow_cpu_fallback,
+            f"TensorFlow {self.version} built with CUDA: {tf.test.is_built_with_cuda()}",
+        )
+        if device_count > 1:
+            kind = "CPU" if device.name == "cpu" else "GPU"
+            names = tuple(logical.name for logical in tf.config.list_logical_devices(kind))[:device_count]
+            if len(names) < device_count:
+                raise RuntimeError(
+                    f"the {spec.variant} variant needs {device_count} {kind} devices but this worker has "
+                    f"{len(names)}; TensorFlow was initialised before runjobs could configure it"
+                )
+            device = Device(device.name, device.gpu_ids, device.cpu_fallback, names)
+        if not context.is_distributed:
+            # Start the runtime now, so its cost counts as start-up. Not for multiworker:
+            # MultiWorkerMirroredStrategy must be created before the runtime starts.
+            with tf.device(_placement(device)):
+                tf.zeros(1).numpy()
+        return device
+
+    def train_variant(
+        self, spec: JobSettings, data: TrainingData, device: Device, context: WorkerContext
+    ) -> TrainerOutcome:
+        setup_started = time.perf_counter()
+        variant_strategy = VARIANT_STRATEGIES[spec.variant]
+        strategy = variant_strategy.create(device, context)
+        pinned = (
+            tf.device(_placement(device)) if variant_strategy.pins_to_device else contextlib.nullcontext()
+        )
+        with strategy.scope(), pinned:
+            if spec.initial_value is None or spec.loop == "article":
+                # The seed decides Keras's own initial kernel (and fit's shuffling). Otherwise
+                # it is skipped: tf.random.set_seed clears the eager context's caches, which
+                # costs a reused traced loop its instantiation again (about 45 ms a job here);
+                # the compiled loop's shuffle takes the seed explicitly.
+                keras.utils.set_random_seed(spec.seed)
+            feature_count = data.features.shape[1]
+            model = keras.Sequential([keras.Input(shape=(feature_count,)), keras.layers.Dense(1)])
+            if spec.initial_value is not None:
+                model.layers[0].set_weights(
+                    [
+                        np.full((feature_count, 1), spec.initial_value, dtype=np.float32),
+                        np.full((1,), spec.initial_value, dtype=np.float32),
+                    ]
+                )
+            if spec.loop == "article":
+                outcome = _fit_loop(spec, data, model, _optimizer(spec), setup_started)
+            else:
+                outcome = self._compiled_loop(
+                    spec, data, model, strategy, device, variant_strategy, setup_started
+                )
+        if variant_strategy.strategy_name is not None:
+            outcome.distribution = {
+                "strategy": variant_strategy.strategy_name,
+                "devices": list(strategy.extended.worker_devices),
+            }
+        return outcome
+
+    def _compiled_loop(
+        self, spec, data, model, strategy, device, variant_strategy: VariantStrategy, setup_started
+    ) -> TrainerOutcome:
+        reusable = variant_strategy.reuses_traced_loop
+        key = _loop_key(spec, data, device) if reusable else None
+        if reusable and self._last_loop is not None and self._last_loop.key == key:
+            self._last_loop.reset(spec, model)
+            loop = self._last_loop
+        else:
+            optimizer = _optimizer(spec)
+            loop = _CompiledLoop(key, model, optimizer, _trace(spec, data, model, optimizer, strategy))
+            self._last_loop = loop if reusable else None
+        setup_s = time.perf_counter() - setup_started
+
+        train_started = time.perf_counter()
+        losses, parameters, stamps = loop.run(tf.constant(spec.epochs), tf.constant(spec.seed, tf.int64))
+        losses, parameters, stamps = losses.numpy(), parameters.numpy(), stamps.numpy()
+        train_s = time.perf_counter() - train_started
+
+        predictions, predict_s = _predict(loop.model, data.prediction_inputs, use_keras_predict=False)
+        return _outcome(
+            loop.model,
+            losses.tolist(),
+            parameters,
+            np.diff(stamps).tolist(),
+            predictions,
+            setup_s,
+            train_s,
+            predict_s,
+        )
+
+    def export_model(self, weights: list[float], bias: float, directory: Path) -> dict[str, str]:
+        # Keras 3 itself (not tf.keras's lazy loader): its save and export write the files.
+        import keras as keras_package
+
+        feature_count = len(weights)
+        model = keras_package.Sequential(
+            [
+                keras_package.Input((feature_count,), dtype="float32", name="features"),
+                keras_package.layers.Dense(1),
+            ]
+        )
+        model.layers[0].set_weights(
+            [np.asarray(weights, dtype=np.float32).reshape(feature_count, 1), np.asarray([bias], np.float32)]
+        )
+        model.save(self.format_path(directory, "keras"))
+        # Keras 3's export writes a SavedModel whose `serving_default` signature takes
+        # float32 [None, K] under the input's name, `features`.
+        model.export(str(self.format_path(directory, "saved_model")), format="tf_saved_model", verbose=False)
+
+        missing = missing_converter("onnx", "tf2onnx")
+        if missing:
+            return {"onnx": missing}
+        try:
+            import tf2onnx
+
+            # tf2onnx's from_keras does not know Keras 3 models; a tf.function around the
+            # model converts the same graph.
+            signature = (tf.TensorSpec((None, feature_count), tf.float32, name="features"),)
+            serve = tf.function(lambda features: model(features), input_signature=signature)
+            tf2onnx.convert.from_function(
+                serve,
+                input_signature=signature,
+                opset=ONNX_OPSET,
+                output_path=str(self.format_path(directory, "onnx")),
+            )
+        except Exception as error:  # an optional converter's failure must not lose the job
+            return {"onnx": f"tf2onnx failed: {one_line(error)}"}
+        return {}
+
+    def load_model(self, path: Path, format: str) -> Predictor:
+        loaders = {"saved_model": _load_saved_model, "keras": _load_keras}
+        if format not in loaders:
+            raise ModelLoadError(f"{path}: TensorFlow reads {', '.join(loaders)} models, not {format}")
+        return loaders[format](path)
+
+
+def _optimizer(spec: JobSettings):
+    if spec.optimizer == "sgd":
+        return keras.optimizers.SGD(learning_rate=spec.lr)
+    return keras.optimizers.Adam(
+        learning_rate=spec.lr, beta_1=spec.beta_1, beta_2=spec.beta_2, epsilon=spec.epsilon
+    )
+
+
+def _loop_key(spec: JobSettings, data: TrainingData, device: Device) -> tuple:
+    """What a traced loop is specialised on: a job that differs in any of these traces its own."""
+    return (
+        spec.optimizer,
+        spec.beta_1,
+        spec.beta_2,
+        spec.epsilon,
+        batch_size_for(spec.batch_size, data.rows),
+        device.name,
+        data.features.shape,
+        hashlib.blake2b(data.features.tobytes() + data.target.tobytes(), digest_size=16).digest(),
+    )
+
+
+def _trace(spec, data, model, optimizer, strategy):
+    """The whole run as one compiled function of (epochs, seed); tracing it is set-up, not training."""
+    features = tf.constant(data.features)
+    target = tf.constant(data.target)
+    rows = data.rows
+    batch = batch_size_for(spec.batch_size, rows)
+    steps_per_epoch = math.ceil(rows / batch)
+    variables = model.trainable_variables
+    optimizer.build(variables)
+
+    def apply_step(batch_features, batch_target, global_batch_size):
+        # Each replica scales its summed loss by the global batch size, so the gradients
+        # the strategy sums over the replicas are exactly the single-device gradient of
+        # the global batch.
+        with tf.GradientTape() as tape:
+            squared_error = tf.reduce_sum(tf.square(model(batch_features, training=True) - batch_target))
+            loss = squared_error / global_batch_size
+        gradients = tape.gradient(loss, variables)
+        optimizer.apply_gradients(zip(gradients, variables))
+        return squared_error
+
+    def replica_step(indices):
+        # Each replica takes every k-th row of the global batch.
+        replica = tf.distribute.get_replica_context()
+        mine = indices[replica.replica_id_in_sync_group :: replica.num_replicas_in_sync]
+        global_batch_size = tf.cast(tf.size(indices), tf.float32)
+        return apply_step(tf.gather(features, mine), tf.gather(target, mine), global_batch_size)
+
+    def full_batch_step(shard_features, shard_target):
+        return apply_step(shard_features, shard_target, tf.constant(float(rows)))
+
+    # With the full batch every step sees the same rows: cut each replica's shard once
+    # rather than gathering the data again every step.
+    shards = strategy.experimental_distribute_values_from_function(
+        lambda replica: (
+            features[replica.replica_id_in_sync_group :: replica.num_replicas_in_sync],
+            target[replica.replica_id_in_sync_group :: replica.num_replicas_in_sync],
+        )
+    )
+
+    kernel, bias = variables
+
+    @tf.function
+    def run(epochs, seed):
+        losses = tf.TensorArray(tf.float32, size=epochs)
+        parameters = tf.TensorArray(tf.float32, size=epochs)
+        stamps = tf.TensorArray(tf.float64, size=epochs + 1)
+        stamps = stamps.write(0, tf.timestamp())
+        all_rows = tf.range(rows)
+        for epoch in tf.range(epochs):
+            if steps_per_epoch == 1:
+                per_replica = strategy.run(full_batch_step, args=shards)
+                total = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+            else:
+                # Keras fit's meaning of an epoch: every row once, in a fresh order. A
+                # stateless shuffle gives every worker (and the single-device twin) the
+                # same order for the same seed and epoch.
+                epoch_seed = tf.stack([seed, tf.cast(epoch, tf.int64)])
+                order = tf.random.experimental.stateless_shuffle(all_rows, seed=epoch_seed)
+                total = tf.constant(0.0)
+                for start in tf.range(0, rows, batch):
+                    indices = order[start : tf.minimum(start + batch, rows)]
+                    per_replica = strategy.run(replica_step, args=(indices,))
+                    total += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+            losses = losses.write(epoch, total / rows)
+            flat_kernel = tf.reshape(tf.convert_to_tensor(kernel), [-1])
+            parameters = parameters.write(epoch, tf.concat([flat_kernel, tf.convert_to_tensor(bias)], 0))
+            stamps = stamps.write(epoch + 1, tf.timestamp())
+        return losses.stack(), parameters.stack(), stamps.stack()
+
+    return run.get_concrete_function(tf.constant(spec.epochs), tf.constant(spec.seed, tf.int64))
+
+
+def _fit_loop(spec, data, model, optimizer, setup_started) -> TrainerOutcome:
+    model.compile(optimizer=optimizer, loss="mse")
+    epoch_seconds: list[float] = []
+    parameters: list[np.ndarray] = []
+
+    class EpochRecorder(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            epoch_seconds.append(time.perf_counter() - self.started)
+            kernel, bias = model.layers[0].get_weights()
+            parameters.append(np.concatenate([kernel.reshape(-1), bias]))
+
+    setup_s = time.perf_counter() - setup_started
+    train_started = time.perf_counter()
+    history = model.fit(
+        data.features,
+        data.target,
+        epochs=spec.epochs,
+        batch_size=spec.batch_size or data.rows,
+        verbose=0,
+        callbacks=[EpochRecorder()],
+    )
+    train_s = time.perf_counter() - train_started
+    predictions, predict_s = _predict(model, data.prediction_inputs, use_keras_predict=True)
+    return _outcome(
+        model,
+        [float(value) for value in history.history["loss"]],
+        np.asarray(parameters),
+        epoch_seconds,
+        predictions,
+        setup_s,
+        train_s,
+        predict_s,
+    )
+
+
+def _predict(model, inputs: np.ndarray, use_keras_predict: bool) -> tuple[np.ndarray, float]:
+    started = time.perf_counter()
+    if len(inputs) == 0:
+        outputs = np.zeros((0, 1), dtype=np.float32)
+    elif use_keras_predict:
+        outputs = model.predict(inputs, verbose=0)
+    else:
+        outputs = model(tf.constant(inputs), training=False).numpy()
+    return outputs.reshape(-1), time.perf_counter() - started
+
+
+def _outcome(
+    model, losses, parameters, epoch_seconds, predictions, setup_s, train_s, predict_s
+) -> TrainerOutcome:
+    kernel, bias = model.layers[0].get_weights()
+    return TrainerOutcome(
+        weights=kernel.reshape(-1).astype(np.float64),
+        bias=float(bias[0]),
+        loss_history=[float(value) for value in losses],
+        epoch_seconds=[float(value) for value in epoch_seconds],
+        parameter_history=np.asarray(parameters, dtype=np.float64).reshape(len(losses), -1),
+        predictions=predictions,
+        setup_s=setup_s,
+        train_s=train_s,
+        predict_s=predict_s,
+    )
+
+
+def _placement(device: Device) -> str:
+    return "/CPU:0" if device.name == "cpu" else device.name
+
+
+def _load_saved_model(path: Path) -> Predictor:
+    loaded = tf.saved_model.load(str(path))
+    signature = loaded.signatures.get("serving_default")
+    if signature is None:
+        raise ModelLoadError(f"{path}: the SavedModel has no serving_default signature to call")
+    _, input_specs = signature.structured_input_signature
+    if len(input_specs) != 1:
+        raise ModelLoadError(
+            f"{path}: the serving signature takes {len(input_specs)} inputs; runjobs models take 1"
+        )
+    ((input_name, input_spec),) = input_specs.items()
+    feature_count = input_spec.shape[-1] if input_spec.shape.rank else None
+
+    def predict(features: np.ndarray):
+        outputs = signature(**{input_name: tf.constant(features, dtype=input_spec.dtype)})
+        return next(iter(outputs.values())).numpy()
+
+    return Predictor(feature_count, predict)
+
+
+def _load_keras(path: Path) -> Predictor:
+    import keras as keras_package
+
+    # safe_mode refuses a .keras file whose config would deserialise Python code (lambdas).
+    model = keras_package.saving.load_model(path, safe_mode=True)
+    feature_count = model.input_shape[-1] if isinstance(model.input_shape, tuple) else None
+
+    def predict(features: np.ndarray):
+        return keras_package.ops.convert_to_numpy(model(features))
+
+    return Predictor(feature_count, predict)
