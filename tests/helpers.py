@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import sys
@@ -95,6 +96,26 @@ def stop_process(process) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+@contextlib.contextmanager
+def started_like_a_scheduler(args: list[str]):
+    """`runjobs ARGS` started as cron or a batch script starts it (`runjobs ... &` from a
+    non-interactive shell): SIGINT ignored, inherited by the driver, so only `runjobs
+    cancel` can stop it. Killed at the end of the block if it still runs."""
+    import signal
+    import subprocess
+
+    process = subprocess.Popen(
+        [RUNJOBS, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )  # fmt: skip
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def start_cli_in_background(args: list[str], output_dir: Path):

@@ -209,10 +209,14 @@ class LeastSquaresFramework(Framework):
         np.savez(self.format_path(directory, "npz"), weights=np.asarray(weights), bias=np.asarray([bias]))
         return {}
 
-    def load_model(self, path, format) -> Predictor:
-        with np.load(path, allow_pickle=False) as saved:  # arrays only: no pickled objects
-            weights, bias = saved["weights"], float(saved["bias"][0])
-        return Predictor(len(weights), lambda features: features.astype(np.float64) @ weights + bias)
+    def model_loaders(self):
+        return {"npz": load_npz}
+
+
+def load_npz(path) -> Predictor:
+    with np.load(path, allow_pickle=False) as saved:  # arrays only: no pickled objects
+        weights, bias = saved["weights"], float(saved["bias"][0])
+    return Predictor(len(weights), lambda features: features.astype(np.float64) @ weights + bias)
 
 
 @dataclass(frozen=True)

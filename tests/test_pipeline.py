@@ -27,6 +27,11 @@ def torch_request(output, **fields) -> SubmitRequest:
     )
 
 
+class Quiet(LineProgress):
+    def say(self, message: str) -> None:
+        pass
+
+
 class NoCluster:
     """An executor that must not be used: connecting to it fails the test."""
 
@@ -44,7 +49,7 @@ def test_a_run_keeps_its_record_logs_and_report_and_a_rerun_needs_no_cluster(tmp
     # The job's output is captured at the file-descriptor level, as in a Ray worker:
     # pytest's own sys.stdout would bypass fd 1.
     with capsys.disabled():
-        outcome = submit(torch_request(output), LineProgress(), executor=InProcessExecutor())
+        outcome = submit(torch_request(output), Quiet(), executor=InProcessExecutor())
     assert outcome.exit_code == 0 and outcome.ran == 1
     (job,) = load_strict_json(output / "report.json")["jobs"]
     assert job["status"] == "succeeded" and job["params"]["weights"] and job["timings"]["total_s"] > 0

@@ -12,7 +12,16 @@ import time
 
 import pytest
 
-from tests.helpers import RUNJOBS, RayNode, free_port, ledger_state, ledger_states, run_cli, wait_for_http
+from tests.helpers import (
+    RUNJOBS,
+    RayNode,
+    free_port,
+    ledger_state,
+    ledger_states,
+    run_cli,
+    started_like_a_scheduler,
+    wait_for_http,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -186,16 +195,9 @@ def test_a_running_remote_run_is_not_submitted_twice_and_ray_job_stop_records_it
 
 
 def test_runjobs_cancel_stops_a_remote_run_followed_from_a_background_shell(jobs_address, tmp_path):
-    import signal
-
     output = tmp_path / "run"
-    client_process = subprocess.Popen(
-        [RUNJOBS, "submit", "--address", jobs_address, "--framework", "torch", "--epochs", "3000000",
-         "--output", str(output)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # as cron starts it
-    )  # fmt: skip
-    try:
+    args = ["submit", "--address", jobs_address, "--framework", "torch", "--epochs", "3000000"]
+    with started_like_a_scheduler([*args, "--output", str(output)]) as client_process:
         deadline = time.monotonic() + 120
         while ledger_state(output, "torch") != "running":
             assert client_process.poll() is None, client_process.communicate()
@@ -205,9 +207,5 @@ def test_runjobs_cancel_stops_a_remote_run_followed_from_a_background_shell(jobs
         assert cancelled.exit_code == 0, cancelled.stderr
         assert "cancelled 1 running and 0 pending job(s)" in cancelled.stdout
         assert client_process.wait(timeout=60) == 130, client_process.stderr.read()
-    finally:
-        if client_process.poll() is None:
-            client_process.kill()
-            client_process.wait()
     (job,) = json.loads((output / "report.json").read_text())["jobs"]
     assert job["status"] == "cancelled"

@@ -23,6 +23,7 @@ from tests.helpers import (
     ray_is_running,
     run_cli,
     start_cli_in_background,
+    started_like_a_scheduler,
 )
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -234,24 +235,15 @@ def test_cancel_stops_a_running_sweep_and_records_its_jobs_cancelled(tmp_path):
     spec = write_spec(
         tmp_path, "name: c\ndefaults: {epochs: 20000}\ngrid: {framework: [torch], seed: [0, 1, 2]}\n"
     )
-    # Started as cron or a batch script starts it (`runjobs submit ... &` from a
-    # non-interactive shell): SIGINT ignored, so cancel must not depend on a signal.
-    driver = subprocess.Popen(
-        [RUNJOBS, "submit", str(spec), "--output", str(output), "--max-concurrent", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
-    )  # fmt: skip
-    try:
+    # SIGINT ignored, as cron starts it: cancel must not depend on a signal.
+    args = ["submit", str(spec), "--output", str(output), "--max-concurrent", "1"]
+    with started_like_a_scheduler(args) as driver:
         first = SweepSpec.load(spec).expand()[0][0]
         wait_for_state(output, first, ("running",))
         cancelled = run_cli(["cancel", str(output)])
         assert cancelled.exit_code == 0, cancelled.stderr
         assert "cancelled 1 running and 2 pending job(s)" in cancelled.stdout
         assert driver.wait(timeout=60) == 130, driver.stderr.read()
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
     with Ledger.open(output, for_writing=False) as ledger:
         states = [job.status for job in ledger.jobs()]
     assert states == ["cancelled"] * 3

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Protocol
@@ -151,11 +151,21 @@ class Framework(ABC):
         """
 
     @abstractmethod
-    def load_model(self, path: Path, format: str) -> Predictor:
-        """Load a model file of one of the framework's formats, never unpickling untrusted data.
+    def model_loaders(self) -> Mapping[str, Callable[[Path], Predictor]]:
+        """Each of the framework's own formats and the function that loads a file of it.
 
-        Raise ModelLoadError, with what to give instead, for a file runjobs refuses.
+        A loader never unpickles untrusted data, and raises ModelLoadError, with what to
+        give instead, for a file runjobs refuses.
         """
+
+    def load_model(self, path: Path, format: str) -> Predictor:
+        """Load a model file of one of the framework's formats."""
+        loaders = self.model_loaders()
+        if format not in loaders:
+            raise ModelLoadError(
+                f"{path}: {self.description.display.label} reads {', '.join(loaders)} models, not {format}"
+            )
+        return loaders[format](path)
 
     def format_path(self, directory: Path, format: str) -> Path:
         """Where format `format` goes inside a job's model directory."""

@@ -24,6 +24,7 @@ import math
 import os
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -309,11 +310,8 @@ class TensorFlowFramework(Framework):
             return {"onnx": f"tf2onnx failed: {one_line(error)}"}
         return {}
 
-    def load_model(self, path: Path, format: str) -> Predictor:
-        loaders = {"saved_model": _load_saved_model, "keras": _load_keras}
-        if format not in loaders:
-            raise ModelLoadError(f"{path}: TensorFlow reads {', '.join(loaders)} models, not {format}")
-        return loaders[format](path)
+    def model_loaders(self) -> dict[str, Callable[[Path], Predictor]]:
+        return {"saved_model": _load_saved_model, "keras": _load_keras}
 
 
 def _optimizer(spec: JobSettings):

@@ -19,6 +19,7 @@ import contextlib
 import datetime
 import pickle
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -106,11 +107,8 @@ class TorchFramework(Framework):
             return {"onnx": f"torch.onnx.export failed: {one_line(error)}"}
         return {}
 
-    def load_model(self, path: Path, format: str) -> Predictor:
-        loaders = {"torchscript": _load_torchscript, "state_dict": _load_state_dict}
-        if format not in loaders:
-            raise ModelLoadError(f"{path}: torch reads {', '.join(loaders)} models, not {format}")
-        return loaders[format](path)
+    def model_loaders(self) -> dict[str, Callable[[Path], Predictor]]:
+        return {"torchscript": _load_torchscript, "state_dict": _load_state_dict}
 
 
 def _train_on_rank(spec, data, target_device, context, setup_started) -> TrainerOutcome:
