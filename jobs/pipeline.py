@@ -25,7 +25,7 @@ from typing import Any
 from jobs.plan.planning import PlannedJob, SubmitRequest, plan_jobs, should_run
 from jobs.record.ledger import Ledger, is_ledger_directory
 from jobs.record.output import check_usable
-from jobs.record.records import exit_code_for
+from jobs.record.records import JobOutcome, exit_code_for
 from jobs.record.store import keep_record
 from jobs.report import combined as reports
 from jobs.report.files import rebuild_report, write_report_json, write_reports
@@ -75,7 +75,7 @@ def submit(
     progress: LineProgress | None = None,
     planned: list[PlannedJob] | None = None,
     executor: Executor | None = None,
-    forward: Callable[[dict[str, Any]], None] | None = None,
+    forward: Callable[[JobOutcome], None] | None = None,
     write_report_files: bool = True,
     wait: bool = True,
 ) -> SubmitOutcome | RemoteSubmission:
@@ -168,12 +168,12 @@ def keeping_callbacks(output_dir: Path, ledger: Ledger, progress: LineProgress, 
         if not quiet:
             progress.started(job_id)
 
-    def on_record(record: dict[str, Any], quiet: bool) -> None:
+    def on_record(outcome: JobOutcome, quiet: bool) -> None:
         if forward is not None:
-            forward(record)
-        keep_record(output_dir, ledger, record)
+            forward(outcome)
+        keep_record(output_dir, ledger, outcome)
         if not quiet:
-            progress.ended(record)
+            progress.ended(outcome.record)
 
     return RunCallbacks(on_start, on_record, ledger.cancel_requested, progress.say, ledger.set_meta)
 

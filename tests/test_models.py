@@ -194,27 +194,24 @@ def test_predict_imports_only_the_framework_its_format_needs_and_stays_quiet(exp
     assert [line.split(" ")[0] for line in shown.stderr.strip().splitlines()] == ["model:"], shown.stderr
 
 
-def test_the_driver_writes_model_files_before_the_record_and_keeps_only_where_they_are(tmp_path):
+def test_a_jobs_model_files_are_written_whole_and_its_record_keeps_only_where_they_are(tmp_path):
     files = {
         MANIFEST: json.dumps({"formats": {"state_dict": "state_dict.pt"}}).encode(),
         "a/b.bin": b"\x00\x01",
     }
-    record = {"id": "torch", "model_files": dict(files)}
-    store_job_model(tmp_path, record)
-    assert "model_files" not in record
-    assert record["model"] == {"path": "models/torch", "formats": ["state_dict"], "not_written": {}}
+    kept = store_job_model(tmp_path, "torch", dict(files))
+    assert kept == {"path": "models/torch", "formats": ["state_dict"], "not_written": {}}
     assert (tmp_path / "models" / "torch" / "a" / "b.bin").read_bytes() == b"\x00\x01"
     assert json.loads((tmp_path / "models" / "torch" / MANIFEST).read_text())["job_id"] == "torch"
     # A re-run of the job replaces its model whole.
-    store_job_model(tmp_path, {"id": "torch", "model_files": {MANIFEST: b"{}"}})
+    store_job_model(tmp_path, "torch", {MANIFEST: b"{}"})
     assert sorted(path.name for path in (tmp_path / "models" / "torch").iterdir()) == [MANIFEST]
     assert sorted(path.name for path in (tmp_path / "models").iterdir()) == ["torch"]
 
 
 def test_model_file_names_that_leave_the_job_directory_are_refused(tmp_path):
-    record = {"id": "torch", "model_files": {"../escape.pt": b"x"}}
-    store_job_model(tmp_path, record)
-    assert record["model"]["path"] is None and "not a path inside" in record["model"]["error"]
+    kept = store_job_model(tmp_path, "torch", {"../escape.pt": b"x"})
+    assert kept["path"] is None and "not a path inside" in kept["error"]
     assert not (tmp_path / "escape.pt").exists() and not (tmp_path / "models" / "torch").exists()
 
 

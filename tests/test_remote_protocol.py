@@ -7,7 +7,7 @@ import json
 from jobs.pipeline import keeping_callbacks
 from jobs.plan.spec import JobSpec
 from jobs.record.ledger import Ledger
-from jobs.record.records import empty_record
+from jobs.record.records import JobOutcome, empty_record
 from jobs.run.progress import LineProgress
 from jobs.run.remote_protocol import (
     LINE_LIMIT,
@@ -15,7 +15,7 @@ from jobs.run.remote_protocol import (
     Follower,
     MarkedLines,
     complete_lines,
-    encode_record,
+    encode_outcome,
     marked_text,
 )
 
@@ -41,24 +41,27 @@ def test_a_log_line_still_being_written_is_left_for_later():
     assert complete_lines("one\n") == ["one"]
 
 
-def record_for(job_id: str) -> dict:
+def outcome_for(job_id: str) -> JobOutcome:
     record = empty_record(job_id, JobSpec("torch").to_record(), "succeeded", None)
     record["timings"] = {"total_s": 0.5}
     record["convergence"] = "converged"
-    return record
+    return JobOutcome(record, [{"rank": 0, "stdout": "trained\n", "stderr": ""}], {"model.json": b"{}"})
 
 
 def test_the_follower_keeps_each_record_once_and_skips_an_unreadable_line(tmp_path, capsys):
     with Ledger.open(tmp_path, for_writing=True) as ledger:
         ledger.add_jobs([("a", JobSpec("torch").to_record()), ("b", JobSpec("torch").to_record())])
         follower = follower_keeping_in(tmp_path, ledger)
-        text = marked_text(RECORD_MARKER, encode_record(record_for("a")))
+        text = marked_text(RECORD_MARKER, encode_outcome(outcome_for("a")))
         follower.chunk(text[:10])  # a stream chunk can end mid-line
         follower.chunk(text[10:])
         follower.chunk(text)  # replayed from the whole log: not kept twice
         follower.chunk(RECORD_MARKER + '{"id": "b", "stat\n')  # cut short
         states = {job.id: job.status for job in ledger.jobs()}
     assert follower.kept == 1 and states == {"a": "succeeded", "b": "pending"}
+    # The output and model files came beside the record, and are kept as files.
+    assert (tmp_path / "logs" / "a.out").read_text() == "trained\n"
+    assert (tmp_path / "models" / "a" / "model.json").is_file()
     assert "skipped an unreadable runjobs-record line" in capsys.readouterr().err
 
 

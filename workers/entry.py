@@ -24,11 +24,11 @@ from workers.data import Dataset
 from workers.devices import ray_gpu_ids, running_ray
 from workers.distributed import SINGLE_WORKER, WorkerContext
 from workers.reference import classify_convergence, least_squares, mean_squared_error, r2_gap
-from workers.training import Scaling, TrainingData
+from workers.training import Scaling, TrainingData, TrainingJob
 
 
 def run_job(
-    spec, dataset: Dataset, submitted_at: float, context: WorkerContext = SINGLE_WORKER
+    spec: TrainingJob, dataset: Dataset, submitted_at: float, context: WorkerContext = SINGLE_WORKER
 ) -> dict[str, Any]:
     """Train `spec` on `dataset` as worker `context` and return its result (without id and status).
 

@@ -15,6 +15,34 @@ from workers.data import Dataset
 
 
 @dataclass(frozen=True)
+class TrainingJob:
+    """What a worker needs to train one job: the only job object that crosses into the data plane.
+
+    The control plane builds it from a job's spec (`JobSpec.for_worker()`, jobs/plan/spec.py)
+    once everything in it is resolved; the spec's other fields (where the job runs, its
+    retries, timeouts and label) never reach a worker.
+    """
+
+    framework: str
+    variant: str = "single"
+    workers: int = 1
+    epochs: int = 500
+    optimizer: str = "adam"
+    lr: float = 0.01
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    epsilon: float = 1e-7
+    batch_size: int | None = None  # None: the full data
+    seed: int = 0
+    initial_value: float | None = 0.0  # None: the framework's own initialiser
+    normalize: bool = False
+    predict: tuple[tuple[float, ...], ...] = ()
+    allow_cpu_fallback: bool = False
+    loop: str = "fast"
+    save_models: bool = False
+
+
+@dataclass(frozen=True)
 class Scaling:
     """x_train = (x - feature_mean) / feature_scale and y_train = (y - target_mean) / target_scale."""
 

@@ -33,6 +33,7 @@ from jobs.plan.fields import (
     job_field,
 )
 from workers import frameworks
+from workers.training import TrainingJob
 
 # The frameworks and their variants are the registry's (workers/frameworks), which names
 # them without importing any framework.
@@ -173,6 +174,10 @@ class JobSpec:
         _require_whole("retries", self.retries, minimum=0)
         _require_whole("epochs", self.epochs, minimum=1)
         _require_whole("seed", self.seed, minimum=0)
+        # Keras seeds NumPy's legacy generator too, which takes at most 2**32 - 1; a larger
+        # seed would pass here and fail both frameworks' jobs once they start.
+        if self.seed > 2**32 - 1:
+            raise SpecError(f"seed={self.seed}: must be at most 4294967295 (2**32 - 1)")
         if self.batch_size is not None:
             _require_whole("batch_size", self.batch_size, minimum=1)
         _require_positive("lr", self.lr)
@@ -221,6 +226,28 @@ class JobSpec:
         if self.init == "framework":
             return None
         return 0.0 if self.init == "zeros" else float(self.init)
+
+    def for_worker(self) -> TrainingJob:
+        """The typed object a worker trains from: only the fields that decide training."""
+        return TrainingJob(
+            framework=self.framework,
+            variant=self.variant,
+            workers=self.workers,
+            epochs=self.epochs,
+            optimizer=self.optimizer,
+            lr=self.lr,
+            beta_1=self.beta_1,
+            beta_2=self.beta_2,
+            epsilon=self.epsilon,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            initial_value=self.initial_value,
+            normalize=self.normalize,
+            predict=self.predict,
+            allow_cpu_fallback=self.allow_cpu_fallback,
+            loop=self.loop,
+            save_models=self.save_models,
+        )
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> JobSpec:

@@ -19,29 +19,26 @@ from workers.export import MANIFEST
 MODELS_DIRECTORY = "models"
 
 
-def store_job_model(directory: Path, record: dict[str, Any]) -> None:
-    """Move a record's `model_files` to DIR/models/JOB and leave `model` in their place.
+def store_job_model(directory: Path, job_id: str, files: dict[str, bytes]) -> dict[str, Any] | None:
+    """Write a job's exported model files to DIR/models/JOB; return what its record keeps of them.
 
-    `record["model"]` becomes {path (relative to DIR), formats, not_written}. A model that
-    cannot be written (a full disk) leaves the error there instead: the job's result
-    is kept either way.
+    That is {path (relative to DIR), formats, not_written}, or None when the job exported
+    no model. A model that cannot be written (a full disk) returns the error instead: the
+    job's result is kept either way.
     """
-    files = record.pop("model_files", None)
     if not files:
-        return
-    relative = f"{MODELS_DIRECTORY}/{record['id']}"
+        return None
     manifest = json.loads(files[MANIFEST]) if MANIFEST in files else {}
     if manifest:
         # The worker does not know the job's id; the manifest names it for a reader.
-        manifest["job_id"] = record["id"]
+        manifest["job_id"] = job_id
         files = {**files, MANIFEST: (json.dumps(manifest, indent=2) + "\n").encode()}
     try:
-        write_model_files(directory / MODELS_DIRECTORY, record["id"], files)
+        write_model_files(directory / MODELS_DIRECTORY, job_id, files)
     except (OSError, ValueError) as error:
-        record["model"] = {"path": None, "formats": [], "error": f"{type(error).__name__}: {error}"}
-        return
-    record["model"] = {
-        "path": relative,
+        return {"path": None, "formats": [], "error": f"{type(error).__name__}: {error}"}
+    return {
+        "path": f"{MODELS_DIRECTORY}/{job_id}",
         "formats": list(manifest.get("formats", {})),
         "not_written": manifest.get("not_written", {}),
     }

@@ -9,6 +9,7 @@ it imports none of them.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 STATES = ("pending", "running", "succeeded", "failed", "cancelled")
@@ -52,3 +53,34 @@ def finite_only(value: Any) -> Any:
 def exit_code_for(report: dict[str, Any]) -> int:
     """0 when every job of a report succeeded, 1 when any did not."""
     return 0 if report["summary"]["succeeded"] == len(report["jobs"]) else 1
+
+
+@dataclass
+class JobOutcome:
+    """An ended job as its run hands it back: the record the ledger keeps, and beside it
+    what is kept as files: each worker's captured output and the exported model's files."""
+
+    record: dict[str, Any]
+    logs: list[dict[str, Any]] = field(default_factory=list)  # per rank: {rank, stdout, stderr}
+    model_files: dict[str, bytes] = field(default_factory=dict)  # relative path -> content
+
+    @property
+    def id(self) -> str:
+        return self.record["id"]
+
+    @property
+    def status(self) -> str:
+        return self.record["status"]
+
+
+# What a worker's result carries besides the record's fields (workers/entry.py).
+RESULT_FILES = ("logs", "model_files")
+
+
+def job_outcome(
+    job_id: str, config: dict[str, Any], status: str, error: str | None, result: dict[str, Any]
+) -> JobOutcome:
+    """The outcome of an ended job from what its workers returned; the files go beside the record."""
+    record = empty_record(job_id, config, status, error)
+    record.update({key: value for key, value in result.items() if key not in (*RESULT_FILES, "rank")})
+    return JobOutcome(record, list(result.get("logs") or []), dict(result.get("model_files") or {}))

@@ -8,16 +8,19 @@ next moment loses nothing.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from jobs.record.ledger import Ledger
 from jobs.record.models import store_job_model
 from jobs.record.output import write_job_logs
+from jobs.record.records import JobOutcome
 
 
-def keep_record(output_dir: Path, ledger: Ledger, record: dict[str, Any]) -> None:
-    """Make an ended job's record durable: its logs and model files first, then the ledger."""
-    write_job_logs(output_dir, record["id"], record.pop("logs", None) or [])
+def keep_record(output_dir: Path, ledger: Ledger, outcome: JobOutcome) -> None:
+    """Make an ended job durable: its output and model files first, then its record in the ledger."""
+    write_job_logs(output_dir, outcome.id, outcome.logs)
+    record = outcome.record
     # Model files go to DIR/models/JOB before the record (which names them) is durable.
-    store_job_model(output_dir, record)
-    ledger.mark(record["id"], record["status"], record)
+    model = store_job_model(output_dir, outcome.id, outcome.model_files)
+    if model is not None:
+        record = {**record, "model": model}
+    ledger.mark(outcome.id, outcome.status, record)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jobs.plan.planning import PlannedJob
-from jobs.record.records import empty_record
+from jobs.record.records import JobOutcome, job_outcome
 from jobs.run.scheduler import (
     Decision,
     Failure,
@@ -106,7 +106,7 @@ def _cluster_cpus() -> int:
 class Driver:
     def __init__(
         self,
-        on_record: Callable[[dict[str, Any]], None],
+        on_record: Callable[[JobOutcome], None],
         on_start: Callable[[str], None] | None = None,
         max_concurrent: int | None = None,
         should_stop: Callable[[], bool] | None = None,
@@ -134,7 +134,7 @@ class Driver:
         self.dataset_refs: dict[int, Any] = {}
         self.executions: dict[Any, Execution] = {}  # pending ObjectRef -> its job's execution
         self.by_job: dict[str, Execution] = {}  # job id -> its execution, while it runs
-        self.delivering: dict[str, Any] | None = None  # a record on its way to on_record
+        self.delivering: JobOutcome | None = None  # a record on its way to on_record
         self.scheduler: Scheduler | None = None
 
     def run(self, jobs: list[PlannedJob]) -> list[str]:
@@ -233,7 +233,7 @@ class Driver:
         self.by_job[job.id] = execution
         if run.placement.on_warm_worker:
             worker = self.warm_workers[run.warm_worker]
-            reference = worker.run.remote(spec, self._dataset(job.dataset), run.submitted_at)
+            reference = worker.run.remote(spec.for_worker(), self._dataset(job.dataset), run.submitted_at)
             self._wait_on(execution, [reference])
         elif run.placement is Placement.FRESH_PROCESS:
             reference = self.fresh_train_task.options(
@@ -242,7 +242,7 @@ class Driver:
                 # A dead worker fails the job rather than silently training it twice.
                 max_retries=0,
                 name=f"runjobs:{job.id}",
-            ).remote(spec, self._dataset(job.dataset), run.submitted_at)
+            ).remote(spec.for_worker(), self._dataset(job.dataset), run.submitted_at)
             self._wait_on(execution, [reference])
         else:
             self._start_gang(execution)
@@ -283,7 +283,7 @@ class Driver:
         dataset = self._dataset(run.job.dataset)
         references = [
             actor.run.remote(
-                spec,
+                spec.for_worker(),
                 dataset,
                 run.submitted_at,
                 WorkerContext(rank, spec.workers, addresses, spec.setup_timeout_s),
@@ -314,16 +314,16 @@ class Driver:
             ray.kill(actor, no_restart=True)
 
     def _record(self, decision: Record) -> None:
-        record = job_record(decision.job, decision.status, decision.error, decision.result or {})
-        record["timings"]["total_s"] = decision.total_s
-        self._deliver(record)
+        outcome = job_record(decision.job, decision.status, decision.error, decision.result or {})
+        outcome.record["timings"]["total_s"] = decision.total_s
+        self._deliver(outcome)
 
-    def _deliver(self, record: dict[str, Any]) -> None:
+    def _deliver(self, outcome: JobOutcome) -> None:
         # The scheduler hears of the record only once on_record has kept it: an interrupt
         # in between finds it in `delivering` and hands it over again.
-        self.delivering = record
-        self.on_record(record)
-        self.scheduler.recorded(record["id"], record["status"])
+        self.delivering = outcome
+        self.on_record(outcome)
+        self.scheduler.recorded(outcome.id, outcome.status)
         self.delivering = None
 
     # Ray's outcomes, reported to the scheduler.
@@ -378,7 +378,7 @@ class Driver:
 
 def run_jobs(
     jobs: list[PlannedJob],
-    on_record: Callable[[dict[str, Any]], None],
+    on_record: Callable[[JobOutcome], None],
     on_start: Callable[[str], None] | None = None,
     max_concurrent: int | None = None,
     should_stop: Callable[[], bool] | None = None,
@@ -413,11 +413,9 @@ def merge_worker_results(results: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
-def job_record(job: PlannedJob, status: str, error: str | None, result: dict[str, Any]) -> dict[str, Any]:
-    record = empty_record(job.id, job.spec.to_record(), status, error)
-    record.update(result)
-    record.pop("rank", None)
-    return record
+def job_record(job: PlannedJob, status: str, error: str | None, result: dict[str, Any]) -> JobOutcome:
+    """A planned job's outcome: its record (id, config, status, error, results) with its files beside it."""
+    return job_outcome(job.id, job.spec.to_record(), status, error, result)
 
 
 def describe_error(error: Exception) -> str:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from jobs.plan.planning import PlannedJob
+from jobs.record.records import JobOutcome
 
 
 @dataclass
@@ -33,7 +34,7 @@ class RunCallbacks:
     on_start: Callable[[str, bool], None]
     # A job ended: its whole record, logs and model files beside the results; the
     # pipeline keeps it before the next one. Idempotent: a record handed over twice is kept once.
-    on_record: Callable[[dict[str, Any], bool], None]
+    on_record: Callable[[JobOutcome, bool], None]
     should_stop: Callable[[], bool]  # `runjobs cancel` asked the run to stop
     say: Callable[[str], None]  # a progress line
     keep_meta: Callable[..., None]  # run-level facts for the ledger (a remote run's Ray job id)

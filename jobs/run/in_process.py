@@ -55,19 +55,19 @@ class InProcessSession:
             if callbacks.should_stop():
                 for waiting in jobs[index:]:
                     cancelled = job_record(waiting, "cancelled", "cancelled: runjobs cancel", {})
-                    cancelled["timings"]["total_s"] = 0.0
+                    cancelled.record["timings"]["total_s"] = 0.0
                     callbacks.on_record(cancelled, False)
                 interrupted = RunInterrupted(0, len(jobs) - index, requested=True)
                 return RunSummary(CLUSTER, {"jobs_s": time.perf_counter() - started}, interrupted)
             callbacks.on_start(job.id, False)
             submitted_at = time.time()
             try:
-                result = merge_worker_results([run_job(job.spec, job.dataset, submitted_at)])
-                record = job_record(job, "succeeded", None, result)
+                result = merge_worker_results([run_job(job.spec.for_worker(), job.dataset, submitted_at)])
+                outcome = job_record(job, "succeeded", None, result)
             except Exception as error:
                 logs = getattr(error, "runjobs_logs", None)
                 extra = {"logs": [{"rank": 0, **logs}]} if logs else {}
-                record = job_record(job, "failed", describe_error(error), extra)
-            record["timings"]["total_s"] = time.time() - submitted_at
-            callbacks.on_record(record, False)
+                outcome = job_record(job, "failed", describe_error(error), extra)
+            outcome.record["timings"]["total_s"] = time.time() - submitted_at
+            callbacks.on_record(outcome, False)
         return RunSummary(CLUSTER, {"jobs_s": time.perf_counter() - started})

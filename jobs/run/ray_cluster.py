@@ -55,7 +55,7 @@ class RayClusterSession:
         try:
             run_jobs(
                 jobs,
-                lambda record: callbacks.on_record(record, False),
+                lambda outcome: callbacks.on_record(outcome, False),
                 lambda job_id: callbacks.on_start(job_id, False),
                 self.max_concurrent,
                 callbacks.should_stop,

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.plan.planning import PlannedJob
+from jobs.record.records import JobOutcome
 from jobs.run.authentication import choose_mode_for
 from jobs.run.cluster import ClusterUnreachableError, wait_until_reachable
 from jobs.run.driver import CANCEL_POLL_S, RunInterrupted
@@ -38,6 +39,7 @@ from jobs.run.remote_protocol import (
     Follower,
     MarkedLines,
     complete_lines,
+    decode_outcome,
     plan_from,
 )
 
@@ -160,9 +162,9 @@ class RayJobsSession:
             started.add(job)
             callbacks.on_start(job, quiet)
 
-        def on_record(record: dict[str, Any], quiet: bool) -> None:
-            callbacks.on_record(record, quiet)
-            ended.add(record["id"])
+        def on_record(outcome: JobOutcome, quiet: bool) -> None:
+            callbacks.on_record(outcome, quiet)
+            ended.add(outcome.id)
 
         follower = Follower(on_start, on_record, callbacks.say)
         interrupted = None
@@ -224,7 +226,7 @@ def remote_status(address: str, job_id: str) -> dict[str, Any]:
             if marked and marked[0] == PLAN_MARKER:
                 total = len(json.loads(marked[1])["jobs"])
             elif marked and marked[0] == RECORD_MARKER:
-                counts[json.loads(marked[1])["status"]] += 1
+                counts[decode_outcome(marked[1]).status] += 1
         except (ValueError, KeyError):
             continue  # an unreadable line: counted by neither
     ended = sum(counts.values())

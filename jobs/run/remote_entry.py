@@ -28,7 +28,7 @@ from jobs.run.remote_protocol import (
     PLAN_MARKER,
     RECORD_MARKER,
     STARTED_MARKER,
-    encode_record,
+    encode_outcome,
     marked_text,
 )
 from workers.data import load_dataset
@@ -76,7 +76,7 @@ def main(plan_path: str) -> int:
         rerun="all",
         max_concurrent=plan.get("max_concurrent"),
     )
-    forward = lambda record: emit(RECORD_MARKER, encode_record(record))  # noqa: E731
+    forward = lambda outcome: emit(RECORD_MARKER, encode_outcome(outcome))  # noqa: E731
     try:
         outcome = submit(
             request, ForwardingProgress(), planned=planned, forward=forward, write_report_files=False

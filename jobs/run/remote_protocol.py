@@ -17,6 +17,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from jobs.record.records import JobOutcome
+
 # Marked lines in the remote driver's output; everything else is its own messages.
 PLAN_MARKER = "runjobs-plan "
 STARTED_MARKER = "runjobs-started "
@@ -65,7 +67,7 @@ def complete_lines(text: str) -> list[str]:
 class Follower:
     """Hands the remote driver's marked lines to its callbacks, as they arrive.
 
-    `on_start(job_id, quiet)` and `on_record(record, quiet)` keep what the lines say
+    `on_start(job_id, quiet)` and `on_record(outcome, quiet)` keep what the lines say
     (`quiet` while a whole log is replayed: keep it, show nothing); `say` shows the
     driver's other lines. Each record is handed over once, however often its line is read.
     """
@@ -73,7 +75,7 @@ class Follower:
     def __init__(
         self,
         on_start: Callable[[str, bool], None],
-        on_record: Callable[[dict[str, Any], bool], None],
+        on_record: Callable[[JobOutcome, bool], None],
         say: Callable[[str], None],
     ) -> None:
         self.on_start = on_start
@@ -120,7 +122,7 @@ class Follower:
         marker, payload = marked
         try:
             if marker == RECORD_MARKER:
-                self._keep(decode_record(payload))
+                self._keep(decode_outcome(payload))
             elif marker == STARTED_MARKER:
                 self._started(payload.strip())
             elif marker == END_MARKER:
@@ -132,11 +134,11 @@ class Follower:
             # record can still be fetched from the whole log later.
             self.say(f"skipped an unreadable {marker.strip()} line ({len(payload)} chars): {error}")
 
-    def _keep(self, record: dict[str, Any]) -> None:
-        if record["id"] in self.ended:
+    def _keep(self, outcome: JobOutcome) -> None:
+        if outcome.id in self.ended:
             return
-        self.on_record(record, self.quiet)
-        self.ended.add(record["id"])  # only once kept: an interrupt before this keeps it again
+        self.on_record(outcome, self.quiet)
+        self.ended.add(outcome.id)  # only once kept: an interrupt before this keeps it again
         self.kept += 1
 
     def _started(self, job_id: str) -> None:
@@ -154,19 +156,13 @@ def plan_from(lines: list[str]) -> dict[str, Any] | None:
     return None
 
 
-def encode_record(record: dict[str, Any]) -> str:
-    """One line of JSON; model files (bytes) as base64."""
-    files = record.get("model_files")
-    if files:
-        record = {
-            **record,
-            "model_files": {name: base64.b64encode(data).decode() for name, data in files.items()},
-        }
-    return json.dumps(record)
+def encode_outcome(outcome: JobOutcome) -> str:
+    """One line of JSON: the record, the output beside it, the model files as base64."""
+    files = {name: base64.b64encode(data).decode() for name, data in outcome.model_files.items()}
+    return json.dumps({"record": outcome.record, "logs": outcome.logs, "model_files": files})
 
 
-def decode_record(text: str) -> dict[str, Any]:
-    record = json.loads(text)
-    if record.get("model_files"):
-        record["model_files"] = {name: base64.b64decode(data) for name, data in record["model_files"].items()}
-    return record
+def decode_outcome(text: str) -> JobOutcome:
+    payload = json.loads(text)
+    files = {name: base64.b64decode(data) for name, data in (payload.get("model_files") or {}).items()}
+    return JobOutcome(payload["record"], payload.get("logs") or [], files)

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 
 class JobSettings(Protocol):
-    """The job fields a framework reads (jobs/plan/spec.py's JobSpec has them all).
+    """The job fields a framework reads; workers.training.TrainingJob, which workers get, has them.
 
     Declared here so that the data plane never imports the control plane's spec module.
     """
