@@ -31,12 +31,40 @@ def one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
+# The ops of a linear model as both converters write it (tf2onnx: MatMul and Add; torch:
+# Gemm), and a few a converter may add around them. An ONNX graph is run by onnxruntime,
+# whose custom-op domains and contrib ops are native code: only these standard ops load.
+LINEAR_MODEL_OPS = frozenset({"MatMul", "Add", "Gemm", "Identity", "Reshape", "Cast", "Flatten", "Constant"})
+
+
+def check_linear_graph(path: Path) -> None:
+    """Refuse an ONNX file whose graph holds anything but a linear model's standard ops."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as error:  # onnx raises DecodeError and friends without a common base
+        raise ModelLoadError(f"{path}: cannot load it as a onnx model ({type(error).__name__})") from None
+    if model.functions or any(initializer.data_location == 1 for initializer in model.graph.initializer):
+        raise ModelLoadError(f"{path}: ONNX functions and external data are not read by runjobs predict")
+    unexpected = sorted(
+        {f"{node.domain or 'ai.onnx'}::{node.op_type}" for node in model.graph.node
+         if node.domain not in ("", "ai.onnx") or node.op_type not in LINEAR_MODEL_OPS}
+    )  # fmt: skip
+    if unexpected:
+        raise ModelLoadError(
+            f"{path}: not a linear model runjobs wrote (ops {', '.join(unexpected)}); runjobs predict runs "
+            f"only {', '.join(sorted(LINEAR_MODEL_OPS))}"
+        )
+
+
 def load_model(path: Path, format: str = "onnx") -> Predictor:
-    """An .onnx file as a predictor on onnxruntime's CPU provider (an ONNX file is a graph, no code)."""
+    """An .onnx file as a predictor on onnxruntime's CPU provider, once its ops are checked."""
     try:
         import onnxruntime
     except ImportError:
         raise ModelLoadError(f"reading {path} needs onnxruntime: {ONNX_INSTALL_HINT}") from None
+    check_linear_graph(path)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     inputs = session.get_inputs()
     if len(inputs) != 1:

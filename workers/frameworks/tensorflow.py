@@ -480,28 +480,80 @@ def _placement(device: Device) -> str:
 
 
 def _load_saved_model(path: Path) -> Predictor:
-    loaded = tf.saved_model.load(str(path))
-    signature = loaded.signatures.get("serving_default")
-    if signature is None:
-        raise ModelLoadError(f"{path}: the SavedModel has no serving_default signature to call")
-    _, input_specs = signature.structured_input_signature
-    if len(input_specs) != 1:
+    """A SavedModel's linear model, computed from its variables: its graph is never run.
+
+    A SavedModel's signature is a graph whose ops can write files or reach the network
+    (tf.io.write_file, for one), so loading it with tf.saved_model.load and calling it
+    would run whatever its author put there. runjobs' models are one Dense(1) layer:
+    the checkpoint's variables (read as tensors, no op executed) must be exactly a
+    kernel [K, 1] and a bias [1], and the prediction is x @ kernel + bias.
+    """
+    reader = tf.train.load_checkpoint(str(path / "variables" / "variables"))
+    kernels, biases, others = [], [], []
+    for name, shape in reader.get_variable_to_shape_map().items():
+        if name == "_CHECKPOINTABLE_OBJECT_GRAPH":
+            continue
+        if len(shape) == 2 and shape[1] == 1:
+            kernels.append(reader.get_tensor(name))
+        elif list(shape) == [1]:
+            biases.append(reader.get_tensor(name))
+        else:
+            others.append(f"{name} {list(shape)}")
+    # Keras lists each variable twice (as `variables` and `_all_variables`): the same values.
+    same = all(np.array_equal(kernels[0], kernel) for kernel in kernels) if kernels else False
+    same = same and biases and all(np.array_equal(biases[0], bias) for bias in biases)
+    if others or not same:
         raise ModelLoadError(
-            f"{path}: the serving signature takes {len(input_specs)} inputs; runjobs models take 1"
+            f"{path}: not a linear model runjobs wrote (variables: "
+            f"{', '.join(others) or f'{len(kernels)} kernel(s), {len(biases)} bias(es)'}); runjobs predict "
+            "reads only a Dense(1) SavedModel's variables and never runs a SavedModel's graph"
         )
-    ((input_name, input_spec),) = input_specs.items()
-    feature_count = input_spec.shape[-1] if input_spec.shape.rank else None
+    kernel = np.asarray(kernels[0], dtype=np.float32)
+    bias = np.asarray(biases[0], dtype=np.float32)
 
     def predict(features: np.ndarray):
-        outputs = signature(**{input_name: tf.constant(features, dtype=input_spec.dtype)})
-        return next(iter(outputs.values())).numpy()
+        return np.asarray(features, dtype=np.float32) @ kernel + bias
 
-    return Predictor(feature_count, predict)
+    return Predictor(int(kernel.shape[0]), predict)
+
+
+KERAS_LAYERS = ("InputLayer", "Dense")
 
 
 def _load_keras(path: Path) -> Predictor:
+    """A .keras file of runjobs' model: its config checked to be a linear Dense(1) before Keras reads it.
+
+    safe_mode already refuses configs that deserialise Python code (a Lambda layer); the
+    check also refuses any other layer, activation or custom object, so only the model
+    runjobs writes is ever built.
+    """
+    import json
+    import zipfile
+
     import keras as keras_package
 
+    try:
+        with zipfile.ZipFile(path) as archive:
+            config = json.loads(archive.read("config.json"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as error:
+        raise ModelLoadError(
+            f"{path}: cannot load it as a keras model (not a .keras archive: {error})"
+        ) from None
+    layers = (config.get("config") or {}).get("layers") if isinstance(config, dict) else None
+    linear = (
+        isinstance(config, dict)
+        and config.get("class_name") == "Sequential"
+        and isinstance(layers, list)
+        and [layer.get("class_name") for layer in layers if isinstance(layer, dict)] == list(KERAS_LAYERS)
+        and layers[1].get("config", {}).get("units") == 1
+        and layers[1].get("config", {}).get("activation") == "linear"
+        and all(layer.get("registered_name") is None for layer in layers)
+    )
+    if not linear:
+        raise ModelLoadError(
+            f"{path}: not a linear model runjobs wrote (runjobs predict reads a Sequential of an input "
+            "and one Dense(1) layer); give the model directory runjobs submit --save-models wrote"
+        )
     # safe_mode refuses a .keras file whose config would deserialise Python code (lambdas).
     model = keras_package.saving.load_model(path, safe_mode=True)
     feature_count = model.input_shape[-1] if isinstance(model.input_shape, tuple) else None
