@@ -11,7 +11,7 @@ TORCH_CPU ?= torch==2.13.0+cpu
 TORCH_CPU_INDEX ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install run test test-quick test-without-ray bench lint clean
+.PHONY: help install run test test-quick test-without-ray bench chaos lint clean
 
 help: ## Show this list of targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -51,6 +51,9 @@ bench: install ## Run the benchmarks and print their tables (see docs/BENCHMARKS
 	$(BIN)/python bench/bench_sweep.py
 	$(BIN)/python bench/bench_overhead.py
 	$(BIN)/python bench/bench_remote.py
+
+chaos: install ## Run the fault harness: 100 rounds of faults on a two-node local cluster (see docs/RELIABILITY.md).
+	$(BIN)/python bench/chaos.py --rounds 100
 
 lint: install ## Check style with ruff.
 	$(BIN)/ruff check jobs workers tests bench
