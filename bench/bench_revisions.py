@@ -63,8 +63,9 @@ def main() -> None:
                     results.setdefault(f"{name}: runjobs submit", []).append(
                         timed_run(tree, ["submit", "--output", str(output / "submit")])
                     )
+                    sweep = ["submit", "examples/lr-seed.yaml", "--output", str(output / "sweep")]
                     results.setdefault(f"{name}: runjobs submit lr-seed.yaml", []).append(
-                        timed_run(tree, ["submit", "examples/lr-seed.yaml", "--output", str(output / "sweep")])
+                        timed_run(tree, sweep)
                     )
                 print(f"round {index + 1}/{options.rounds} done", file=sys.stderr)
         finally:
