@@ -26,11 +26,22 @@ EXIT_INTERRUPTED = 130
 
 
 class RunjobsGroup(click.Group):
-    """A group whose errors are one line on stderr: `runjobs: error: ...`, no usage dump."""
+    """A group whose errors are one line on stderr: `runjobs: error: ...`, no usage dump.
+
+    A bare `runjobs` (no command) is a request for help, not a mistake: it prints the
+    group's help on stdout and exits 0, as `git` does.
+    """
+
+    # Click 8.2+ raises NoArgsIsHelpError, a UsageError, for a group given no command;
+    # 8.1 printed the help itself. The empty tuple of an older Click matches nothing.
+    no_command_given = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except self.no_command_given as error:
+            click.echo(error.ctx.get_help(), color=error.ctx.color)
+            code = EXIT_OK
         except click.UsageError as error:
             hint = f" (see '{error.ctx.command_path} --help')" if error.ctx is not None else ""
             click.echo(f"runjobs: error: {error.format_message()}{hint}", err=True)
@@ -137,7 +148,11 @@ def job_field_options(command):
     "with `runjobs report --address ADDR JOBID --output DIR`.",
 )
 @click.option("--output", type=click.Path(path_type=Path), help="Output directory. Default runs/<run-id>.")
-@click.option("--dry-run", is_flag=True, help="Print the expanded jobs and start nothing.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Check the jobs, data, output directory and address form; print the jobs; start nothing.",
+)
 @click.option(
     "--json", "json_output", is_flag=True, help="Print one JSON summary on stdout instead of the table."
 )
@@ -203,7 +218,11 @@ def submit(
             max_concurrent,
         )
         if dry_run:
-            _print_plan(plan_jobs(request), json_output)
+            from jobs.pipeline import check_destination
+
+            planned = plan_jobs(request)
+            check_destination(request)
+            _print_plan(planned, json_output)
             return
         from jobs.pipeline import RemoteSubmission
         from jobs.pipeline import submit as run_submit
@@ -577,7 +596,7 @@ def _is_input_error(error: Exception) -> bool:
     from jobs.record.ledger import LedgerError
     from jobs.record.output import OutputError
     from jobs.run.authentication import AuthenticationError
-    from jobs.run.cluster import ResourceRequestError
+    from jobs.run.cluster import ConnectionSettingError, ResourceRequestError
     from jobs.run.ray_jobs import RemoteRunBusyError, UnknownRemoteJobError
     from workers.data import DataError
 
@@ -590,6 +609,7 @@ def _is_input_error(error: Exception) -> bool:
             OutputError,
             LedgerError,
             ResourceRequestError,
+            ConnectionSettingError,
             UnknownRemoteJobError,
             RemoteRunBusyError,
         ),

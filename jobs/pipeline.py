@@ -59,6 +59,21 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
 
 
+def check_destination(request: SubmitRequest) -> None:
+    """What `--dry-run` checks besides the jobs: the output directory and the address's form."""
+    from jobs.run.cluster import split_address
+    from jobs.run.ray_jobs import is_jobs_address
+
+    if request.output is not None:
+        if is_ledger_directory(request.output):
+            Ledger.open(request.output, for_writing=False).close()  # a newer or broken ledger is refused
+        else:
+            check_usable(request.output)
+    address = request.address
+    if address and address != "auto" and not is_jobs_address(address):
+        split_address(address)
+
+
 def executor_for(request: SubmitRequest, output_dir: Path, wait: bool = True) -> Executor:
     """The executor the request's address names: Ray Jobs for http(s), else a Ray cluster driven here."""
     from jobs.run.ray_jobs import RayJobsExecutor, is_jobs_address

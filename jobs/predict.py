@@ -113,17 +113,63 @@ def resolve_model(path: Path, wanted_format: str | None = None) -> ModelSource:
             f"{path} is a {detected} model, not {wanted_format}; drop --format or name a {wanted_format} file"
         )
     manifest_directory = path.parent if path.parent.joinpath(MANIFEST).is_file() else None
-    names = tuple(read_manifest(manifest_directory).get("features", ())) if manifest_directory else ()
+    names = tuple(checked_manifest(manifest_directory).get("features", ())) if manifest_directory else ()
     return ModelSource(path, detected, names)
 
 
-def _from_job_directory(directory: Path, wanted_format: str | None) -> ModelSource:
+def checked_manifest(directory: Path) -> dict[str, Any]:
+    """A job directory's model.json, refused (PredictError) unless it has the shape export writes.
+
+    model.json may come from anywhere (a copied run, a hand edit), so every field is
+    checked before use, and each format's file must lie inside the directory: a name
+    such as `../x`, an absolute path or a symbolic link leading out would make predict
+    load a file the model directory does not hold.
+    """
+    where = directory / MANIFEST
+    again = "export the model again (runjobs submit --save-models)"
     try:
         manifest = read_manifest(directory)
-    except (OSError, ValueError) as error:
-        raise PredictError(
-            f"{directory / MANIFEST} cannot be read ({error}); export the model again"
-        ) from None
+    except (OSError, ValueError, RecursionError) as error:
+        detail = " ".join(str(error).split()) or type(error).__name__
+        raise PredictError(f"{where} cannot be read as JSON ({detail}); {again}") from None
+    if not isinstance(manifest, dict):
+        raise PredictError(f"{where} holds a JSON {type(manifest).__name__}, not an object; {again}")
+    formats = manifest.get("formats", {})
+    if not isinstance(formats, dict) or not all(
+        isinstance(name, str) and isinstance(file_name, str) and file_name
+        for name, file_name in formats.items()
+    ):
+        raise PredictError(f"{where}: formats must map each format to its file name; {again}")
+    features = manifest.get("features", [])
+    if not isinstance(features, list) or not all(isinstance(name, str) for name in features):
+        raise PredictError(f"{where}: features must be a list of names; {again}")
+    not_written = manifest.get("not_written", {})
+    if not isinstance(not_written, dict) or not all(
+        isinstance(reason, str) for reason in not_written.values()
+    ):
+        raise PredictError(f"{where}: not_written must map each format to a reason; {again}")
+    inside = directory.resolve()
+    for name, file_name in formats.items():
+        relative = Path(file_name)
+        try:
+            target = (directory / relative).resolve()
+        except (OSError, RuntimeError):  # a loop of symbolic links (RuntimeError before Python 3.13)
+            target = None
+        if (
+            relative.is_absolute()
+            or ".." in relative.parts
+            or target is None
+            or not target.is_relative_to(inside)
+        ):
+            raise PredictError(
+                f"{where}: the {name} file {file_name!r} is outside the model directory; "
+                f"predict reads only files inside {directory}; {again}"
+            )
+    return manifest
+
+
+def _from_job_directory(directory: Path, wanted_format: str | None) -> ModelSource:
+    manifest = checked_manifest(directory)
     formats = manifest.get("formats", {})
     # The registry's order, asked now: a framework registered after import counts too.
     available = [

@@ -34,6 +34,18 @@ def run_cli(args: list[str], output_dir: Path | None = None) -> CliResult:
     return CliResult(result.exit_code, result.stdout, result.stderr, output_dir)
 
 
+def run_cli_process(args: list[str], output_dir: Path | None = None, env: dict | None = None) -> CliResult:
+    """Run `runjobs ARGS` as its own process: for what must not see this process's Ray session."""
+    import os
+    import subprocess
+
+    full_args = [*args, "--output", str(output_dir)] if output_dir is not None else list(args)
+    completed = subprocess.run(
+        [RUNJOBS, *full_args], capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})}
+    )
+    return CliResult(completed.returncode, completed.stdout, completed.stderr, output_dir)
+
+
 def load_strict_json(path: Path) -> dict:
     """Load JSON, refusing NaN and Infinity, which strict JSON readers reject."""
 

@@ -5,8 +5,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from workers.data import DataError, article_dataset, load_dataset, parse_synthetic, read_csv
-from workers.reference import classify_convergence, least_squares, mean_squared_error
+from workers.data import (
+    MAX_SYNTHETIC_VALUES,
+    DataError,
+    Dataset,
+    article_dataset,
+    load_dataset,
+    parse_synthetic,
+    read_csv,
+)
+from workers.reference import (
+    CONVERGED_R2_GAP,
+    classify_convergence,
+    least_squares,
+    mean_squared_error,
+    r2_gap,
+)
 
 
 def numpy_least_squares(dataset):
@@ -114,3 +128,107 @@ def test_convergence_rule_tells_converged_not_converged_and_diverged_apart():
     assert classify_convergence(dataset, np.array([np.nan]), 0.0, falling, reference) == "diverged"
     assert classify_convergence(dataset, np.array([0.2]), 0.0, [10.0, np.inf], reference) == "diverged"
     assert classify_convergence(dataset, np.array([0.3]), 0.0, [10.0, 50.0], reference) == "diverged"
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_column_name(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_bytes("size,price\n500,100\n750,150\n".encode("utf-8-sig"))
+    dataset = read_csv(path, feature_columns=("size",), target_column="price")
+    assert dataset.feature_names == ("size",)
+    assert dataset.features[:, 0].tolist() == [500, 750]
+
+
+def test_the_numbers_a_valid_csv_holds_parse_as_before(tmp_path):
+    cells = ["+1.5e3", " 2 ", ".5", "1.", "-0", "007", "1E-2", '"3"', "-4.25e+1"]
+    path = tmp_path / "plain.csv"
+    path.write_text("x,y\n" + "".join(f"{cell},{index}\n" for index, cell in enumerate(cells)))
+    dataset = read_csv(path)
+    assert dataset.features[:, 0].tolist() == [float(cell.strip('"')) for cell in cells]
+    assert dataset.target.tolist() == list(range(len(cells)))
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"\x7fELF\x02\x01\x01\x00\xff\xfe\x00\x00", "not UTF-8 text"),
+        ("size,price\n500,100\n750,\xe9\n".encode("latin-1"), "not UTF-8 text (byte 0xe9)"),
+        (b"size,price\n500,100\n750," + b"9" * 131_073 + b"\n", ":3: a cell longer than 131072 characters"),
+        (b'size,price\n500,100\n"750,150\n', ":3: not valid CSV (unexpected end of data)"),
+        (b'size,price\n"500"0,100\n750,150\n', ":2: not valid CSV"),
+        (b"size,price\n500,100\n1_000,150\n", ":3: column 'size' holds '1_000', not a plain number"),
+        ("size,price\n500,100\n\u0667\u0665\u0660,150\n".encode(), "not a plain number"),
+        (b"size,price\n500,100\n750,infinity\n", "not a finite number"),
+    ],
+    ids=[
+        "binary",
+        "latin-1",
+        "huge-cell",
+        "open-quote",
+        "bad-quote",
+        "underscore",
+        "arabic-digits",
+        "infinity",
+    ],
+)
+def test_a_csv_that_is_not_plain_utf8_numbers_is_refused(tmp_path, content, expected):
+    path = tmp_path / "bad.csv"
+    path.write_bytes(content)
+    with pytest.raises(DataError) as error:
+        read_csv(path)
+    assert str(error.value).startswith(str(path))
+    assert expected in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_duplicate_column_names_are_refused_since_target_would_be_ambiguous(tmp_path):
+    path = tmp_path / "twice.csv"
+    path.write_text("x,size,x,y,y\n1,2,3,4,5\n6,7,8,9,10\n")
+    with pytest.raises(DataError, match=r"twice.csv:1: the header names 'x', 'y' more than once"):
+        read_csv(path, target_column="x")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("seed=-1", "seed=-1: need a whole number >= 0"),
+        ("rows=1000000000000,features=1000", f"1000000000000000 values, more than the limit of {10**8}"),
+        ("rows=100000001", "limit of 100000000 (rows x features)"),
+        ("rows=ten", "rows='ten' is not a whole number"),
+    ],
+)
+def test_synthetic_data_too_large_or_unseedable_is_refused_with_the_limit(text, expected):
+    with pytest.raises(DataError) as error:
+        parse_synthetic(text)
+    assert expected in str(error.value)
+
+
+def test_synthetic_data_up_to_the_limit_is_accepted():
+    assert MAX_SYNTHETIC_VALUES == 10**8
+    spec = parse_synthetic(f"rows={MAX_SYNTHETIC_VALUES // 4},features=4")
+    assert spec.rows * spec.features == MAX_SYNTHETIC_VALUES
+
+
+@pytest.mark.parametrize("source", ["article", "synthetic:rows=20", "synthetic"])
+def test_csv_columns_named_for_data_that_is_not_a_csv_are_refused(source):
+    with pytest.raises(DataError, match="features and target name a CSV's columns"):
+        load_dataset(source, feature_columns=("size_sqft",))
+    with pytest.raises(DataError, match=f"target=price: .* but the data is {source}"):
+        load_dataset(source, target_column="price")
+
+
+def test_a_constant_target_has_a_finite_gap_the_loss_difference_itself():
+    for constant in (0.0, 0.1, 5.0, 1e6):
+        dataset = Dataset(np.arange(10.0).reshape(-1, 1), np.full(10, constant), ("x",), "y", "test")
+        reference = least_squares(dataset)
+        assert r2_gap(dataset, reference.loss + 2.0, reference) == pytest.approx(2.0)
+        assert r2_gap(dataset, reference.loss, reference) == 0.0
+        exact = classify_convergence(dataset, np.array([0.0]), constant, [1.0, 0.5], reference)
+        off_by_one = classify_convergence(dataset, np.array([0.0]), constant + 1.0, [1.0, 0.5], reference)
+        assert (exact, off_by_one) == ("converged", "not_converged")
+    # A target with variance keeps the R^2 gap: (loss - optimum) / variance.
+    dataset = article_dataset()
+    reference = least_squares(dataset)
+    variance = float(np.var(dataset.target))
+    assert r2_gap(dataset, reference.loss + variance * CONVERGED_R2_GAP, reference) == pytest.approx(
+        CONVERGED_R2_GAP
+    )

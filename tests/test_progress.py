@@ -28,6 +28,19 @@ def test_off_a_terminal_each_end_is_one_timestamped_line_with_the_counts(capsys)
     assert lines[1].endswith("[2/3 done, 1 failed] b failed (ValueError: boom) in 1.2s")
 
 
+def test_a_cancelled_job_is_counted_apart_from_the_failed_ones(capsys):
+    progress = for_stream(io.StringIO())
+    with progress:
+        progress.begin(5)
+        for job_id in ("a", "b", "c"):
+            progress.ended(record(job_id))
+        progress.ended(record("d", "failed", None, "ValueError: boom"))
+        progress.ended(record("e", "cancelled", None, "cancelled: runjobs cancel"))
+    lines = capsys.readouterr().err.splitlines()
+    assert "[4/5 done, 1 failed] d failed" in lines[3]
+    assert "[5/5 done, 1 failed, 1 cancelled] e cancelled (cancelled: runjobs cancel)" in lines[4]
+
+
 def test_on_a_terminal_a_live_line_counts_done_running_failed_and_an_eta():
     screen = io.StringIO()
     progress = LiveProgress(Console(file=screen, force_terminal=True, width=120))
@@ -39,7 +52,7 @@ def test_on_a_terminal_a_live_line_counts_done_running_failed_and_an_eta():
         progress.ended(record("b", "cancelled", None, "timed out after 3s (timeout_s)"))
     text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())  # without the terminal codes
     assert "a succeeded (converged) in 1.2s" in text
-    assert "2/4" in text and "running 1, failed 1" in text
+    assert "2/4" in text and "running 1, failed 0, cancelled 1" in text
     assert re.search(r"ETA \d+:\d\d", text), text
 
 

@@ -3,12 +3,18 @@
 Every source becomes a `Dataset` of float64 arrays. The driver loads the data once,
 validates it before any Ray task starts, and ships the arrays to the workers, so a
 worker on another node never needs the CSV file on its own disk.
+
+A CSV is read strictly: UTF-8 (a byte-order mark is dropped), well-formed quoting,
+distinct column names, and cells that are plain decimal numbers; anything else is a
+DataError naming the file and line, never a guess.
 """
 
 from __future__ import annotations
 
 import csv
 import math
+import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +23,16 @@ import numpy as np
 ARTICLE_SIZES_SQFT = tuple(range(500, 2751, 250))
 ARTICLE_PRICE_PER_SQFT = 0.2  # thousands of dollars per square foot
 ARTICLE_PREDICTION_SQFT = 1800.0
+
+# The most values (rows x features) synthetic data may have: 10^8 float64 values are
+# 800 MB of features, held by the driver and shipped to every job through Ray's object
+# store. Larger sizes would exhaust memory while planning, before any check could run.
+MAX_SYNTHETIC_VALUES = 10**8
+
+# A plain decimal number, as spreadsheets and pandas write them. Python's float() also
+# reads `1_000`, digits of other scripts and `infinity`, which a data file should not
+# silently mean; a cell that float() reads but this does not is refused.
+PLAIN_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)
 
 
 class DataError(ValueError):
@@ -72,6 +88,7 @@ def article_dataset() -> Dataset:
 def parse_synthetic(text: str) -> SyntheticSpec:
     """Parse the part after `synthetic:`, e.g. `rows=1000,features=3,noise=0.1,seed=7`."""
     converters = {"rows": int, "features": int, "noise": float, "seed": int}
+    kinds = {"rows": "whole number", "features": "whole number", "noise": "number", "seed": "whole number"}
     values: dict[str, int | float] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, separator, raw_value = item.partition("=")
@@ -82,7 +99,7 @@ def parse_synthetic(text: str) -> SyntheticSpec:
         try:
             values[key] = converters[key](raw_value)
         except ValueError:
-            raise DataError(f"synthetic {key}={raw_value!r} is not a {converters[key].__name__}") from None
+            raise DataError(f"synthetic {key}={raw_value!r} is not a {kinds[key]}") from None
     spec = SyntheticSpec(**values)
     if spec.rows < 2:
         raise DataError(f"synthetic rows={spec.rows}: need at least 2 rows")
@@ -90,6 +107,13 @@ def parse_synthetic(text: str) -> SyntheticSpec:
         raise DataError(f"synthetic features={spec.features}: need at least 1 feature")
     if not math.isfinite(spec.noise) or spec.noise < 0:
         raise DataError(f"synthetic noise={spec.noise}: need a finite number >= 0")
+    if spec.seed < 0:
+        raise DataError(f"synthetic seed={spec.seed}: need a whole number >= 0")
+    if spec.rows * spec.features > MAX_SYNTHETIC_VALUES:
+        raise DataError(
+            f"synthetic rows={spec.rows},features={spec.features} is {spec.rows * spec.features} values, "
+            f"more than the limit of {MAX_SYNTHETIC_VALUES} (rows x features); use fewer rows or features"
+        )
     return spec
 
 
@@ -100,25 +124,25 @@ def read_csv(
 ) -> Dataset:
     """Read a CSV with a header row. The last column is the target unless columns are named."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; pass a CSV file to --data")
     if not path.is_file():
         raise DataError(f"{path}: no such file; pass an existing CSV to --data")
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        while header is not None and not any(cell.strip() for cell in header):
-            header = next(reader, None)
-        if header is None:
-            raise DataError(f"{path}: the file is empty; it needs a header row and at least 2 data rows")
-        header = [cell.strip() for cell in header]
-        target_index, feature_indices = _select_columns(path, header, feature_columns, target_column)
-        rows: list[list[float]] = []
-        for row in reader:
-            if not any(cell.strip() for cell in row):
-                continue  # blank lines carry no data
-            line = reader.line_num
-            if len(row) != len(header):
-                raise DataError(f"{path}:{line}: {len(row)} columns where the header has {len(header)}")
-            rows.append([_parse_number(path, line, header[i], row[i]) for i in range(len(row))])
+    try:
+        # utf-8-sig: a byte-order mark (Excel writes one) is not part of the first column's name.
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle, strict=True)
+            header, columns, rows = _read_table(path, reader, feature_columns, target_column)
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"{path}: not UTF-8 text (byte 0x{error.object[error.start]:02x}); a binary file, or text in "
+            "another encoding: save it as a UTF-8 CSV"
+        ) from None
+    except OSError as error:
+        raise DataError(
+            f"{path}: cannot read it ({error.strerror or error}); check its permissions"
+        ) from None
+    target_index, feature_indices = columns
     if len(rows) < 2:
         raise DataError(f"{path}: {len(rows)} data row(s); fitting a line needs at least 2")
     table = np.asarray(rows, dtype=np.float64)
@@ -129,6 +153,49 @@ def read_csv(
         target_name=header[target_index],
         source=str(path),
     )
+
+
+def _read_table(
+    path: Path, reader, feature_columns: tuple[str, ...], target_column: str | None
+) -> tuple[list[str], tuple[int, list[int]], list[list[float]]]:
+    """The header (stripped names), the chosen columns and every data row as numbers.
+
+    The columns are checked as soon as the header is read, before the rows; csv's own
+    errors become DataErrors naming the line.
+    """
+    try:
+        header = next(reader, None)
+        while header is not None and not any(cell.strip() for cell in header):
+            header = next(reader, None)
+        if header is None:
+            raise DataError(f"{path}: the file is empty; it needs a header row and at least 2 data rows")
+        header = [cell.strip() for cell in header]
+        repeated = [name for name, count in Counter(header).items() if count > 1]
+        if repeated:
+            raise DataError(
+                f"{path}:{reader.line_num}: the header names {', '.join(map(repr, repeated))} more than "
+                "once, so a column cannot be chosen by name; give every column its own name"
+            )
+        columns = _select_columns(path, header, feature_columns, target_column)
+        rows: list[list[float]] = []
+        for row in reader:
+            if not any(cell.strip() for cell in row):
+                continue  # blank lines carry no data
+            line = reader.line_num
+            if len(row) != len(header):
+                raise DataError(f"{path}:{line}: {len(row)} columns where the header has {len(header)}")
+            rows.append([_parse_number(path, line, header[i], row[i]) for i in range(len(row))])
+    except csv.Error as error:
+        if "field larger than field limit" in str(error):
+            raise DataError(
+                f"{path}:{reader.line_num}: a cell longer than {csv.field_size_limit()} characters; "
+                "a CSV for --data holds one number a cell (is it the right file?)"
+            ) from None
+        raise DataError(
+            f"{path}:{reader.line_num}: not valid CSV ({error}); check the quotes on that line: "
+            'a quoted cell is closed by " and followed by a comma or the end of the line'
+        ) from None
+    return header, columns, rows
 
 
 def _select_columns(
@@ -150,19 +217,38 @@ def _select_columns(
 
 
 def _parse_number(path: Path, line: int, column: str, cell: str) -> float:
+    text = cell.strip()
     try:
-        value = float(cell)
+        value = float(text)
     except ValueError:
-        raise DataError(f"{path}:{line}: column {column!r} holds {cell.strip()!r}, not a number") from None
+        raise DataError(f"{path}:{line}: column {column!r} holds {text!r}, not a number") from None
     if not math.isfinite(value):
-        raise DataError(f"{path}:{line}: column {column!r} holds {cell.strip()!r}, not a finite number")
+        raise DataError(f"{path}:{line}: column {column!r} holds {text!r}, not a finite number")
+    if not PLAIN_NUMBER.fullmatch(text):
+        raise DataError(
+            f"{path}:{line}: column {column!r} holds {text!r}, not a plain number; write it with the "
+            "digits 0-9, a point and an optional exponent, e.g. 1000 or 1.5e3"
+        )
     return value
 
 
 def load_dataset(
     source: str, feature_columns: tuple[str, ...] = (), target_column: str | None = None
 ) -> Dataset:
-    """Load `article`, `synthetic:...` or a CSV path."""
+    """Load `article`, `synthetic:...` or a CSV path.
+
+    `feature_columns` and `target_column` name a CSV's columns; with the article or
+    synthetic data they are refused rather than ignored, since the job would not train
+    on what they say.
+    """
+    built_in = source == "article" or source == "synthetic" or source.startswith("synthetic:")
+    if built_in and (feature_columns or target_column):
+        given = [f"features={','.join(feature_columns)}"] if feature_columns else []
+        given += [f"target={target_column}"] if target_column else []
+        raise DataError(
+            f"{' and '.join(given)}: features and target name a CSV's columns, but the data is {source}; "
+            "drop them, or pass --data PATH.csv"
+        )
     if source == "article":
         return article_dataset()
     if source.startswith("synthetic:") or source == "synthetic":

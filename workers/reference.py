@@ -46,9 +46,22 @@ def mean_squared_error(dataset: Dataset, weights: np.ndarray, bias: float) -> fl
 
 
 def r2_gap(dataset: Dataset, loss: float, reference: LinearFit) -> float:
-    """How far the model's R^2 falls short of the optimum's: (loss - optimum) / variance(y)."""
-    variance = float(np.var(dataset.target))
-    return (loss - reference.loss) / max(variance, np.finfo(np.float64).tiny)
+    """How far the model's R^2 falls short of the optimum's: (loss - optimum) / variance(y).
+
+    A target with no variance (every row the same value, up to rounding) has no R^2:
+    dividing by its variance, zero or a rounding residue, would turn any difference into
+    an astronomic gap. The gap is then the loss difference itself, loss - optimum, in the
+    target's squared units: 0 for a model that reproduces the constant, and judged
+    against CONVERGED_R2_GAP like any other gap. "No variance" means a variance no
+    larger than float64 rounding of the target's values can leave behind.
+    """
+    target = dataset.target
+    variance = float(np.var(target))
+    scale = float(np.max(np.abs(target))) if target.size else 0.0
+    rounding = (64 * np.finfo(np.float64).eps * scale) ** 2
+    if variance <= rounding:
+        return loss - reference.loss
+    return (loss - reference.loss) / variance
 
 
 def classify_convergence(

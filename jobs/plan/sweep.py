@@ -11,6 +11,12 @@ does not belong to its framework is skipped, as `--variant` does on the command 
 a job with no framework runs once per framework. Each job's id is its framework (and
 variant) plus a hash of its fields, so the same spec gives the same ids on every run:
 that is what lets a re-run find the jobs it already finished.
+
+A spec file is read defensively, since it may come from anyone: it must be a regular
+UTF-8 file of at most MAX_SPEC_BYTES, its YAML may expand (through anchors and aliases)
+to at most MAX_SPEC_VALUES values, and the number of jobs it names is counted from the
+grid's sizes, `jobs` and `repeat` before anything is expanded, and refused above
+RUNJOBS_MAX_JOBS (default DEFAULT_MAX_JOBS).
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +44,23 @@ from jobs.plan.spec import (
 
 SPEC_KEYS = ("name", "defaults", "grid", "jobs", "repeat")
 
+# A hand-written sweep is a few hundred bytes, and a grid names any number of jobs in a
+# few lines. PyYAML builds its Python objects at about 5 s and 120 MB per MB of YAML, so
+# reading stops past 1 MiB (room for tens of thousands of listed jobs): a stray log file
+# named as the spec fails at once instead of filling memory.
+MAX_SPEC_BYTES = 1024 * 1024
+# YAML anchors and aliases let a file of a few hundred bytes stand for billions of
+# values ("billion laughs"): PyYAML shares the aliased objects, but anything that walks
+# the document (str(), the job fields, the ids' JSON) expands them. A file within
+# MAX_SPEC_BYTES holds at most about half a million values written out, so only
+# aliases can pass a million.
+MAX_SPEC_VALUES = 1_000_000
+# Every job is planned, checked and kept in the ledger before any runs, so a grid of
+# 10^7 points or `repeat: 1000000000` would exhaust memory (or time) while planning,
+# even with --dry-run. Counted before expanding; raise it with the variable.
+MAX_JOBS_VARIABLE = "RUNJOBS_MAX_JOBS"
+DEFAULT_MAX_JOBS = 100_000
+
 
 @dataclass(frozen=True)
 class SweepSpec:
@@ -46,21 +72,15 @@ class SweepSpec:
 
     @classmethod
     def load(cls, path: Path) -> SweepSpec:
-        import yaml
-
-        try:
-            document = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except OSError as error:
-            raise SpecError(f"{path}: cannot read the spec file ({error.strerror})") from None
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark is not None else ""
-            raise SpecError(f"{path}{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
+        document = _read_document(path)
         if not isinstance(document, dict):
             raise SpecError(f"{path}: a spec file is a mapping with keys {', '.join(SPEC_KEYS)}")
         unknown = sorted(set(document) - set(SPEC_KEYS))
         if unknown:
             raise SpecError(f"{path}: unknown key {unknown[0]!r}; the keys are {', '.join(SPEC_KEYS)}")
+        name = document.get("name")
+        if name is not None and (isinstance(name, bool) or not isinstance(name, (str, int, float))):
+            raise SpecError(f"{path}: name must be text, e.g. name: lr-seed")
         defaults = document.get("defaults") or {}
         grid = document.get("grid") or {}
         jobs = document.get("jobs") or []
@@ -74,10 +94,51 @@ class SweepSpec:
             raise SpecError(f"{path}: every entry of jobs is a mapping of job fields")
         if not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 1:
             raise SpecError(f"{path}: repeat={repeat!r} must be a whole number >= 1")
-        return cls(str(document.get("name") or path.stem), defaults, grid, jobs, repeat)
+        return cls(str(name or path.stem), defaults, grid, jobs, repeat)
+
+    def job_count(self) -> int:
+        """How many jobs `expand` builds at most, from the sizes alone: nothing is expanded.
+
+        An upper bound: grid pairings of a framework with another's variant, and
+        duplicates, are dropped only while expanding.
+        """
+        count = 0
+        if self.grid or not self.jobs:
+            count += math.prod(len(values) for values in self.grid.values()) * self._grid_frameworks()
+        for job in self.jobs:
+            count += 1 if "framework" in job or "framework" in self.defaults else len(FRAMEWORKS)
+        return count * self.repeat
+
+    def _grid_frameworks(self) -> int:
+        """How many jobs each grid point makes: one, or one per framework when none is named."""
+        return 1 if "framework" in self.grid or "framework" in self.defaults else len(FRAMEWORKS)
+
+    def check_size(self) -> None:
+        """Refuse a sweep of more jobs than RUNJOBS_MAX_JOBS allows, before expanding it."""
+        limit = max_jobs()
+        count = self.job_count()
+        if count <= limit:
+            return
+        shape = []
+        if self.grid:
+            frameworks = self._grid_frameworks()
+            shape.append(
+                "a grid of " + " x ".join(str(len(values)) for values in self.grid.values())
+                + (f" for each of {frameworks} frameworks" if frameworks > 1 else "")
+            )  # fmt: skip
+        if self.jobs:
+            shape.append(f"{len(self.jobs)} listed job(s)")
+        if self.repeat > 1:
+            shape.append(f"each repeated {self.repeat} times")
+        raise SpecError(
+            f"sweep {self.name!r} expands to {count} jobs ({', '.join(shape) or 'one per framework'}), "
+            f"more than the limit of {limit}; use fewer grid values, jobs or repeats, "
+            f"or raise the limit with {MAX_JOBS_VARIABLE}={count}"
+        )
 
     def expand(self, overrides: Overrides | None = None) -> list[tuple[str, JobSpec]]:
         """Every job of the sweep as (id, spec), in a stable order."""
+        self.check_size()
         overrides = overrides or Overrides()
         points: list[dict[str, Any]] = []
         if self.grid or not self.jobs:
@@ -113,6 +174,130 @@ class SweepSpec:
                 f"sweep {self.name!r} expands to no job; check its grid's frameworks and variants"
             )
         return expanded
+
+
+def max_jobs() -> int:
+    """The most jobs a sweep may expand to: RUNJOBS_MAX_JOBS, or DEFAULT_MAX_JOBS when unset."""
+    text = os.environ.get(MAX_JOBS_VARIABLE, "").strip()
+    if not text:
+        return DEFAULT_MAX_JOBS
+    try:
+        limit = int(text)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise SpecError(
+            f"{MAX_JOBS_VARIABLE}={text!r}: give a whole number of jobs >= 1 "
+            f"(unset it for the default, {DEFAULT_MAX_JOBS})"
+        )
+    return limit
+
+
+def _read_document(path: Path) -> Any:
+    """The spec file's YAML document; anything unreadable or oversized is a one-line SpecError."""
+    import yaml
+
+    try:
+        mode = path.stat().st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise SpecError(f"{path} is {kind}; name a spec file (YAML), e.g. examples/lr-seed.yaml")
+        with path.open("rb") as handle:
+            content = handle.read(MAX_SPEC_BYTES + 1)
+    except OSError as error:
+        raise SpecError(f"{path}: cannot read the spec file ({error.strerror or error})") from None
+    if len(content) > MAX_SPEC_BYTES:
+        raise SpecError(
+            f"{path}: larger than {MAX_SPEC_BYTES} bytes; a spec file is a short YAML mapping: "
+            "name many jobs with a grid instead of listing each"
+        )
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise SpecError(
+            f"{path}: not UTF-8 text (byte 0x{content[error.start]:02x} at offset {error.start}); "
+            "save the spec file as UTF-8"
+        ) from None
+    try:
+        return _load_yaml(text)
+    except SpecError as error:
+        raise SpecError(f"{path}: {error}") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        # A reader's error spans two lines (the character, then where); the message is one.
+        detail = " ".join(str(getattr(error, "problem", None) or error).split())
+        raise SpecError(f"{path}{where}: not valid YAML ({detail})") from None
+    except RecursionError:
+        # PyYAML composes nested collections recursively: [[[[...]]]] thousands deep.
+        raise SpecError(f"{path}: the YAML is nested too deeply; a spec file is a short mapping") from None
+    except (ValueError, OverflowError) as error:
+        # Building a value can fail after parsing: an integer of 5000 digits (past Python's
+        # limit on converting them), a date such as 2017-13-45. Python's advice after the
+        # ";" (raise the limit) is for programmers; the message keeps what comes before.
+        detail = " ".join(str(error).split(";")[0].split())
+        raise SpecError(
+            f"{path}: a value cannot be read ({detail}); write it as plain text in quotes"
+        ) from None
+
+
+def _load_yaml(text: str) -> Any:
+    """yaml.safe_load, refusing a document that expands to more than MAX_SPEC_VALUES values.
+
+    The document is composed first, then measured, then built: the composed node graph
+    shares every aliased subtree, so measuring it costs what the file holds, not what
+    it expands to.
+    """
+    import yaml
+
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None  # an empty file
+        _check_expanded_size(node, MAX_SPEC_VALUES)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_expanded_size(root, limit: int) -> None:
+    """Refuse a node graph whose expansion (every alias replaced by its target) exceeds `limit` nodes.
+
+    Walked without recursion, each distinct node sized once; a node reached again from
+    inside itself (`&a [*a]`) is a recursive document, which no spec needs.
+    """
+
+    def children(node) -> list:
+        if isinstance(node.value, list):
+            return [part for item in node.value for part in (item if isinstance(item, tuple) else (item,))]
+        return []  # a scalar
+
+    sizes: dict[int, int] = {}
+    in_progress: set[int] = set()
+    stack = [(root, False)]
+    while stack:
+        node, children_sized = stack.pop()
+        key = id(node)
+        if children_sized:
+            in_progress.discard(key)
+            sizes[key] = 1 + sum(sizes[id(child)] for child in children(node))
+            if sizes[key] > limit:
+                raise SpecError(
+                    f"the YAML expands to more than {limit} values through its anchors and aliases "
+                    f"(line {node.start_mark.line + 1}); write the values out instead of nesting aliases"
+                )
+            continue
+        if key in sizes:
+            continue
+        if key in in_progress:
+            raise SpecError(
+                "the YAML refers to itself (an alias inside its own anchor, "
+                f"line {node.start_mark.line + 1}); a spec file holds plain values"
+            )
+        in_progress.add(key)
+        stack.append((node, True))
+        stack.extend((child, False) for child in children(node) if id(child) not in sizes)
 
 
 def field_value(key: str, value: Any) -> Any:

@@ -62,7 +62,10 @@ class LedgerJob:
 
 
 def is_ledger_directory(path: Path) -> bool:
-    return (path / LEDGER_NAME).is_file()
+    try:
+        return (path / LEDGER_NAME).is_file()
+    except OSError as error:  # a name too long for the filesystem, say: not a usable directory
+        raise LedgerError(f"--output {path}: {error.strerror or error}; name another directory") from None
 
 
 def running_driver(directory: Path) -> int | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,17 +20,42 @@ class OutputError(ValueError):
 
 
 def check_usable(path: Path) -> None:
-    """Refuse, before anything starts, a directory that holds other files or cannot be created."""
-    if path.exists() and not path.is_dir():
-        raise OutputError(f"--output {path} is a file; name a new directory")
-    if path.is_dir() and any(path.iterdir()):
+    """Refuse, before anything starts, a directory that holds other files or cannot be created.
+
+    The nearest existing ancestor must be a directory this process can create entries
+    in. Permission bits alone do not say so (root passes every check on them, /proc and
+    read-only mounts refuse anyway), so a probe directory is made there and removed at
+    once: the run itself creates its directory only after the cluster is up.
+    """
+    if "\0" in str(path):
+        raise OutputError(f"--output {str(path)!r} holds a NUL character; name another directory")
+    try:
+        if path.exists() and not path.is_dir():
+            raise OutputError(f"--output {path} is a file; name a new directory")
+        if path.is_dir() and any(path.iterdir()):
+            raise OutputError(
+                f"--output {path} already holds files that are not a runjobs run; "
+                "name a new directory or remove it"
+            )
+        existing = path
+        while not (existing.exists() or existing.is_symlink()) and existing != existing.parent:
+            existing = existing.parent
+        if not existing.exists():
+            raise OutputError(
+                f"--output {path}: {existing} is a broken symbolic link; name another directory"
+            )
+        if not existing.is_dir():
+            raise OutputError(
+                f"--output {path}: {existing} is a file, so no directory can be made under it; "
+                "name a directory elsewhere"
+            )
+        probe = tempfile.mkdtemp(prefix=".runjobs-probe-", dir=existing)
+    except OSError as error:
         raise OutputError(
-            f"--output {path} already holds files that are not a runjobs run; "
-            "name a new directory or remove it"
-        )
-    existing = next(parent for parent in [path, *path.parents] if parent.exists())
-    if not os.access(existing, os.W_OK):
-        raise OutputError(f"--output {path}: {existing} is not writable; name a directory you can write to")
+            f"--output {path}: cannot create a directory there ({error.strerror or error}); "
+            "name a directory you can write to"
+        ) from None
+    os.rmdir(probe)
 
 
 LOGS_DIRECTORY = "logs"

@@ -12,6 +12,7 @@ file there or set RAY_AUTH_TOKEN), a cluster without it gets none.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import socket
@@ -28,6 +29,7 @@ from jobs.run.authentication import choose_mode_for
 # How long to keep trying a cluster's port before giving up on it (a head that is
 # still starting takes a few seconds to listen); RUNJOBS_CONNECT_TIMEOUT_S overrides it.
 REACH_TIMEOUT_S = 15.0
+CONNECT_TIMEOUT_VARIABLE = "RUNJOBS_CONNECT_TIMEOUT_S"
 
 
 class ClusterUnreachableError(RuntimeError):
@@ -36,6 +38,10 @@ class ClusterUnreachableError(RuntimeError):
 
 class ResourceRequestError(ValueError):
     """The jobs ask for more than the cluster has."""
+
+
+class ConnectionSettingError(ValueError):
+    """An address or connection setting that cannot be read: bad input (exit 2), not a cluster to retry."""
 
 
 @dataclass(frozen=True)
@@ -94,12 +100,14 @@ def connected(address: str | None, shutdown: BackgroundShutdown | None = None) -
 
     With `shutdown`, the shutdown starts on a thread as the block ends; the caller waits.
     """
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address and address != "auto" and not address.startswith(("http://", "https://")):
+        split_address(address)  # a malformed address is bad input even where Ray is already connected
     already = sys.modules.get("ray")
     if already is not None and already.is_initialized():
         # A caller (a test session, a notebook) already owns a connection: use it as is.
         yield describe_cluster(embedded=False)
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         if address.startswith(("http://", "https://")):
             raise ClusterUnreachableError(
@@ -171,7 +179,7 @@ def _local_cluster_address() -> str | None:
 def wait_until_reachable(address: str, timeout_s: float | None = None) -> None:
     """Fail fast, with the address in the message, when nothing listens there."""
     if timeout_s is None:
-        timeout_s = float(os.environ.get("RUNJOBS_CONNECT_TIMEOUT_S", REACH_TIMEOUT_S))
+        timeout_s = connect_timeout_s()
     host, port = split_address(address)
     deadline = time.monotonic() + timeout_s
     while True:
@@ -187,16 +195,35 @@ def wait_until_reachable(address: str, timeout_s: float | None = None) -> None:
             time.sleep(0.5)
 
 
+def connect_timeout_s() -> float:
+    """Seconds to keep trying an address: RUNJOBS_CONNECT_TIMEOUT_S, or REACH_TIMEOUT_S when unset."""
+    text = os.environ.get(CONNECT_TIMEOUT_VARIABLE, "").strip()
+    if not text:
+        return REACH_TIMEOUT_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ConnectionSettingError(
+            f"{CONNECT_TIMEOUT_VARIABLE}={text!r}: give a number of seconds > 0, e.g. 30 "
+            f"(unset it for the default, {REACH_TIMEOUT_S:g})"
+        )
+    return seconds
+
+
 def split_address(address: str) -> tuple[str, int]:
+    """HOST and PORT of `address`; one that cannot be read is a ConnectionSettingError (bad input)."""
     text = address if "://" in address else f"gcs://{address}"
     try:
         parts = urlsplit(text)
         host, port = parts.hostname, parts.port
-    except ValueError:
+    except ValueError:  # a port that is not a number, or out of range
         host = port = None
     if not host or not port:
-        raise ClusterUnreachableError(
-            f"cannot read {address!r} as a Ray address; use HOST:PORT, ray://HOST:PORT or auto"
+        raise ConnectionSettingError(
+            f"cannot read {address!r} as a Ray address; use HOST:PORT, ray://HOST:PORT, "
+            "http://HEAD:8265 or auto"
         )
     return host, port
 

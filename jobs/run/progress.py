@@ -1,9 +1,9 @@
 """How a running submit shows its progress: timestamped lines, or a live display on a terminal.
 
 A scheduler's log (Slurm, cron, CI) gets plain lines, one per event, each with the time
-and the done/failed counts so far. A person at a terminal gets one live line instead:
-done, running and failed counts, elapsed time and an ETA from the jobs finished so far,
-with each job's end still printed above it.
+and the done/failed/cancelled counts so far. A person at a terminal gets one live line
+instead: done, running, failed and cancelled counts, elapsed time and an ETA from the
+jobs finished so far, with each job's end still printed above it.
 """
 
 from __future__ import annotations
@@ -40,8 +40,12 @@ class LineProgress:
         self.say(f"[{self._done_text()}] {describe_end(record)}")
 
     def _done_text(self) -> str:
-        failed = self.counts["failed"] + self.counts["cancelled"]
-        return f"{sum(self.counts.values())}/{self.total} done" + (f", {failed} failed" if failed else "")
+        """`3/5 done, 1 failed, 1 cancelled`: a cancelled job did not fail, so it is counted apart."""
+        text = f"{sum(self.counts.values())}/{self.total} done"
+        for status in ("failed", "cancelled"):
+            if self.counts[status]:
+                text += f", {self.counts[status]} {status}"
+        return text
 
 
 class LiveProgress(LineProgress):
@@ -58,13 +62,16 @@ class LiveProgress(LineProgress):
             TextColumn("[bold]jobs"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("running {task.fields[running]}, failed {task.fields[failed]}"),
+            TextColumn(
+                "running {task.fields[running]}, failed {task.fields[failed]}, "
+                "cancelled {task.fields[cancelled]}"
+            ),
             TimeElapsedColumn(),
             TextColumn("ETA {task.fields[eta]}"),
             console=console or Console(stderr=True),
             transient=False,
         )
-        self.task = self.display.add_task("jobs", total=None, running=0, failed=0, eta="-")
+        self.task = self.display.add_task("jobs", total=None, running=0, failed=0, cancelled=0, eta="-")
 
     def __enter__(self) -> LiveProgress:
         self.display.start()
@@ -96,7 +103,8 @@ class LiveProgress(LineProgress):
             self.task,
             completed=done,
             running=len(self.running),
-            failed=self.counts["failed"] + self.counts["cancelled"],
+            failed=self.counts["failed"],
+            cancelled=self.counts["cancelled"],
             eta=format_eta(time.monotonic() - self.started_at, done, self.total),
         )
 

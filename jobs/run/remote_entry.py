@@ -3,7 +3,7 @@
 Runs in the job's working_dir (runjobs' code, the plan, the CSV files), connects to the
 cluster the Ray Job runs on (Ray sets RAY_ADDRESS for the entrypoint), and runs the
 planned jobs with the usual driver into a scratch directory on the head. Every ended
-job's whole record goes to stdout as one marked line for the client (jobs/run/remote.py) to
+job's whole record goes to stdout as one marked line for the client (jobs/run/ray_jobs.py) to
 keep; `ray job stop` (SIGTERM) cancels the running jobs and records them, as Ctrl-C does
 locally. A payload too long for one line of Ray's log stream goes out in parts. Exits 0
 when every job succeeded, 1 otherwise, 130 when stopped.
