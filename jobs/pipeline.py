@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from jobs.record.records import JobOutcome, exit_code_for
 from jobs.record.store import keep_record
 from jobs.report import combined as reports
 from jobs.report.files import rebuild_report, write_report_json, write_reports
-from jobs.run.executor import Detached, Executor, RunCallbacks
+from jobs.run.executor import Detached, Executor, RunCallbacks, RunListener
 from jobs.run.progress import LineProgress
 
 
@@ -90,16 +89,16 @@ def submit(
     progress: LineProgress | None = None,
     planned: list[PlannedJob] | None = None,
     executor: Executor | None = None,
-    forward: Callable[[JobOutcome], None] | None = None,
+    listener: RunListener | None = None,
     write_report_files: bool = True,
     wait: bool = True,
 ) -> SubmitOutcome | RemoteSubmission:
     """Run the request's jobs that have no result yet; `progress` shows what happens (default: lines).
 
     `planned` replaces planning from the request (a remote driver gets its jobs planned by
-    the client); `forward` sees each job's whole record, logs and model files included,
-    before it is kept (a remote driver sends it to the client, which writes the report
-    files itself, hence `write_report_files`). `wait=False` (Ray Jobs only) returns once
+    the client); `listener` hears of each start and each ended job, its output and model
+    files included, before it is kept (a remote driver sends them to the client, which
+    writes the report files itself, hence `write_report_files`). `wait=False` (Ray Jobs only) returns once
     the run is handed to the cluster.
     """
     progress = progress or LineProgress()
@@ -121,7 +120,7 @@ def submit(
             if ledger is None:
                 ledger = Ledger.open(output_dir, for_writing=True)
             run_id = ledger.meta().get("run_id") or new_id
-            callbacks = keeping_callbacks(output_dir, ledger, progress, forward)
+            callbacks = keeping_callbacks(output_dir, ledger, progress, listener)
             session.recover(ledger.meta(), callbacks)
             ledger.add_jobs([(job.id, job.spec.to_record()) for job in resolved])
             statuses = {job.id: job.status for job in ledger.jobs()}
@@ -175,17 +174,21 @@ def _nothing_to_run(output_dir: Path, ledger: Ledger, planned: list[PlannedJob],
     return SubmitOutcome(report, output_dir, ran=0)
 
 
-def keeping_callbacks(output_dir: Path, ledger: Ledger, progress: LineProgress, forward=None) -> RunCallbacks:
+def keeping_callbacks(
+    output_dir: Path, ledger: Ledger, progress: LineProgress, listener: RunListener | None = None
+) -> RunCallbacks:
     """Callbacks that keep each start and record in the run's ledger and show them on `progress`."""
 
     def on_start(job_id: str, quiet: bool) -> None:
+        if listener is not None:
+            listener.started(job_id)
         ledger.mark(job_id, "running")
         if not quiet:
             progress.started(job_id)
 
     def on_record(outcome: JobOutcome, quiet: bool) -> None:
-        if forward is not None:
-            forward(outcome)
+        if listener is not None:
+            listener.ended(outcome)
         keep_record(output_dir, ledger, outcome)
         if not quiet:
             progress.ended(outcome.record)
@@ -245,7 +248,7 @@ def fetch_remote(address: str, job_id: str, output_dir: Path) -> tuple[SubmitOut
                 cluster={"address": address, "embedded": False},
             )
         ledger.add_jobs([(job["id"], job["config"]) for job in plan["jobs"]])
-        callbacks = keeping_callbacks(output_dir, ledger, LineProgress(), forward=None)
+        callbacks = keeping_callbacks(output_dir, ledger, LineProgress())
         follower = Follower(callbacks.on_start, callbacks.on_record, callbacks.say)
         follower.replay(lines)
         if follower.end is not None:

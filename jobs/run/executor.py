@@ -40,6 +40,14 @@ class RunCallbacks:
     keep_meta: Callable[..., None]  # run-level facts for the ledger (a remote run's Ray job id)
 
 
+class RunListener(Protocol):
+    """Who else hears of each start and each ended job, before it is kept (a remote driver's client)."""
+
+    def started(self, job_id: str) -> None: ...
+
+    def ended(self, outcome: JobOutcome) -> None: ...
+
+
 @dataclass
 class RunSummary:
     """What a session tells at its end: the cluster it ran on, the driver's timings, and

@@ -48,6 +48,13 @@ class LineProgress:
         return text
 
 
+class MessagesOnly(LineProgress):
+    """The run's messages without a line per job: for a driver whose jobs someone else shows."""
+
+    def ended(self, record: dict[str, Any]) -> None:
+        self.counts[record["status"]] += 1
+
+
 class LiveProgress(LineProgress):
     """A live line at the bottom of the terminal (rich), each ended job printed above it."""
 

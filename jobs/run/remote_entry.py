@@ -22,7 +22,7 @@ from pathlib import Path
 from jobs.pipeline import submit
 from jobs.plan.planning import PlannedJob, SubmitRequest
 from jobs.plan.spec import JobSpec
-from jobs.run.progress import LineProgress
+from jobs.run.progress import MessagesOnly
 from jobs.run.remote_protocol import (
     END_MARKER,
     PLAN_MARKER,
@@ -40,14 +40,14 @@ def emit(marker: str, payload: str) -> None:
     sys.stdout.flush()
 
 
-class ForwardingProgress(LineProgress):
-    """The client shows each job's end from its record; here only starts are marked."""
+class ClientForwarder:
+    """Sends each start and each ended job (record, output, model files) to the client as marked lines."""
 
     def started(self, job_id: str) -> None:
         emit(STARTED_MARKER, job_id)
 
-    def ended(self, record) -> None:
-        pass
+    def ended(self, outcome) -> None:
+        emit(RECORD_MARKER, encode_outcome(outcome))
 
 
 def main(plan_path: str) -> int:
@@ -76,10 +76,10 @@ def main(plan_path: str) -> int:
         rerun="all",
         max_concurrent=plan.get("max_concurrent"),
     )
-    forward = lambda outcome: emit(RECORD_MARKER, encode_outcome(outcome))  # noqa: E731
     try:
+        # The client shows each job's end from its record: here only the run's messages.
         outcome = submit(
-            request, ForwardingProgress(), planned=planned, forward=forward, write_report_files=False
+            request, MessagesOnly(), planned=planned, listener=ClientForwarder(), write_report_files=False
         )
     except KeyboardInterrupt:
         print("runjobs: stopped; the running jobs were recorded cancelled", file=sys.stderr, flush=True)
