@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,20 +106,32 @@ def submit(
     planned = plan_jobs(request) if planned is None else planned
     new_id = request.run_id or new_run_id()
     output_dir = request.output or Path("runs") / new_id
-    ledger = None
+    new_directory = None
     if is_ledger_directory(output_dir):
         ledger = Ledger.open(output_dir, for_writing=True)  # refuses while another driver runs
     else:
         check_usable(output_dir)
+        # The lock is taken before any cluster is touched, so of two drivers started at
+        # once on a new directory the second is refused before it starts Ray; if nothing
+        # runs after all (an unreachable cluster, a job it cannot hold), the new ledger
+        # and any directory made for it are removed again.
+        new_directory = NewLedgerDirectory(output_dir)
+        ledger = new_directory.open()
     try:
-        if ledger is not None and not _any_to_run(ledger, planned, request.rerun):
+        if new_directory is None and not _any_to_run(ledger, planned, request.rerun):
             # Every job already has its result: a cron re-run needs no cluster at all.
             return _nothing_to_run(output_dir, ledger, planned, progress)
         executor = executor or executor_for(request, output_dir, wait)
-        with executor.connect() as session:
-            resolved = [session.resolve(job) for job in planned]
-            if ledger is None:
-                ledger = Ledger.open(output_dir, for_writing=True)
+        with ExitStack() as connection:
+            try:
+                session = connection.enter_context(executor.connect())
+                resolved = [session.resolve(job) for job in planned]
+            except BaseException:
+                if new_directory is not None:
+                    ledger.close()
+                    ledger = None
+                    new_directory.discard()
+                raise
             run_id = ledger.meta().get("run_id") or new_id
             callbacks = keeping_callbacks(output_dir, ledger, progress, listener)
             session.recover(ledger.meta(), callbacks)
@@ -161,6 +174,27 @@ def _run(session, to_run, resolved, run_id, ledger, callbacks, output_dir, progr
         # report files say so before the error is reported.
         rebuild_report(output_dir, ledger, {job.id for job in resolved})
         raise
+
+
+class NewLedgerDirectory:
+    """A run directory this call creates: its ledger, and how to take it back if nothing ran."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.output_dir = output_dir
+        self.created = [parent for parent in [output_dir, *output_dir.parents] if not parent.exists()]
+
+    def open(self) -> Ledger:
+        return Ledger.open(self.output_dir, for_writing=True)
+
+    def discard(self) -> None:
+        """Remove the ledger's files, then the directories this call made (deepest first)."""
+        for path in self.output_dir.glob("ledger.*"):
+            path.unlink(missing_ok=True)
+        for directory in self.created:
+            try:
+                directory.rmdir()
+            except OSError:
+                break  # something else lives there now: leave it
 
 
 def _any_to_run(ledger: Ledger, planned: list[PlannedJob], rerun: str | None) -> bool:

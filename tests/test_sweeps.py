@@ -306,3 +306,27 @@ def test_repeated_seeds_are_grouped_with_mean_and_spread(ray_session, tmp_path):
         groups["tensorflow"]["train_s"]["mean"] / groups["torch"]["train_s"]["mean"]
     )
     assert "seeds grouped" in result.stdout
+
+
+@pytest.mark.slow
+def test_of_two_drivers_on_a_new_directory_the_second_is_refused_before_it_starts_ray(tmp_path):
+    output = tmp_path / "run"
+    args = ["submit", "--framework", "torch", "--epochs", "2000000", "--output", str(output)]
+    with started_like_a_scheduler(args) as first:
+        # The first driver holds the directory's lock from before it connects.
+        assert wait_until_exists(output / "ledger.lock", first)
+        ray_was_running = ray_is_running()
+        second = run_cli(["submit", "--framework", "torch", "--output", str(output)])
+        assert second.exit_code == 2 and "another runjobs driver is running" in second.stderr
+        assert "job(s) to run" not in second.stderr and ray_is_running() == ray_was_running
+        assert run_cli(["cancel", str(output)]).exit_code == 0
+        assert first.wait(timeout=60) == 130
+
+
+def wait_until_exists(path, process, limit_s: float = 60) -> bool:
+    deadline = time.monotonic() + limit_s
+    while not path.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
