@@ -11,7 +11,7 @@ TORCH_CPU ?= torch==2.13.0+cpu
 TORCH_CPU_INDEX ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install run test test-quick test-without-ray bench chaos lint clean
+.PHONY: help install run test test-quick test-without-ray bench chaos fuzz lint clean
 
 help: ## Show this list of targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -54,6 +54,9 @@ bench: install ## Run the benchmarks and print their tables (see docs/BENCHMARKS
 
 chaos: install ## Run the fault harness: 100 rounds of faults on a two-node local cluster (see docs/RELIABILITY.md).
 	$(BIN)/python bench/chaos.py --rounds 100
+
+fuzz: install ## Fuzz flags, spec files and CSVs through --dry-run: 10,000 inputs (see docs/RELIABILITY.md).
+	$(BIN)/python bench/fuzz.py --examples 10000
 
 lint: install ## Check style with ruff.
 	$(BIN)/ruff check jobs workers tests bench

@@ -25,6 +25,19 @@ EXIT_CLUSTER_UNREACHABLE = 3
 EXIT_INTERRUPTED = 130
 
 
+# What str.splitlines() breaks a line at; a terminal breaks at the first two.
+LINE_BREAKS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
+
+
+def one_line(message: str) -> str:
+    """An error message as one line: a break inside it (a path or a CSV column named with
+    one) is shown escaped, as `\\n`, so the error stays one line a script can read."""
+    return "".join(
+        character.encode("unicode_escape").decode() if character in LINE_BREAKS else character
+        for character in message
+    )
+
+
 class RunjobsGroup(click.Group):
     """A group whose errors are one line on stderr: `runjobs: error: ...`, no usage dump.
 
@@ -44,10 +57,10 @@ class RunjobsGroup(click.Group):
             code = EXIT_OK
         except click.UsageError as error:
             hint = f" (see '{error.ctx.command_path} --help')" if error.ctx is not None else ""
-            click.echo(f"runjobs: error: {error.format_message()}{hint}", err=True)
+            click.echo(f"runjobs: error: {one_line(error.format_message())}{hint}", err=True)
             code = EXIT_USAGE
         except click.ClickException as error:
-            click.echo(f"runjobs: error: {error.format_message()}", err=True)
+            click.echo(f"runjobs: error: {one_line(error.format_message())}", err=True)
             code = error.exit_code
         except click.Abort:
             click.echo("runjobs: interrupted", err=True)
@@ -100,8 +113,7 @@ def job_field_options(command):
         elif info.kind is POINTS:
             command = click.option(
                 info.option, declared.name, multiple=True, metavar=info.kind.metavar,
-                callback=lambda context, parameter, texts: tuple(parse_point(text) for text in texts),
-                help=declared.help_text,
+                callback=_parse_points, help=declared.help_text,
             )(command)  # fmt: skip
         else:
             kind_type = click.Choice(info.kind.choices) if info.kind.choices else info.kind.click_type
@@ -109,6 +121,14 @@ def job_field_options(command):
                 info.option, declared.name, type=kind_type, metavar=info.kind.metavar, help=declared.help_text
             )(command)
     return command
+
+
+def _parse_points(context, parameter, texts) -> tuple[tuple[float, ...], ...]:
+    """Each --predict input as numbers; one that is not is bad input (exit 2), as for any option."""
+    try:
+        return tuple(parse_point(text) for text in texts)
+    except SpecError as error:
+        raise InputError(str(error)) from None
 
 
 @cli.command()

@@ -61,7 +61,7 @@ def new_run_id() -> str:
 
 def check_destination(request: SubmitRequest) -> None:
     """What `--dry-run` checks besides the jobs: the output directory and the address's form."""
-    from jobs.run.cluster import split_address
+    from jobs.run.cluster import connect_timeout_s, split_address
     from jobs.run.ray_jobs import is_jobs_address
 
     if request.output is not None:
@@ -72,6 +72,8 @@ def check_destination(request: SubmitRequest) -> None:
     address = request.address
     if address and address != "auto" and not is_jobs_address(address):
         split_address(address)
+    if address:
+        connect_timeout_s()  # a setting that cannot be read is refused before a run, too
 
 
 def executor_for(request: SubmitRequest, output_dir: Path, wait: bool = True) -> Executor:

@@ -264,12 +264,14 @@ def test_csv_columns_named_for_data_that_is_not_a_csv_are_refused(tmp_path, args
 
 
 @pytest.mark.parametrize("value", ["abc", "-1", "0", "inf", "nan"])
-def test_a_bad_connect_timeout_is_refused_naming_the_variable(tmp_path, monkeypatch, value):
-    monkeypatch.setenv("RUNJOBS_CONNECT_TIMEOUT_S", value)
-    ray_was_running = ray_is_running()
-    result = run_cli(["submit", "--address", f"127.0.0.1:{free_port()}"], tmp_path / "run")
+def test_a_bad_connect_timeout_is_refused_naming_the_variable(tmp_path, value):
+    # Its own process: a Ray session this one holds would be used whatever the address.
+    environment = {"RUNJOBS_CONNECT_TIMEOUT_S": value}
+    address = f"127.0.0.1:{free_port()}"
+    result = run_cli_process(["submit", "--address", address], tmp_path / "run", environment)
     assert_refused(result, (f"RUNJOBS_CONNECT_TIMEOUT_S={value!r}", "number of seconds > 0"))
-    assert ray_is_running() == ray_was_running
+    dry = run_cli_process(["submit", "--dry-run", "--address", address], env=environment)
+    assert dry.exit_code == 2 and "RUNJOBS_CONNECT_TIMEOUT_S" in dry.stderr
 
 
 @pytest.mark.parametrize(
@@ -357,7 +359,76 @@ def test_dry_run_checks_the_output_directory_and_the_address_form_too(tmp_path):
         (["--output", str(tmp_path / long_name)], "name another directory"),
         (["--address", "nonsense::x"], "cannot read 'nonsense::x' as a Ray address"),
     ):
+        ray_was_running = ray_is_running()
         result = run_cli(["submit", "--dry-run", *args])
         assert result.exit_code == 2, (args, result.stderr)
         assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert not ray_is_running()
+        assert ray_is_running() == ray_was_running
+
+
+# Found by fuzzing (tests/test_fuzz.py, bench/fuzz.py, docs/RELIABILITY.md): each of these
+# escaped as a traceback, printed its error over two lines, or started jobs that could only
+# fail or break their report.
+
+
+@pytest.mark.parametrize("text", ["1;2", "abc", ""])
+def test_a_predict_option_that_is_not_numbers_is_one_line(tmp_path, text):
+    result = run_cli(["submit", "--predict", text, "--dry-run"], tmp_path / "run")
+    assert_refused(result, f"predict {text!r}: give numbers separated by commas")
+
+
+def test_a_data_path_too_long_for_the_file_system_is_refused(tmp_path):
+    path = tmp_path / ("a" * 300 + ".csv")
+    result = run_cli(["submit", "--data", str(path), "--dry-run"], tmp_path / "run")
+    assert_refused(result, ("File name too long", "pass an existing CSV to --data"))
+
+
+def test_a_line_break_in_a_path_or_a_column_name_stays_on_the_error_line(tmp_path):
+    result = run_cli(["submit", "--data", "a\nb.csv", "--dry-run"], tmp_path / "run")
+    assert_refused(result, "a\\nb.csv: no such file")
+    path = tmp_path / "data.csv"
+    path.write_text('"size\x0bsqft",price\n500,100\n750,150\n')
+    result = run_cli(["submit", "--data", str(path), "--set", "target=cost", "--dry-run"], tmp_path / "run")
+    assert_refused(result, "no column 'cost'; the columns are size\\x0bsqft, price")
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("1: 2\nfoo: 3\n", "unknown key 'foo'"),
+        ("repeat: 2\ndefaults: {seed: [1]}\n", "seed=[1]: must be a whole number >= 0"),
+        ("grid: {variant: [[1]]}\n", "variant=[1]: choose one of single"),
+        ("jobs: [{framework: []}]\n", "framework=[]: choose one of tensorflow, torch"),
+        ("grid: {framework: [tensorflow, troch]}\n", "framework='troch': choose one of tensorflow, torch"),
+        (f"defaults: {{lr: {10**400}}}\n", "lr=inf: must be a finite number > 0"),
+        (f"defaults: {{predict: [{10**400}]}}\n", "each input must be finite numbers"),
+    ],
+    ids=["mixed-key-types", "list-seed-repeated", "list-variant", "list-framework", "misspelt-framework",
+         "integer-past-float", "prediction-past-float"],
+)  # fmt: skip
+def test_a_spec_file_value_of_the_wrong_type_or_size_is_refused_in_one_line(tmp_path, content, expected):
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(content)
+    result = run_cli(["submit", str(spec), "--dry-run"], tmp_path / "run")
+    assert_refused(result, expected)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--batch-size", str(10**400)],  # ran, then broke the report's TensorBoard hyperparameters
+        ["--variant", "ddp", "--workers", str(10**400), "--gpus-per-job", "0.5"],
+        ["--epochs", str(2**63)],
+    ],
+    ids=["batch-size", "workers", "epochs"],
+)
+def test_a_whole_number_past_int64_is_refused_before_anything_starts(tmp_path, args):
+    result = run_cli(["submit", *args, "--dry-run"], tmp_path / "run")
+    assert_refused(result, "must be at most 9223372036854775807 (2**63 - 1)")
+
+
+def test_an_initial_value_past_float32_is_refused_instead_of_failing_its_job(tmp_path):
+    result = run_cli(["submit", "--init", "1e300", "--dry-run"], tmp_path / "run")
+    assert_refused(result, ("init='1e300'", "float32", "use a smaller initial value"))
+    allowed = run_cli(["submit", "--init", "-3.4e38", "--dry-run"], tmp_path / "run")
+    assert allowed.exit_code == 0, allowed.stderr

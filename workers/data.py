@@ -124,9 +124,13 @@ def read_csv(
 ) -> Dataset:
     """Read a CSV with a header row. The last column is the target unless columns are named."""
     path = Path(path)
-    if path.is_dir():
+    try:
+        is_directory, is_file = path.is_dir(), path.is_file()
+    except OSError as error:  # a name too long for the file system, say
+        raise DataError(f"{path}: {error.strerror or error}; pass an existing CSV to --data") from None
+    if is_directory:
         raise DataError(f"{path} is a directory; pass a CSV file to --data")
-    if not path.is_file():
+    if not is_file:
         raise DataError(f"{path}: no such file; pass an existing CSV to --data")
     try:
         # utf-8-sig: a byte-order mark (Excel writes one) is not part of the first column's name.

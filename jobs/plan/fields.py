@@ -65,15 +65,34 @@ def _optional(parse: Callable[[str], Any], none_words: tuple[str, ...]) -> Calla
     return lambda text: None if text.strip().lower() in none_words else parse(text)
 
 
+def _inf_past_float(value: Any) -> Any:
+    """A YAML integer past float's range as inf, as float() reads the same digits as text; else the value.
+
+    Validation then refuses it as not finite, where float() of it would raise OverflowError.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            float(value)
+        except OverflowError:
+            return math.inf if value > 0 else -math.inf
+    return value
+
+
 def _float_from_document(value: Any) -> Any:
+    value = _inf_past_float(value)
     return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 def _points_from_document(value: Any) -> Any:
+    # Whole numbers stay whole (a sweep job's id hashes them as written); only those past
+    # float's range change, to inf.
     if isinstance(value, list):
-        return tuple(tuple(item) if isinstance(item, list) else (item,) for item in value)
+        return tuple(
+            tuple(map(_inf_past_float, item)) if isinstance(item, list) else (_inf_past_float(item),)
+            for item in value
+        )
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return ((value,),)
+        return ((_inf_past_float(value),),)
     return value
 
 

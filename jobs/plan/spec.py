@@ -45,6 +45,11 @@ OPTIMIZERS = ("adam", "sgd")
 PLACEMENTS = ("pack", "spread")
 LOOPS = ("fast", "article")
 INIT_KEYWORDS = ("framework", "zeros")
+# Both frameworks count in int64 and keep parameters in float32: a whole-number field past
+# int64 fails the job or its report once it has run (TensorBoard's hyperparameters are
+# floats), an initial value past float32's range is inf.
+MAX_WHOLE = 2**63 - 1
+FLOAT32_MAX = 3.4028234663852886e38
 PRESETS = ("article",)
 
 
@@ -173,11 +178,9 @@ class JobSpec:
             _require_positive("timeout_s", self.timeout_s)
         _require_whole("retries", self.retries, minimum=0)
         _require_whole("epochs", self.epochs, minimum=1)
-        _require_whole("seed", self.seed, minimum=0)
         # Keras seeds NumPy's legacy generator too, which takes at most 2**32 - 1; a larger
         # seed would pass here and fail both frameworks' jobs once they start.
-        if self.seed > 2**32 - 1:
-            raise SpecError(f"seed={self.seed}: must be at most 4294967295 (2**32 - 1)")
+        _require_whole("seed", self.seed, minimum=0, maximum=2**32 - 1)
         if self.batch_size is not None:
             _require_whole("batch_size", self.batch_size, minimum=1)
         _require_positive("lr", self.lr)
@@ -193,6 +196,11 @@ class JobSpec:
                 raise SpecError(f"init={self.init!r}: use framework, zeros or a number such as 0.5") from None
             if not math.isfinite(initial_value):
                 raise SpecError(f"init={self.init!r}: the initial value must be finite")
+            if abs(initial_value) > FLOAT32_MAX:  # torch refuses it, TensorFlow makes it inf
+                raise SpecError(
+                    f"init={self.init!r}: the parameters are float32, which holds at most "
+                    f"{FLOAT32_MAX:.4g} in size; use a smaller initial value"
+                )
         if not self.data:
             raise SpecError("data='': use article, a CSV path or synthetic:rows=N,features=K,noise=S,seed=R")
         for point in self.predict:
@@ -408,9 +416,11 @@ def _require_kind(declared, value: Any) -> None:
         raise SpecError(f"{declared.name}={value!r}: give {kind.name}")
 
 
-def _require_whole(name: str, value: Any, minimum: int) -> None:
+def _require_whole(name: str, value: Any, minimum: int, maximum: int = MAX_WHOLE) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise SpecError(f"{name}={value!r}: must be a whole number >= {minimum}")
+    if value > maximum:
+        raise SpecError(f"{name}={value}: must be at most {maximum} (2**{maximum.bit_length()} - 1)")
 
 
 def _require_positive(name: str, value: Any) -> None:

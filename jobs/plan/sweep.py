@@ -75,7 +75,7 @@ class SweepSpec:
         document = _read_document(path)
         if not isinstance(document, dict):
             raise SpecError(f"{path}: a spec file is a mapping with keys {', '.join(SPEC_KEYS)}")
-        unknown = sorted(set(document) - set(SPEC_KEYS))
+        unknown = sorted(set(document) - set(SPEC_KEYS), key=repr)  # YAML keys: text, numbers, null
         if unknown:
             raise SpecError(f"{path}: unknown key {unknown[0]!r}; the keys are {', '.join(SPEC_KEYS)}")
         name = document.get("name")
@@ -153,16 +153,23 @@ class SweepSpec:
             fields = {key: field_value(key, value) for key, value in point.items()}
             frameworks = [fields.pop("framework")] if "framework" in fields else list(FRAMEWORKS)
             for framework in frameworks:
+                # Refused here, not skipped below as a variant's wrong framework is: a YAML list
+                # cannot be looked up, and a misspelt framework must not drop its jobs unnoticed.
+                if framework not in FRAMEWORKS:
+                    raise SpecError(f"framework={framework!r}: choose one of {', '.join(FRAMEWORKS)}")
                 for repetition in range(self.repeat):
                     job_fields = {"framework": framework, **fields}
                     job_fields.update(overrides.common)
                     job_fields.update(overrides.per_framework.get(framework, {}))
-                    if self.repeat > 1:
-                        job_fields["seed"] = job_fields.get("seed", 0) + repetition
-                    if job_fields.get("variant", "single") == "single":
-                        job_fields.pop("workers", None)
+                    seed = job_fields.get("seed", 0)
+                    if self.repeat > 1 and isinstance(seed, int) and not isinstance(seed, bool):
+                        job_fields["seed"] = seed + repetition  # any other seed is refused by JobSpec
                     variant = job_fields.get("variant", "single")
-                    if framework not in VARIANT_FRAMEWORKS.get(variant, FRAMEWORKS):
+                    if variant == "single":
+                        job_fields.pop("workers", None)
+                    # An unknown variant (or a YAML list, which cannot be looked up) is JobSpec's to refuse.
+                    known = isinstance(variant, str) and variant in VARIANT_FRAMEWORKS
+                    if known and framework not in VARIANT_FRAMEWORKS[variant]:
                         continue  # a grid pairing of framework and variant that does not exist
                     spec = make_spec(job_fields)
                     job_id = sweep_job_id(spec)
