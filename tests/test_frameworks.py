@@ -15,7 +15,6 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ from workers import frameworks
 from workers.distributed import SINGLE_WORKER, WorkerContext
 from workers.export import FORMAT_PREFERENCE, MANIFEST, export_model
 from workers.frameworks.base import Framework, JobSettings, ModelLoadError, Predictor
-from workers.training import Device, TrainerOutcome, TrainingData
+from workers.training import Device, TrainerOutcome, TrainingData, TrainingJob
 
 
 def test_the_registry_names_both_frameworks_with_their_variants_and_formats():
@@ -155,7 +154,7 @@ def test_each_implementation_satisfies_the_interface(name, tmp_path):
         variant for variant in frameworks.variants() if variant not in frameworks.variants_of(name)
     )
     with pytest.raises(ValueError, match=f"variant='{foreign}' is not a {name} variant"):
-        framework.train(FakeSpec(framework=name, variant=foreign), None, Device("cpu"))
+        framework.train(training_job(name, variant=foreign), None, Device("cpu"))
 
 
 # ---- a third framework: one module and one registry entry -----------------------------------
@@ -219,27 +218,9 @@ def load_npz(path) -> Predictor:
     return Predictor(len(weights), lambda features: features.astype(np.float64) @ weights + bias)
 
 
-@dataclass(frozen=True)
-class FakeSpec:
-    """The job fields the task body and a framework read (JobSpec's validation knows only its own list)."""
-
-    framework: str
-    variant: str = "single"
-    workers: int = 1
-    epochs: int = 1
-    optimizer: str = "adam"
-    lr: float = 0.01
-    beta_1: float = 0.9
-    beta_2: float = 0.999
-    epsilon: float = 1e-7
-    batch_size: int | None = None
-    seed: int = 0
-    initial_value: float | None = 0.0
-    loop: str = "fast"
-    normalize: bool = False
-    predict: tuple[tuple[float, ...], ...] = ((1800.0,),)
-    allow_cpu_fallback: bool = False
-    save_models: bool = False
+def training_job(framework: str, **fields) -> TrainingJob:
+    """What a worker gets for a job of `framework` (JobSpec's validation knows only the registered list)."""
+    return TrainingJob(framework, **{"epochs": 1, "predict": ((1800.0,),), **fields})
 
 
 @pytest.fixture
@@ -265,7 +246,7 @@ def test_a_registered_third_framework_shows_up_in_every_lookup(third_framework):
     with pytest.raises(
         ValueError, match="variant='ddp' is not a lstsq variant; choose one of single, sharded"
     ):
-        framework.train(FakeSpec("lstsq", variant="ddp"), None, Device("cpu"))
+        framework.train(training_job("lstsq", variant="ddp"), None, Device("cpu"))
 
 
 def test_a_third_framework_trains_exports_predicts_and_is_compared_with_no_other_edit(
@@ -275,8 +256,10 @@ def test_a_third_framework_trains_exports_predicts_and_is_compared_with_no_other
     from workers.entry import run_job
 
     dataset = article_dataset()
-    single = run_job(FakeSpec("lstsq", save_models=True), dataset, time.time())
-    sharded = run_job(FakeSpec("lstsq", variant="sharded", workers=2), dataset, time.time(), WorkerContext())
+    single = run_job(training_job("lstsq", save_models=True), dataset, time.time())
+    sharded = run_job(
+        training_job("lstsq", variant="sharded", workers=2), dataset, time.time(), WorkerContext()
+    )
     for result in (single, sharded):
         assert result["convergence"] == "converged"
         assert result["params"]["weights"] == pytest.approx(result["reference"]["weights"], abs=1e-9)
