@@ -167,6 +167,18 @@ def test_a_csv_that_is_gone_draws_the_lines_without_points(tmp_path):
     assert f"The lines for {missing} are drawn without its points" in page
 
 
+def test_large_data_draws_a_sample_of_its_points_and_says_so():
+    data = "synthetic:rows=1000000,features=1,noise=0.1,seed=3"
+    record = succeeded_record("torch-1", "torch", data=data)
+    record["data"]["rows"] = 1_000_000
+    small = render_html(built([succeeded_record("torch-1", "torch")]))
+    page = render_html(built([record]))
+    assert "5,000 of its 1,000,000 rows are drawn, a uniform random sample" in page
+    assert "(1000000 rows)" in page  # the title keeps the job's own count
+    # The page stays within a few hundred kB of one drawn from 10 points, not 100 MB.
+    assert len(page) - len(small) < 400_000
+
+
 def test_several_features_are_drawn_as_predicted_against_actual():
     record = succeeded_record("torch-1", "torch", data="synthetic:rows=50,features=3,noise=0.1,seed=1")
     record["params"] = {"weights": [1.0, -0.5, 0.3], "bias": 0.2}

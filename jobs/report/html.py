@@ -36,6 +36,10 @@ FIGURE_IDS = {
 MAX_LOSS_PANELS = 12
 MAX_POINTS_PER_CURVE = 1000
 MAX_DATASETS = 4
+# The data points a data panel draws at most: a page of a 10^6-row CSV otherwise weighs
+# about 115 MB and takes most of a run's time to write. A larger data set is drawn as a
+# uniform random sample (the same one on every rebuild), and the page says so.
+MAX_DATA_POINTS = 5000
 MAX_FITTED_JOBS = 12
 MAX_TIMING_BARS_PER_JOB = 16
 MAX_SWEEP_SERIES = 12
@@ -522,6 +526,12 @@ def _data_figure(jobs: list[dict[str, Any]]) -> tuple[Any, list[str]]:
         except (DataError, OSError) as error:
             dataset = None
             notes.append(f"Data {source} could not be read again: {error}")
+        if dataset is not None and dataset.rows > MAX_DATA_POINTS:
+            notes.append(
+                f"Data {source}: {MAX_DATA_POINTS:,} of its {dataset.rows:,} rows are drawn, a uniform "
+                "random sample; the lines, losses and parameters are the jobs' own, over all rows."
+            )
+            dataset = _sample(dataset, MAX_DATA_POINTS)
         panels.append((source, dataset, by_data[key]))
     drawable = []
     for panel in panels:
@@ -558,12 +568,23 @@ def _data_figure(jobs: list[dict[str, Any]]) -> tuple[Any, list[str]]:
     return figure, notes
 
 
+def _sample(dataset: Any, count: int) -> Any:
+    """`count` rows of `dataset` chosen uniformly at random, in their order, the same every time."""
+    import dataclasses
+
+    import numpy as np
+
+    chosen = np.sort(np.random.default_rng(0).choice(dataset.rows, size=count, replace=False))
+    return dataclasses.replace(dataset, features=dataset.features[chosen], target=dataset.target[chosen])
+
+
 def _feature_count(panel: tuple[str, Any, list[dict[str, Any]]]) -> int:
     return len(panel[2][0]["params"]["weights"])
 
 
 def _data_title(source: str, dataset: Any, jobs: list[dict[str, Any]]) -> str:
-    rows = dataset.rows if dataset is not None else (jobs[0].get("data") or {}).get("rows")
+    # The job's own count: a drawn data set may be a sample of it.
+    rows = (jobs[0].get("data") or {}).get("rows") or (dataset.rows if dataset is not None else None)
     return f"data {source}" + (f" ({rows} rows)" if rows is not None else "")
 
 
