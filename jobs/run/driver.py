@@ -46,7 +46,7 @@ __all__ = [
     "PlannedJob",
     "RunInterrupted",
     "describe_error",
-    "job_record",
+    "planned_outcome",
     "merge_worker_results",
     "run_jobs",
 ]
@@ -314,7 +314,7 @@ class Driver:
             ray.kill(actor, no_restart=True)
 
     def _record(self, decision: Record) -> None:
-        outcome = job_record(decision.job, decision.status, decision.error, decision.result or {})
+        outcome = planned_outcome(decision.job, decision.status, decision.error, decision.result or {})
         outcome.record["timings"]["total_s"] = decision.total_s
         self._deliver(outcome)
 
@@ -413,7 +413,7 @@ def merge_worker_results(results: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
-def job_record(job: PlannedJob, status: str, error: str | None, result: dict[str, Any]) -> JobOutcome:
+def planned_outcome(job: PlannedJob, status: str, error: str | None, result: dict[str, Any]) -> JobOutcome:
     """A planned job's outcome: its record (id, config, status, error, results) with its files beside it."""
     return job_outcome(job.id, job.spec.to_record(), status, error, result)
 

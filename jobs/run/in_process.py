@@ -17,7 +17,7 @@ from typing import Any
 
 from jobs.plan.planning import PlannedJob, resolve_for_cluster
 from jobs.run.cluster import ResourceRequestError
-from jobs.run.driver import RunInterrupted, describe_error, job_record, merge_worker_results
+from jobs.run.driver import RunInterrupted, describe_error, merge_worker_results, planned_outcome
 from jobs.run.executor import RunCallbacks, RunSummary
 
 CLUSTER = {"address": "in-process", "embedded": True, "nodes": 1, "cpus": 1.0, "gpus": 0.0}
@@ -54,7 +54,7 @@ class InProcessSession:
         for index, job in enumerate(jobs):
             if callbacks.should_stop():
                 for waiting in jobs[index:]:
-                    cancelled = job_record(waiting, "cancelled", "cancelled: runjobs cancel", {})
+                    cancelled = planned_outcome(waiting, "cancelled", "cancelled: runjobs cancel", {})
                     cancelled.record["timings"]["total_s"] = 0.0
                     callbacks.on_record(cancelled, False)
                 interrupted = RunInterrupted(0, len(jobs) - index, requested=True)
@@ -63,11 +63,11 @@ class InProcessSession:
             submitted_at = time.time()
             try:
                 result = merge_worker_results([run_job(job.spec.for_worker(), job.dataset, submitted_at)])
-                outcome = job_record(job, "succeeded", None, result)
+                outcome = planned_outcome(job, "succeeded", None, result)
             except Exception as error:
                 logs = getattr(error, "runjobs_logs", None)
                 extra = {"logs": [{"rank": 0, **logs}]} if logs else {}
-                outcome = job_record(job, "failed", describe_error(error), extra)
+                outcome = planned_outcome(job, "failed", describe_error(error), extra)
             outcome.record["timings"]["total_s"] = time.time() - submitted_at
             callbacks.on_record(outcome, False)
         return RunSummary(CLUSTER, {"jobs_s": time.perf_counter() - started})
