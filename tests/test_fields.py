@@ -96,6 +96,27 @@ def test_a_ledger_from_a_newer_runjobs_or_not_a_ledger_is_refused_in_one_line(tm
         assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_a_ledger_appears_whole_and_an_empty_database_is_refused_not_misread(tmp_path):
+    from jobs.record.ledger import Ledger
+
+    created = tmp_path / "created"
+    with Ledger.open(created, for_writing=True):
+        # What a reader polling the directory sees while the driver still holds it: the
+        # ledger complete, never a database without its tables (a CI failure once).
+        with Ledger.open(created, for_writing=False) as reader:
+            assert reader.counts()["pending"] == 0
+    assert sorted(path.name for path in created.iterdir()) == ["ledger.lock", "ledger.sqlite"]
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    sqlite3.connect(empty / "ledger.sqlite").close()  # a database, but no ledger in it
+    for args in (["status", str(empty)], ["list", str(empty)], ["report", str(empty)]):
+        result = run_cli(args)
+        assert result.exit_code == 2, (args, result.stderr)
+        assert "holds no runjobs jobs table" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_a_field_of_the_wrong_type_in_a_spec_file_is_one_line_and_exit_2(tmp_path):
     for body in ("features: {a: 1}", "label: [x]", "normalize: 3", "data: 5"):
         spec = tmp_path / "bad.yaml"

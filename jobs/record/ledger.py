@@ -118,6 +118,8 @@ class Ledger:
                 f"{directory} holds no runjobs ledger ({LEDGER_NAME}); name a run's output directory"
             )
         try:
+            if for_writing and not (directory / LEDGER_NAME).exists():
+                _create(directory)
             connection = sqlite3.connect(directory / LEDGER_NAME, isolation_level=None, timeout=30)
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=FULL")  # a committed state change survives a crash
@@ -232,12 +234,12 @@ def _bring_up_to_date(connection: sqlite3.Connection, directory: Path, for_writi
         )
     has_jobs = connection.execute("SELECT 1 FROM sqlite_master WHERE name = 'jobs'").fetchone() is not None
     if not has_jobs:
-        if for_writing:
-            with _Transaction(connection):
-                for statement in SCHEMA.split(";"):
-                    if statement.strip():
-                        connection.execute(statement)
-                connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if not for_writing:
+            raise LedgerError(
+                f"{directory / LEDGER_NAME} holds no runjobs jobs table; name a run's output directory, "
+                "or re-run `runjobs submit` into it"
+            )
+        _create_schema(connection)
         return "status"
     if version == SCHEMA_VERSION:
         return "status"
@@ -251,6 +253,31 @@ def _bring_up_to_date(connection: sqlite3.Connection, directory: Path, for_writi
             raise
         return "state"  # read-only: read the 0.1 column as it is
     return "status"
+
+
+def _create(directory: Path) -> None:
+    """Create a ledger whole, then give it its name: a reader never sees one half made.
+
+    A driver creating its ledger while `runjobs status` (or a test) polls the directory
+    would otherwise let the reader open a database that has no tables yet.
+    """
+    partial = directory / f".{LEDGER_NAME}.{os.getpid()}.creating"
+    partial.unlink(missing_ok=True)
+    connection = sqlite3.connect(partial, isolation_level=None)
+    try:
+        connection.execute("PRAGMA journal_mode=WAL")
+        _create_schema(connection)
+    finally:
+        connection.close()  # checkpoints and removes the WAL before the rename
+    os.replace(partial, directory / LEDGER_NAME)
+
+
+def _create_schema(connection: sqlite3.Connection) -> None:
+    with _Transaction(connection):
+        for statement in SCHEMA.split(";"):
+            if statement.strip():
+                connection.execute(statement)
+        connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
 def request_cancel(directory: Path) -> float:
