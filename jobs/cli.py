@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from jobs.plan.fields import POINTS, SWITCH, parse_point
-from jobs.plan.spec import FIELDS, FRAMEWORKS, PRESETS, VARIANTS, Overrides, SpecError
+from jobs.plan.spec import DEFAULT_FRAMEWORKS, FIELDS, FRAMEWORKS, PRESETS, VARIANTS, Overrides, SpecError
 from workers.export import FORMAT_PREFERENCE
 
 EXIT_OK = 0
@@ -138,7 +138,7 @@ def _parse_points(context, parameter, texts) -> tuple[tuple[float, ...], ...]:
     "frameworks",
     multiple=True,
     type=click.Choice(FRAMEWORKS),
-    help="Framework to run; repeat for several. Default: both.",
+    help=f"Framework to run; repeat for several. Default: {' and '.join(DEFAULT_FRAMEWORKS)}.",
 )
 @click.option(
     "--preset",

@@ -9,6 +9,7 @@ from workers.data import (
     MAX_SYNTHETIC_VALUES,
     DataError,
     Dataset,
+    SyntheticSpec,
     article_dataset,
     load_dataset,
     parse_synthetic,
@@ -16,7 +17,11 @@ from workers.data import (
 )
 from workers.reference import (
     CONVERGED_R2_GAP,
+    PLATEAU_TOLERANCE,
     classify_convergence,
+    classify_fit,
+    fits_noise,
+    floor_gap,
     least_squares,
     mean_squared_error,
     r2_gap,
@@ -232,3 +237,146 @@ def test_a_constant_target_has_a_finite_gap_the_loss_difference_itself():
     assert r2_gap(dataset, reference.loss + variance * CONVERGED_R2_GAP, reference) == pytest.approx(
         CONVERGED_R2_GAP
     )
+
+
+def synthetic_draws(rows, features, noise, seed):
+    """The draws SyntheticSpec documents, in its order: X, w, b, then the noise."""
+    generator = np.random.default_rng(seed)
+    x = generator.uniform(-1.0, 1.0, size=(rows, features))
+    w = generator.uniform(-2.0, 2.0, size=features)
+    b = generator.uniform(-1.0, 1.0)
+    return x, w, b, generator.normal(0.0, noise, size=rows)
+
+
+def true_function(function, x, w, b):
+    """The documented target before noise."""
+    z = x @ w / np.sqrt(x.shape[1])
+    return {"linear": x @ w + b, "sine": np.sin(np.pi * z) + b, "quadratic": z**2 + z + b}[function]
+
+
+def test_synthetic_linear_data_is_what_it_was_before_functions_existed():
+    plain = SyntheticSpec(rows=200, features=3, noise=0.2, seed=5)
+    linear = parse_synthetic("rows=200,features=3,noise=0.2,seed=5,function=linear")
+    assert linear == plain
+    # Run ids hash this string: it must not gain a function for the default.
+    assert linear.describe() == "synthetic:rows=200,features=3,noise=0.2,seed=5"
+    x, w, b, noise = synthetic_draws(200, 3, 0.2, 5)
+    old_target = (x @ w + b) + noise
+    for dataset in (plain.generate(), linear.generate()):
+        np.testing.assert_array_equal(dataset.features, x)
+        np.testing.assert_array_equal(dataset.target, old_target)
+
+
+@pytest.mark.parametrize("function", ["sine", "quadratic"])
+def test_synthetic_sine_and_quadratic_follow_their_formulas_reproducibly(function):
+    spec = parse_synthetic(f"rows=300,features=2,noise=0.1,seed=0,function={function}")
+    assert spec.function == function
+    assert spec.describe() == f"synthetic:rows=300,features=2,noise=0.1,seed=0,function={function}"
+    assert parse_synthetic(spec.describe().partition(":")[2]) == spec
+    first, second = spec.generate(), load_dataset(spec.describe())
+    np.testing.assert_array_equal(first.target, second.target)
+    assert first.source == spec.describe()
+    x, w, b, noise = synthetic_draws(300, 2, 0.1, 0)
+    np.testing.assert_array_equal(first.features, x)
+    np.testing.assert_allclose(first.target, true_function(function, x, w, b) + noise, rtol=0, atol=1e-12)
+    # Not a line: the best line leaves far more than the noise unexplained (w is not tiny for seed 0).
+    assert least_squares(first).loss > 2 * first.noise_floor
+
+
+@pytest.mark.parametrize("function", ["linear", "sine", "quadratic"])
+def test_synthetic_noise_floor_is_the_loss_of_the_true_function_on_the_drawn_rows(function):
+    dataset = parse_synthetic(f"rows=500,features=2,noise=0.3,seed=8,function={function}").generate()
+    x, w, b, _ = synthetic_draws(500, 2, 0.3, 8)
+    residuals = true_function(function, x, w, b) - dataset.target
+    assert dataset.noise_floor == pytest.approx(float(np.mean(residuals**2)), rel=1e-9)
+
+
+def test_synthetic_noise_floor_approaches_the_noise_variance_with_many_rows():
+    dataset = parse_synthetic("rows=100000,noise=0.5,seed=2,function=sine").generate()
+    assert dataset.noise_floor == pytest.approx(0.25, rel=0.05)
+
+
+@pytest.mark.parametrize("function", ["linear", "sine", "quadratic"])
+def test_synthetic_data_without_noise_has_a_floor_of_zero(function):
+    dataset = parse_synthetic(f"rows=50,features=2,noise=0,seed=1,function={function}").generate()
+    assert dataset.noise_floor == 0.0
+    x, w, b, _ = synthetic_draws(50, 2, 0.0, 1)
+    np.testing.assert_allclose(dataset.target, true_function(function, x, w, b), rtol=0, atol=1e-12)
+    assert floor_gap(dataset, 0.0) == 0.0
+
+
+def test_csv_and_article_data_have_no_noise_floor_so_no_floor_gap(tmp_path):
+    path = tmp_path / "houses.csv"
+    path.write_text("size,price\n500,100\n750,150\n")
+    for dataset in (article_dataset(), read_csv(path)):
+        assert dataset.noise_floor is None
+        assert floor_gap(dataset, 1.0) is None
+    assert not fits_noise(None)
+
+
+def test_an_unknown_synthetic_function_is_refused_listing_the_choices():
+    with pytest.raises(DataError) as error:
+        parse_synthetic("rows=10,function=cubic")
+    message = str(error.value)
+    assert "function='cubic'" in message
+    assert "linear, sine, quadratic" in message
+    assert "\n" not in message
+    with pytest.raises(DataError, match="linear, sine, quadratic"):
+        SyntheticSpec(function="Sine")
+
+
+def test_floor_gap_on_synthetic_data_is_the_loss_above_the_floor_over_the_variance():
+    dataset = parse_synthetic("rows=400,noise=0.2,seed=6,function=sine").generate()
+    variance = float(np.var(dataset.target))
+    assert floor_gap(dataset, dataset.noise_floor) == 0.0
+    above = floor_gap(dataset, dataset.noise_floor + 0.5 * variance)
+    assert above == pytest.approx(0.5)
+    below = floor_gap(dataset, dataset.noise_floor - 2 * CONVERGED_R2_GAP * variance)
+    assert below == pytest.approx(-2 * CONVERGED_R2_GAP)
+    # Below the floor by more than the tolerance: the model learnt the rows' noise.
+    assert fits_noise(below)
+    assert not fits_noise(above)
+    assert not fits_noise(floor_gap(dataset, dataset.noise_floor - 0.5 * CONVERGED_R2_GAP * variance))
+
+
+def test_floor_gap_of_a_constant_synthetic_like_target_is_the_loss_difference_itself():
+    dataset = Dataset(np.arange(10.0).reshape(-1, 1), np.full(10, 3.0), ("x",), "y", "test", 0.25)
+    assert floor_gap(dataset, 2.25) == pytest.approx(2.0)
+    assert floor_gap(dataset, 0.25) == 0.0
+
+
+def test_classify_fit_on_synthetic_data_judges_the_final_loss_against_the_noise_floor():
+    dataset = parse_synthetic("rows=400,noise=0.2,seed=6,function=quadratic").generate()
+    variance = float(np.var(dataset.target))
+    near_floor = dataset.noise_floor + 0.5 * CONVERGED_R2_GAP * variance
+    far_above = dataset.noise_floor + 0.1 * variance
+    # Standardised-unit history, still falling: the floor decides, not the plateau.
+    falling = [1.0, 0.5, 0.2, 0.1]
+    assert classify_fit(falling, near_floor, dataset) == "converged"
+    assert classify_fit(falling, dataset.noise_floor * 0.5, dataset) == "converged"
+    flat = [1.0] + [0.3] * 20
+    assert classify_fit(flat, far_above, dataset) == "not_converged"
+    assert classify_fit([1.0, np.nan, 0.1], near_floor, dataset) == "diverged"
+    assert classify_fit(falling, np.inf, dataset) == "diverged"
+    assert classify_fit([0.1, 0.5], near_floor, dataset) == "diverged"
+
+
+def test_classify_fit_without_a_floor_asks_whether_the_loss_stopped_falling_unlike_synthetic_data():
+    dataset = article_dataset()
+    # 30 epochs: the last tenth is 3 epochs back, where the loss has stopped falling.
+    plateaued = [100.0 / (epoch + 1) for epoch in range(26)] + [
+        100.0 / 26 * (1 - 1e-4 * i) for i in range(1, 5)
+    ]
+    assert classify_fit(plateaued, 5.0, dataset) == "converged"
+    falling = [100.0 / (epoch + 1) for epoch in range(30)]
+    assert classify_fit(falling, 5.0, dataset) == "not_converged"
+    # Just inside and just outside the tolerance over one epoch back (fewer than 20 epochs).
+    assert classify_fit([2.0, 1.0 + PLATEAU_TOLERANCE / 2, 1.0], 1.0, dataset) == "converged"
+    assert classify_fit([2.0, 1.0 + 2 * PLATEAU_TOLERANCE, 1.0], 1.0, dataset) == "not_converged"
+    # A loss of exactly zero that stays there has plateaued; one epoch cannot show it.
+    assert classify_fit([1.0, 0.0, 0.0], 0.0, dataset) == "converged"
+    assert classify_fit([1.0], 1.0, dataset) == "not_converged"
+    assert classify_fit([], 1.0, dataset) == "not_converged"
+    assert classify_fit([1.0, 2.0, 2.0], 1.0, dataset) == "diverged"
+    assert classify_fit([1.0, 0.5, np.inf], 1.0, dataset) == "diverged"
+    assert classify_fit([1.0, 0.5, 0.5], np.nan, dataset) == "diverged"

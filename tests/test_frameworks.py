@@ -25,7 +25,8 @@ from jobs.record.records import empty_record
 from jobs.report import combined, html
 from workers import frameworks
 from workers.distributed import SINGLE_WORKER, WorkerContext
-from workers.export import FORMAT_PREFERENCE, MANIFEST, export_model
+from workers.models import dense_stack
+from workers.export import FORMAT_PREFERENCE, MANIFEST, export_linear
 from workers.frameworks.base import Framework, JobSettings, ModelLoadError, Predictor
 from workers.training import Device, TrainerOutcome, TrainingData, TrainingJob
 
@@ -74,7 +75,7 @@ def test_unknown_names_are_refused_with_the_valid_choices():
     with pytest.raises(frameworks.RegistryError, match="choose one of torchscript, saved_model"):
         frameworks.format_file("pickle")
     with pytest.raises(ValueError, match="framework='jax': choose one of tensorflow, torch"):
-        export_model("jax", [1.0], 0.0, Path("unused"))
+        export_linear("jax", [1.0], 0.0, Path("unused"))
 
 
 def test_every_registry_entry_names_a_module_that_exists():
@@ -133,7 +134,8 @@ def test_each_implementation_satisfies_the_interface(name, tmp_path):
     assert framework.version == str(sys.modules[frameworks.describe(name).version_module].__version__)
 
     # Every format it exports lands at the registry's file name and loads back with the same numbers.
-    not_written = framework.export_model([0.5, -2.0], 3.0, tmp_path)
+    linear = dense_stack("linear", 2, (), "linear")
+    not_written = framework.export_model(linear, [np.array([[0.5], [-2.0]]), np.array([3.0])], tmp_path)
     for format_name in frameworks.formats(name):
         if format_name in not_written:
             continue
@@ -154,7 +156,7 @@ def test_each_implementation_satisfies_the_interface(name, tmp_path):
         variant for variant in frameworks.variants() if variant not in frameworks.variants_of(name)
     )
     with pytest.raises(ValueError, match=f"variant='{foreign}' is not a {name} variant"):
-        framework.train(training_job(name, variant=foreign), None, Device("cpu"))
+        framework.train(training_job(name, variant=foreign), None, None, Device("cpu"))
 
 
 # ---- a third framework: one module and one registry entry -----------------------------------
@@ -179,7 +181,7 @@ class LeastSquaresFramework(Framework):
     def initialise(self, gpu_ids, allow_cpu_fallback, spec, context=SINGLE_WORKER) -> Device:
         return Device("cpu", gpu_ids, cpu_fallback=bool(gpu_ids))
 
-    def train_variant(self, spec: JobSettings, data: TrainingData, device, context) -> TrainerOutcome:
+    def train_variant(self, spec: JobSettings, plan, data: TrainingData, device, context) -> TrainerOutcome:
         started = time.perf_counter()
         design = np.hstack([data.features, np.ones((data.rows, 1), dtype=np.float32)]).astype(np.float64)
         shards = spec.workers if spec.variant == "sharded" else 1
@@ -193,8 +195,7 @@ class LeastSquaresFramework(Framework):
         train_s = time.perf_counter() - started
         predictions = data.prediction_inputs.astype(np.float64) @ solution[:-1] + solution[-1]
         return TrainerOutcome(
-            weights=solution[:-1],
-            bias=float(solution[-1]),
+            parameters=[solution[:-1].reshape(-1, 1), solution[-1:]],
             loss_history=[float(np.mean(residual**2))],
             epoch_seconds=[train_s],
             parameter_history=solution.reshape(1, -1),
@@ -204,8 +205,9 @@ class LeastSquaresFramework(Framework):
             predict_s=0.0,
         )
 
-    def export_model(self, weights, bias, directory) -> dict[str, str]:
-        np.savez(self.format_path(directory, "npz"), weights=np.asarray(weights), bias=np.asarray([bias]))
+    def export_model(self, plan, parameters, directory) -> dict[str, str]:
+        weights, bias = np.asarray(parameters[0]).reshape(-1), np.asarray(parameters[1]).reshape(-1)
+        np.savez(self.format_path(directory, "npz"), weights=weights, bias=bias)
         return {}
 
     def model_loaders(self):
@@ -246,7 +248,7 @@ def test_a_registered_third_framework_shows_up_in_every_lookup(third_framework):
     with pytest.raises(
         ValueError, match="variant='ddp' is not a lstsq variant; choose one of single, sharded"
     ):
-        framework.train(training_job("lstsq", variant="ddp"), None, Device("cpu"))
+        framework.train(training_job("lstsq", variant="ddp"), None, None, Device("cpu"))
 
 
 def test_a_third_framework_trains_exports_predicts_and_is_compared_with_no_other_edit(

@@ -17,7 +17,7 @@ import pytest
 from jobs.record.models import store_job_model
 from tests.helpers import run_cli
 from workers import frameworks
-from workers.export import FORMAT_PREFERENCE, MANIFEST, export_model
+from workers.export import FORMAT_PREFERENCE, MANIFEST, export_linear
 
 HAS_ONNX = all(importlib.util.find_spec(name) for name in ("onnx", "onnxruntime", "tf2onnx", "onnxscript"))
 # Two features, so a model that mixed up the weights or dropped one would show.
@@ -43,7 +43,7 @@ def predict_json(*args):
 @pytest.fixture(scope="module", params=["tensorflow", "torch"])
 def exported(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(request.param) / "model"
-    written = export_model(request.param, WEIGHTS, BIAS, directory, ["size", "rooms"], job_id="a-job")
+    written = export_linear(request.param, WEIGHTS, BIAS, directory, ["size", "rooms"], job_id="a-job")
     return request.param, directory, written
 
 
@@ -89,7 +89,7 @@ def test_a_model_directory_is_read_in_the_preferred_format_and_printed_one_line_
 
 def test_a_diverged_model_predicts_null_in_json_and_nan_in_text(tmp_path):
     directory = tmp_path / "diverged"
-    export_model("torch", [float("nan")], float("inf"), directory)
+    export_linear("torch", [float("nan")], float("inf"), directory)
     assert json.loads((directory / MANIFEST).read_text())["weights"] == [None]
     assert predict_json(directory, "--input", "1800") == [{"input": [1800.0], "output": None}]
     assert run_cli(["predict", str(directory), "--input", "1800"]).stdout == "1800 -> nan\n"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jobs.plan.spec import JobSpec
-from workers import frameworks
+from workers import frameworks, models
 from workers.data import article_dataset
 from workers.training import Scaling, TrainingData
 
@@ -20,10 +20,11 @@ pytestmark = pytest.mark.slow
 
 
 def train(framework, spec):
+    spec = spec.for_worker()
     dataset = article_dataset()
     data = TrainingData.prepare(dataset, Scaling.identity(1), np.array([[1800.0]]))
     device = framework.initialise((), False, spec)
-    return framework.train(spec, data, device)
+    return framework.train(spec, models.plan(spec, 1), data, device)
 
 
 def cold_tensorflow():

@@ -46,6 +46,10 @@ class Dataset:
     feature_names: tuple[str, ...]
     target_name: str
     source: str
+    # Synthetic data only: the mean squared noise actually drawn, mean(noise**2), which
+    # is the loss of the true function on these rows and so the loss a model that learnt
+    # the function exactly would reach. None for a CSV and the article's houses.
+    noise_floor: float | None = None
 
     @property
     def rows(self) -> int:
@@ -56,27 +60,65 @@ class Dataset:
         return int(self.features.shape[1])
 
 
+# The target functions synthetic data can follow, in the order error messages list them.
+SYNTHETIC_FUNCTIONS = ("linear", "sine", "quadratic")
+
+
 @dataclass(frozen=True)
 class SyntheticSpec:
-    """`synthetic:rows=N,features=K,noise=S,seed=R`: y = X @ w + b + noise, with w and b drawn from seed."""
+    """`synthetic:rows=N,features=K,noise=S,seed=R,function=F`: y = f(X) + noise.
+
+    Drawn from one generator seeded with `seed`, in this order: the features X, uniform
+    in [-1, 1], shape (rows, features); the weights w, uniform in [-2, 2], one a feature;
+    the bias b, uniform in [-1, 1]; the noise, normal(0, noise), one a row. With
+    z = (X @ w) / sqrt(features), the target before noise is
+
+    - linear (the default): f(X) = X @ w + b
+    - sine:                 f(X) = sin(pi * z) + b
+    - quadratic:            f(X) = z**2 + z + b
+
+    Dividing by sqrt(features) keeps z's spread the same whatever the feature count, so
+    sine's wiggles do not multiply as features are added (with one feature |z| <= 2: at
+    most two periods across the data). Every function uses the same draws, so one seed
+    gives the same features, noise and noise floor whatever the function; linear's
+    arrays are exactly those of the versions before `function` existed.
+    """
 
     rows: int = 1000
     features: int = 1
     noise: float = 0.1
     seed: int = 0
+    function: str = "linear"
+
+    def __post_init__(self) -> None:
+        if self.function not in SYNTHETIC_FUNCTIONS:
+            choices = ", ".join(SYNTHETIC_FUNCTIONS)
+            raise DataError(f"synthetic function={self.function!r} is not known; use one of {choices}")
 
     def generate(self) -> Dataset:
         generator = np.random.default_rng(self.seed)
         features = generator.uniform(-1.0, 1.0, size=(self.rows, self.features))
         true_weights = generator.uniform(-2.0, 2.0, size=self.features)
         true_bias = generator.uniform(-1.0, 1.0)
-        target = features @ true_weights + true_bias
-        target = target + generator.normal(0.0, self.noise, size=self.rows)
+        if self.function == "linear":
+            target = features @ true_weights + true_bias
+        else:
+            direction = features @ true_weights / math.sqrt(self.features)
+            if self.function == "sine":
+                target = np.sin(np.pi * direction) + true_bias
+            else:
+                target = direction * direction + direction + true_bias
+        noise = generator.normal(0.0, self.noise, size=self.rows)
+        target = target + noise
+        # A dot product rather than mean(noise**2): no second array as large as the noise.
+        noise_floor = float(noise @ noise) / self.rows
         names = tuple(f"x{index}" for index in range(self.features))
-        return Dataset(features, target, names, "y", self.describe())
+        return Dataset(features, target, names, "y", self.describe(), noise_floor)
 
     def describe(self) -> str:
-        return f"synthetic:rows={self.rows},features={self.features},noise={self.noise},seed={self.seed}"
+        text = f"synthetic:rows={self.rows},features={self.features},noise={self.noise},seed={self.seed}"
+        # Linear data keeps the description it had before `function` existed: run ids hash it.
+        return text if self.function == "linear" else f"{text},function={self.function}"
 
 
 def article_dataset() -> Dataset:
@@ -86,15 +128,16 @@ def article_dataset() -> Dataset:
 
 
 def parse_synthetic(text: str) -> SyntheticSpec:
-    """Parse the part after `synthetic:`, e.g. `rows=1000,features=3,noise=0.1,seed=7`."""
-    converters = {"rows": int, "features": int, "noise": float, "seed": int}
+    """Parse the part after `synthetic:`, e.g. `rows=1000,features=3,noise=0.1,seed=7,function=sine`."""
+    converters = {"rows": int, "features": int, "noise": float, "seed": int, "function": str.strip}
     kinds = {"rows": "whole number", "features": "whole number", "noise": "number", "seed": "whole number"}
-    values: dict[str, int | float] = {}
+    values: dict[str, int | float | str] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, separator, raw_value = item.partition("=")
         if not separator or key not in converters:
             raise DataError(
-                f"bad synthetic data item {item!r}: use synthetic:rows=N,features=K,noise=S,seed=R"
+                f"bad synthetic data item {item!r}: use synthetic:rows=N,features=K,noise=S,seed=R,"
+                f"function={'|'.join(SYNTHETIC_FUNCTIONS)}"
             )
         try:
             values[key] = converters[key](raw_value)

@@ -14,16 +14,25 @@ import socket
 import statistics
 import time
 import traceback
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from workers import frameworks
+from workers import frameworks, models
 from workers.capture import captured_output
 from workers.data import Dataset
 from workers.devices import ray_gpu_ids, running_ray
 from workers.distributed import SINGLE_WORKER, WorkerContext
-from workers.reference import classify_convergence, least_squares, mean_squared_error, r2_gap
+from workers.reference import (
+    classify_convergence,
+    classify_fit,
+    fits_noise,
+    floor_gap,
+    least_squares,
+    mean_squared_error,
+    r2_gap,
+)
 from workers.training import Scaling, TrainingData, TrainingJob
 
 
@@ -43,11 +52,11 @@ def run_job(
                 f"on {socket.gethostname()} (pid {os.getpid()})",
                 flush=True,
             )
-            result = _train(spec, dataset, submitted_at, context, entered_at)
+            result, trained = _train(spec, dataset, submitted_at, context, entered_at)
             print(f"runjobs: {result['convergence']}, final loss {result['loss']['final']:.6g}", flush=True)
             # --save-models: every rank learned the same parameters, so rank 0 exports.
             if spec.save_models and context.rank == 0:
-                result["model_files"] = export_model_files(spec, dataset, result)
+                result["model_files"] = export_model_files(spec, dataset, trained)
         except BaseException as error:
             traceback.print_exc()
             failure = error
@@ -60,9 +69,23 @@ def run_job(
     return result
 
 
+# A record lists a model's parameter values up to this many; the saved model holds them all.
+MAX_RECORDED_VALUES = 256
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """What export needs from a trained job: its plan and parameters in the data's units."""
+
+    plan: models.ModelPlan
+    parameters: list[np.ndarray]
+    names: list[str]
+    units: str  # "original", or "standardised" for a user model trained on standardised data
+
+
 def _train(
     spec, dataset: Dataset, submitted_at: float, context: WorkerContext, entered_at: float
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], TrainedModel]:
     process_started_at = _process_start_time()
     gpu_ids = ray_gpu_ids()
 
@@ -72,17 +95,36 @@ def _train(
     device = framework.initialise(gpu_ids, spec.allow_cpu_fallback, spec, context)
     startup_in_task = time.perf_counter() - startup_began
 
+    plan = models.plan(spec, dataset.feature_count)
     scaling = Scaling.standardise(dataset) if spec.normalize else Scaling.identity(dataset.feature_count)
     prediction_inputs = np.asarray(spec.predict, dtype=np.float64).reshape(-1, dataset.feature_count)
     outcome = framework.train(
-        spec, TrainingData.prepare(dataset, scaling, prediction_inputs), device, context
+        spec, plan, TrainingData.prepare(dataset, scaling, prediction_inputs, spec.dtype), device, context
     )
 
-    weights, bias = scaling.original_parameters(outcome.weights, outcome.bias)
-    weight_history, bias_history = scaling.original_parameter_history(outcome.parameter_history)
     predictions = scaling.original_target(outcome.predictions)
     reference = least_squares(dataset)
-    final_loss = mean_squared_error(dataset, weights, bias)
+    names = [name for name, _ in plan.layout] if plan.user is None else list(outcome.parameter_names)
+    if plan.is_linear:
+        weights, bias = scaling.original_parameters(outcome.weights, outcome.bias)
+        final_loss = mean_squared_error(dataset, weights, bias)
+        convergence = classify_convergence(dataset, weights, bias, outcome.loss_history, reference)
+        parameters = [weights.reshape(-1, 1), np.asarray([bias])]
+        params: dict[str, Any] = {"weights": weights.tolist(), "bias": bias}
+        weight_history, bias_history = scaling.original_parameter_history(outcome.parameter_history)
+        history = {"weights": weight_history.tolist(), "bias": bias_history.tolist()}
+    else:
+        fitted = scaling.original_target(outcome.fitted)
+        with np.errstate(all="ignore"):
+            final_loss = float(np.mean((fitted - dataset.target) ** 2))
+        convergence = classify_fit(outcome.loss_history, final_loss, dataset)
+        folded = plan.user is None and spec.normalize
+        parameters = scaling.original_stack(outcome.parameters) if folded else outcome.parameters
+        params = parameter_summary(names, parameters)
+        params["units"] = "standardised" if spec.normalize and plan.user is not None else "original"
+        history = {}
+    gap_to_floor = floor_gap(dataset, final_loss)
+    trained = TrainedModel(plan, parameters, names, params.get("units", "original"))
 
     # Ray prestarts idle workers, so a task usually lands in a process that already
     # existed when the job was submitted: then only the import and initialisation are
@@ -94,25 +136,35 @@ def _train(
         queued_s = entered_at - submitted_at
         startup_s = startup_in_task
 
-    return {
+    result = {
         "rank": context.rank,
         "world_size": max(context.world_size, len(device.replica_names)),
         **outcome.distribution_fields(),
-        "convergence": classify_convergence(dataset, weights, bias, outcome.loss_history, reference),
-        "params": {"weights": weights.tolist(), "bias": bias},
+        "convergence": convergence,
+        "model": {
+            "name": plan.name,
+            "parameters": int(sum(np.size(parameter) for parameter in parameters)),
+            "dtype": spec.dtype,
+            "init": "shared"
+            if spec.shared_start
+            else ("framework" if spec.initial_value is None else "value"),
+            "update_rule": outcome.update_rule,
+            **({"digest": plan.user.digest} if plan.user is not None else {}),
+        },
+        "params": params,
+        # The best straight line: the exact optimum of the linear model, a yardstick for others.
         "reference": {"weights": reference.weights.tolist(), "bias": reference.bias, "loss": reference.loss},
         "loss": {
             "final": final_loss,
-            "r2_gap": r2_gap(dataset, final_loss, reference),
+            "r2_gap": r2_gap(dataset, final_loss, reference) if plan.is_linear else None,
+            "floor": dataset.noise_floor,
+            "floor_gap": gap_to_floor,
+            "fits_noise": fits_noise(gap_to_floor),
             "history_units": "standardised" if spec.normalize else "original",
             "history": outcome.loss_history,
         },
         # Per epoch, in the data's units: what TensorBoard and the HTML report plot.
-        "history": {
-            "epoch_s": [float(value) for value in outcome.epoch_seconds],
-            "weights": weight_history.tolist(),
-            "bias": bias_history.tolist(),
-        },
+        "history": {"epoch_s": [float(value) for value in outcome.epoch_seconds], **history},
         "predictions": [
             {"input": point.tolist(), "output": float(output)}
             for point, output in zip(prediction_inputs, predictions)
@@ -148,6 +200,25 @@ def _train(
             "target": dataset.target_name,
         },
     }
+    return result, trained
+
+
+def parameter_summary(names: list[str], parameters: list[np.ndarray]) -> dict[str, Any]:
+    """Each parameter's name, shape and norm, the count, and the values when they are few."""
+    count = int(sum(np.size(parameter) for parameter in parameters))
+    with np.errstate(all="ignore"):
+        layers = [
+            {
+                "name": name,
+                "shape": list(np.shape(parameter)),
+                "norm": float(np.linalg.norm(np.asarray(parameter, dtype=np.float64).reshape(-1))),
+            }
+            for name, parameter in zip(names, parameters)
+        ]
+    if count <= MAX_RECORDED_VALUES:
+        for layer, parameter in zip(layers, parameters):
+            layer["values"] = np.asarray(parameter, dtype=np.float64).tolist()
+    return {"layers": layers, "count": count}
 
 
 def _process_start_time() -> float:
@@ -169,7 +240,7 @@ def _ray_version() -> str | None:
     return ray.__version__ if ray is not None else None
 
 
-def export_model_files(spec, dataset: Dataset, result: dict[str, Any]) -> dict[str, bytes]:
+def export_model_files(spec, dataset: Dataset, trained: TrainedModel) -> dict[str, bytes]:
     """The job's model in its framework's formats, as {relative path: bytes} (workers/export.py).
 
     Bytes, not a path: on a remote cluster this worker's disk is not the user's output
@@ -185,8 +256,8 @@ def export_model_files(spec, dataset: Dataset, result: dict[str, Any]) -> dict[s
         root = Path(temporary)
         formats = export_model(
             spec.framework,
-            result["params"]["weights"],
-            result["params"]["bias"],
+            trained.plan,
+            trained.parameters,
             root,
             feature_names=list(dataset.feature_names),
         )

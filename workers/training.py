@@ -8,10 +8,12 @@ the data's own units, so every framework is judged on the same scale.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from workers.data import Dataset
+from workers.models import UserModelSource
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,13 @@ class TrainingJob:
     batch_size: int | None = None  # None: the full data
     seed: int = 0
     initial_value: float | None = 0.0  # None: the framework's own initialiser
+    shared_start: bool = False  # draw every parameter in numpy (workers/models/shared_start.py)
+    model: str = "linear"
+    hidden: tuple[int, ...] = (64, 64)
+    activation: str = "relu"
+    model_args: tuple[tuple[str, Any], ...] = ()
+    model_source: UserModelSource | None = None  # a user model's code, read by the driver
+    dtype: str = "float32"
     normalize: bool = False
     predict: tuple[tuple[float, ...], ...] = ()
     allow_cpu_fallback: bool = False
@@ -83,6 +92,23 @@ class Scaling:
             )
         return original_weights, original_bias
 
+    def original_stack(self, parameters: list[np.ndarray]) -> list[np.ndarray]:
+        """A dense stack's parameters in the data's units: the scaling folded into its first and last layer.
+
+        The first layer sees x_train = (x - mean) / scale, so its kernel divided row-wise by
+        the scale and its bias less (mean / scale) @ kernel take x itself; the output
+        y = y_train * target_scale + target_mean is the last layer's kernel and bias scaled
+        the same way. Exact for any stack, since each layer is affine before its activation.
+        """
+        folded = [np.asarray(parameter, dtype=np.float64).copy() for parameter in parameters]
+        with np.errstate(all="ignore"):
+            first_kernel = folded[0]
+            folded[1] = folded[1] - (self.feature_mean / self.feature_scale) @ first_kernel
+            folded[0] = first_kernel / self.feature_scale[:, None]
+            folded[-2] = folded[-2] * self.target_scale
+            folded[-1] = folded[-1] * self.target_scale + self.target_mean
+        return folded
+
     def original_parameter_history(self, history: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """original_parameters for every row [w_1..w_K, b] of a per-epoch history, at once."""
         history = np.asarray(history, dtype=np.float64).reshape(len(history), -1)
@@ -94,16 +120,18 @@ class Scaling:
 
 @dataclass(frozen=True)
 class TrainingData:
-    features: np.ndarray  # (rows, feature_count) float32, training units
-    target: np.ndarray  # (rows, 1) float32, training units
-    prediction_inputs: np.ndarray  # (points, feature_count) float32, training units
+    features: np.ndarray  # (rows, feature_count), training units, the job's dtype
+    target: np.ndarray  # (rows, 1), training units, the job's dtype
+    prediction_inputs: np.ndarray  # (points, feature_count), training units, the job's dtype
 
     @classmethod
-    def prepare(cls, dataset: Dataset, scaling: Scaling, prediction_inputs: np.ndarray) -> TrainingData:
+    def prepare(
+        cls, dataset: Dataset, scaling: Scaling, prediction_inputs: np.ndarray, dtype: str = "float32"
+    ) -> TrainingData:
         return cls(
-            features=scaling.scale_features(dataset.features).astype(np.float32),
-            target=scaling.scale_target(dataset.target).astype(np.float32).reshape(-1, 1),
-            prediction_inputs=scaling.scale_features(prediction_inputs).astype(np.float32),
+            features=scaling.scale_features(dataset.features).astype(dtype),
+            target=scaling.scale_target(dataset.target).astype(dtype).reshape(-1, 1),
+            prediction_inputs=scaling.scale_features(prediction_inputs).astype(dtype),
         )
 
     @property
@@ -125,18 +153,37 @@ class Device:
 class TrainerOutcome:
     """A framework's training result (Framework.train), still in training units."""
 
-    weights: np.ndarray
-    bias: float
+    # Every learned parameter in the canonical layout (workers/models/__init__.py), float64.
+    parameters: list[np.ndarray]
     loss_history: list[float]
     epoch_seconds: list[float]
-    # (epochs, feature_count + 1): each epoch's [w_1..w_K, b] at its end, training units.
-    parameter_history: np.ndarray
-    predictions: np.ndarray
+    # (epochs, P): each epoch's parameters at its end, flattened in layout order, for the
+    # linear model ([w_1..w_K, b]); None for larger models, whose history would be too big.
+    parameter_history: np.ndarray | None
+    predictions: np.ndarray  # at the job's prediction inputs, training units
     setup_s: float
     train_s: float
     predict_s: float
+    # The model's outputs on the training features (training units), beyond the linear
+    # model, whose final loss is computed from its parameters instead.
+    fitted: np.ndarray | None = None
+    # A user model's parameter names as its framework calls them (a dense stack's are the plan's).
+    parameter_names: list[str] = field(default_factory=list)
     # For multi-device variants: the strategy or backend and the devices it used.
     distribution: dict = field(default_factory=dict)
+    # Which update rule trained the parameters: runjobs' own (the same arithmetic in every
+    # framework, loop=fast) or the framework's stock optimizer (loop=article).
+    update_rule: str = ""
+
+    @property
+    def weights(self) -> np.ndarray:
+        """The linear model's w: its one kernel, flattened."""
+        return np.asarray(self.parameters[0], dtype=np.float64).reshape(-1)
+
+    @property
+    def bias(self) -> float:
+        """The linear model's b."""
+        return float(np.asarray(self.parameters[1]).reshape(-1)[0])
 
     def distribution_fields(self) -> dict:
         """`strategy` (TensorFlow) or `backend` (torch) for the result, when distributed."""

@@ -110,7 +110,7 @@ SWITCH = Kind("true or false", parse_bool, metavar="BOOL")
 TEXT = Kind("text", str)
 OPTIONAL_TEXT = Kind("text", _optional(str, ("",)))
 # `init` is a keyword or a number; a YAML number is kept as its text.
-INIT = Kind("framework, zeros or a number", str, _number_as_text, metavar="INIT")
+INIT = Kind("framework, zeros, shared or a number", str, _number_as_text, metavar="INIT")
 BATCH = Kind("whole number or full", _optional(int, ("full", "none", "")), metavar="N|full")
 GPUS = Kind("number or auto", _optional(float, ("auto", "none", "")), _float_from_document, metavar="X|auto")
 SECONDS = Kind("number of seconds or none", _optional(float, ("none", "")), _float_from_document, metavar="S")
@@ -126,6 +126,57 @@ POINTS = Kind(
     _points_from_document,
     metavar="X",
 )
+
+
+def _sizes_from_document(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,)
+    return value
+
+
+def _parse_sizes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise SpecError(
+            f"{text!r}: give layer sizes as whole numbers separated by commas, e.g. 64,64"
+        ) from None
+
+
+def _mapping_from_document(value: Any) -> Any:
+    if isinstance(value, dict):
+        return tuple(sorted((str(key), _frozen(item)) for key, item in value.items()))
+    return value
+
+
+def _frozen(value: Any) -> Any:
+    """A YAML value as a hashable one: lists become tuples (a job spec is frozen)."""
+    if isinstance(value, list):
+        return tuple(_frozen(item) for item in value)
+    if isinstance(value, dict):
+        return tuple(sorted((str(key), _frozen(item)) for key, item in value.items()))
+    return value
+
+
+def _parse_mapping(text: str) -> Any:
+    """`{width: 3, depth: 2}` (YAML flow style, as in a spec file); `{}` or empty for none."""
+    import yaml
+
+    if not text.strip():
+        return ()
+    try:
+        value = yaml.safe_load(text if text.strip().startswith("{") else "{" + text + "}")
+    except yaml.YAMLError:
+        value = None
+    if not isinstance(value, dict):
+        raise SpecError(f"{text!r}: give a mapping such as {{width: 3, depth: 2}}")
+    return _mapping_from_document(value)
+
+
+SIZES = Kind("comma-separated layer sizes", _parse_sizes, _sizes_from_document, metavar="N,N")
+MAPPING = Kind("mapping ({key: value, ...})", _parse_mapping, _mapping_from_document, metavar="{K: V}")
 
 
 def choice(*choices: str) -> Kind:
@@ -177,7 +228,10 @@ class DeclaredField:
     def enters_id(self, value: Any) -> bool:
         if self.info.in_id == IN_ID_NEVER:
             return False
-        return self.info.in_id == IN_ID_ALWAYS or value != _comparable(self.default)
+        if self.info.in_id == IN_ID_ALWAYS:
+            return True
+        # A record holds a mapping field as a JSON object: its default () is {} there.
+        return value != ({} if self.info.kind is MAPPING else _comparable(self.default))
 
 
 def declared_fields(spec_class) -> tuple[DeclaredField, ...]:

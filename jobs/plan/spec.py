@@ -19,11 +19,13 @@ from jobs.plan.fields import (
     IN_ID_NEVER,
     IN_ID_UNLESS_DEFAULT,
     INIT,
+    MAPPING,
     NAMES,
     NUMBER,
     OPTIONAL_TEXT,
     POINTS,
     SECONDS,
+    SIZES,
     SWITCH,
     TEXT,
     WHOLE,
@@ -32,19 +34,25 @@ from jobs.plan.fields import (
     declared_fields,
     job_field,
 )
-from workers import frameworks
+from workers import frameworks, models
 from workers.training import TrainingJob
 
 # The frameworks and their variants are the registry's (workers/frameworks), which names
 # them without importing any framework.
 FRAMEWORKS = frameworks.names()
+# The frameworks a job that names none runs on: TensorFlow and torch, the original comparison.
+DEFAULT_FRAMEWORKS = frameworks.default_names()
 VARIANTS = frameworks.variants()
 # Which frameworks each variant belongs to: tf.distribute for TensorFlow, DDP for torch.
 VARIANT_FRAMEWORKS = frameworks.variant_frameworks()
 OPTIMIZERS = ("adam", "sgd")
 PLACEMENTS = ("pack", "spread")
 LOOPS = ("fast", "article")
-INIT_KEYWORDS = ("framework", "zeros")
+INIT_KEYWORDS = ("framework", "zeros", "shared")
+ACTIVATIONS = models.ACTIVATIONS
+DTYPES = models.DTYPES
+MAX_HIDDEN_LAYERS = 64
+MAX_LAYER_SIZE = 65536
 # Both frameworks count in int64 and keep parameters in float32: a whole-number field past
 # int64 fails the job or its report once it has run (TensorBoard's hyperparameters are
 # floats), an initial value past float32's range is inf.
@@ -62,7 +70,7 @@ class JobSpec:
     """
 
     framework: str = job_field(
-        None, choice(*FRAMEWORKS), "Framework to train with.", default_text="each framework"
+        None, choice(*FRAMEWORKS), "Framework to train with.", default_text=" and ".join(DEFAULT_FRAMEWORKS)
     )
     variant: str = job_field(
         "single",
@@ -82,7 +90,45 @@ class JobSpec:
         None, BATCH, "Rows per step.", option="--batch-size", default_text="the full data"
     )
     seed: int = job_field(0, WHOLE, "Seed for initialisation and shuffling.", option="--seed")
-    init: str = job_field("zeros", INIT, "Initial parameters: framework, zeros or a number.", option="--init")
+    init: str = job_field(
+        "zeros",
+        INIT,
+        "Initial parameters: framework (its own initialiser), zeros, a number, or shared "
+        "(drawn once in numpy, identical in every framework).",
+        option="--init",
+        default_text="zeros for the linear model, shared for the others",
+    )
+    model: str = job_field(
+        "linear",
+        TEXT,
+        "linear, mlp, or a user model: PATH.py or an importable module defining build_tensorflow, "
+        "build_torch and/or build_jax(features, config).",
+        option="--model",
+        in_id=IN_ID_UNLESS_DEFAULT,
+    )
+    hidden: tuple[int, ...] = job_field(
+        (64, 64), SIZES, "The mlp's hidden layer sizes.", option="--hidden", in_id=IN_ID_UNLESS_DEFAULT
+    )
+    activation: str = job_field(
+        "relu",
+        choice(*ACTIVATIONS),
+        "The mlp's activation (gelu is the exact one).",
+        in_id=IN_ID_UNLESS_DEFAULT,
+    )
+    model_args: tuple[tuple[str, Any], ...] = job_field(
+        (),
+        MAPPING,
+        "Arguments of a user model, handed to its builder as config['model_args'].",
+        default_text="none",
+        in_id=IN_ID_UNLESS_DEFAULT,
+    )
+    dtype: str = job_field(
+        "float32",
+        choice(*DTYPES),
+        "Precision of parameters and arithmetic.",
+        option="--dtype",
+        in_id=IN_ID_UNLESS_DEFAULT,
+    )
     data: str = job_field(
         "article", TEXT, "article, PATH.csv or synthetic:rows=N,features=K,noise=S,seed=R.", option="--data"
     )
@@ -196,11 +242,12 @@ class JobSpec:
                 raise SpecError(f"init={self.init!r}: use framework, zeros or a number such as 0.5") from None
             if not math.isfinite(initial_value):
                 raise SpecError(f"init={self.init!r}: the initial value must be finite")
-            if abs(initial_value) > FLOAT32_MAX:  # torch refuses it, TensorFlow makes it inf
+            if self.dtype == "float32" and abs(initial_value) > FLOAT32_MAX:  # torch refuses it, TF: inf
                 raise SpecError(
                     f"init={self.init!r}: the parameters are float32, which holds at most "
                     f"{FLOAT32_MAX:.4g} in size; use a smaller initial value"
                 )
+        self._validate_model()
         if not self.data:
             raise SpecError("data='': use article, a CSV path or synthetic:rows=N,features=K,noise=S,seed=R")
         for point in self.predict:
@@ -223,6 +270,36 @@ class JobSpec:
                     "of one GPU or whole GPUs; multiworker and ddp workers use at most 1 GPU each"
                 )
 
+    def _validate_model(self) -> None:
+        _require_choice("activation", self.activation, ACTIVATIONS)
+        _require_choice("dtype", self.dtype, DTYPES)
+        if not self.model or not self.model.isprintable() or len(self.model) > 4096:
+            raise SpecError(
+                f"model={self.model!r}: use linear, mlp, a PATH.py or a module name such as mymodels.wide"
+            )
+        if self.model != "mlp":
+            for name in ("hidden", "activation"):
+                if getattr(self, name) != FIELDS[name].default:
+                    raise SpecError(
+                        f"{name}={_shown(getattr(self, name))}: applies to model=mlp, "
+                        f"not model={self.model}; drop it, or set model=mlp"
+                    )
+        if not self.hidden or len(self.hidden) > MAX_HIDDEN_LAYERS:
+            raise SpecError(
+                f"hidden={_shown(self.hidden)}: give 1 to {MAX_HIDDEN_LAYERS} layer sizes, e.g. 64,64"
+            )
+        for size in self.hidden:
+            _require_whole("hidden", size, minimum=1, maximum=MAX_LAYER_SIZE)
+        if models.is_built_in(self.model) and self.model_args:
+            raise SpecError(
+                f"model_args: arguments are for a user model's builder, not model={self.model}; drop them"
+            )
+        for key, value in self.model_args:
+            if not _is_plain(value):
+                raise SpecError(
+                    f"model_args {key}={value!r}: use numbers, text, true/false, null or lists of them"
+                )
+
     @property
     def runs_one_task(self) -> bool:
         """single and mirrored run as one Ray task; multiworker and ddp as one actor per worker."""
@@ -231,7 +308,7 @@ class JobSpec:
     @property
     def initial_value(self) -> float | None:
         """The number every parameter starts at, or None for the framework's own initialiser."""
-        if self.init == "framework":
+        if self.init in ("framework", "shared"):
             return None
         return 0.0 if self.init == "zeros" else float(self.init)
 
@@ -250,6 +327,13 @@ class JobSpec:
             batch_size=self.batch_size,
             seed=self.seed,
             initial_value=self.initial_value,
+            shared_start=self.init == "shared",
+            model=self.model,
+            hidden=self.hidden,
+            activation=self.activation,
+            model_args=self.model_args,
+            model_source=None if models.is_built_in(self.model) else models.read_user_model(self.model),
+            dtype=self.dtype,
             normalize=self.normalize,
             predict=self.predict,
             allow_cpu_fallback=self.allow_cpu_fallback,
@@ -263,6 +347,10 @@ class JobSpec:
         fields = dict(record)
         fields["features"] = tuple(fields.get("features") or ())
         fields["predict"] = tuple(tuple(point) for point in fields.get("predict") or ())
+        if "hidden" in fields:
+            fields["hidden"] = tuple(fields["hidden"])
+        if "model_args" in fields:
+            fields["model_args"] = FIELDS["model_args"].from_document(fields["model_args"] or {})
         return cls(**fields)
 
     def to_record(self) -> dict[str, Any]:
@@ -270,6 +358,8 @@ class JobSpec:
         record = dataclasses.asdict(self)
         record["features"] = list(self.features)
         record["predict"] = [list(point) for point in self.predict]
+        record["hidden"] = list(self.hidden)
+        record["model_args"] = {key: _plain(value) for key, value in self.model_args}
         return record
 
 
@@ -334,7 +424,7 @@ def build_job_specs(
     for variant in variants:
         _require_choice("variant", variant, VARIANTS)
     specs = []
-    for framework in frameworks or FRAMEWORKS:
+    for framework in frameworks or DEFAULT_FRAMEWORKS:
         fitting = [variant for variant in variants or ("single",) if framework in VARIANT_FRAMEWORKS[variant]]
         if frameworks and not fitting:
             raise SpecError(
@@ -361,6 +451,10 @@ def make_spec(fields: dict[str, Any]) -> JobSpec:
     unknown = sorted(set(fields) - set(FIELD_NAMES))
     if unknown:
         raise SpecError(f"unknown job field {unknown[0]!r}; the fields are: {', '.join(FIELD_NAMES)}")
+    if fields.get("model", "linear") != "linear" and "init" not in fields:
+        # Zeros would leave an mlp that never trains (every hidden unit the same), and a
+        # comparison of frameworks needs the same start: the shared one.
+        fields = {**fields, "init": "shared"}
     try:
         return JobSpec(**fields)
     except TypeError as error:  # a wrongly typed value that comparison operators reject
@@ -392,6 +486,21 @@ def known_field(name: str):
     return FIELDS[name]
 
 
+def _is_plain(value: Any) -> bool:
+    if isinstance(value, tuple):
+        return all(_is_plain(item) for item in value)
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def _plain(value: Any) -> Any:
+    """A model_args value as JSON: tuples back to lists."""
+    return [_plain(item) for item in value] if isinstance(value, tuple) else value
+
+
+def _shown(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -412,6 +521,12 @@ def _require_kind(declared, value: Any) -> None:
         raise SpecError(f"{declared.name}={value!r}: give a {kind.name}")
     if kind is NAMES and not (isinstance(value, tuple) and all(isinstance(item, str) for item in value)):
         raise SpecError(f"{declared.name}={value!r}: give {kind.name}, e.g. size,rooms")
+    if kind is SIZES and not (isinstance(value, tuple) and all(isinstance(item, int) for item in value)):
+        raise SpecError(f"{declared.name}={value!r}: give {kind.name}, e.g. 64,64")
+    if kind is MAPPING and not (
+        isinstance(value, tuple) and all(isinstance(item, tuple) and len(item) == 2 for item in value)
+    ):
+        raise SpecError(f"{declared.name}={value!r}: give a mapping such as {{width: 3}}")
     if kind is POINTS and not (isinstance(value, tuple) and all(isinstance(item, tuple) for item in value)):
         raise SpecError(f"{declared.name}={value!r}: give {kind.name}")
 

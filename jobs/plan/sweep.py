@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.plan.spec import (
+    DEFAULT_FRAMEWORKS,
     FIELDS,
     FRAMEWORKS,
     VARIANT_FRAMEWORKS,
@@ -106,12 +107,12 @@ class SweepSpec:
         if self.grid or not self.jobs:
             count += math.prod(len(values) for values in self.grid.values()) * self._grid_frameworks()
         for job in self.jobs:
-            count += 1 if "framework" in job or "framework" in self.defaults else len(FRAMEWORKS)
+            count += 1 if "framework" in job or "framework" in self.defaults else len(DEFAULT_FRAMEWORKS)
         return count * self.repeat
 
     def _grid_frameworks(self) -> int:
         """How many jobs each grid point makes: one, or one per framework when none is named."""
-        return 1 if "framework" in self.grid or "framework" in self.defaults else len(FRAMEWORKS)
+        return 1 if "framework" in self.grid or "framework" in self.defaults else len(DEFAULT_FRAMEWORKS)
 
     def check_size(self) -> None:
         """Refuse a sweep of more jobs than RUNJOBS_MAX_JOBS allows, before expanding it."""
@@ -151,7 +152,7 @@ class SweepSpec:
         seen: set[str] = set()
         for point in points:
             fields = {key: field_value(key, value) for key, value in point.items()}
-            frameworks = [fields.pop("framework")] if "framework" in fields else list(FRAMEWORKS)
+            frameworks = [fields.pop("framework")] if "framework" in fields else list(DEFAULT_FRAMEWORKS)
             for framework in frameworks:
                 # Refused here, not skipped below as a variant's wrong framework is: a YAML list
                 # cannot be looked up, and a misspelt framework must not drop its jobs unnoticed.

@@ -102,6 +102,9 @@ class FrameworkDescription:
     formats: tuple[ModelFormat, ...]
     version_module: str  # the module whose __version__ a result reports under `versions`
     display: Display
+    # Whether a job that names no framework runs on this one too (TensorFlow and torch, the
+    # comparison runjobs began with); others run when named.
+    in_default_comparison: bool = True
 
     @property
     def variant_names(self) -> tuple[str, ...]:
@@ -241,6 +244,11 @@ def unregister(name: str) -> None:
 def names() -> tuple[str, ...]:
     """Every framework's name, in registration order (the order reports compare them in)."""
     return tuple(_descriptions)
+
+
+def default_names() -> tuple[str, ...]:
+    """The frameworks a job that names none runs on, in registration order."""
+    return tuple(name for name, description in _descriptions.items() if description.in_default_comparison)
 
 
 def describe(name: str) -> FrameworkDescription:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, ClassVar, Protocol
 import numpy as np
 
 from workers.distributed import SINGLE_WORKER, WorkerContext
+from workers.models import ModelPlan
 from workers.training import Device, TrainerOutcome, TrainingData
 
 if TYPE_CHECKING:
@@ -61,6 +62,10 @@ class JobSettings(Protocol):
     def initial_value(self) -> float | None: ...
     @property
     def loop(self) -> str: ...
+    @property
+    def shared_start(self) -> bool: ...
+    @property
+    def dtype(self) -> str: ...
 
 
 class ModelLoadError(ValueError):
@@ -126,25 +131,37 @@ class Framework(ABC):
         """
 
     def train(
-        self, spec: JobSettings, data: TrainingData, device: Device, context: WorkerContext = SINGLE_WORKER
+        self,
+        spec: JobSettings,
+        model: ModelPlan,
+        data: TrainingData,
+        device: Device,
+        context: WorkerContext = SINGLE_WORKER,
     ) -> TrainerOutcome:
-        """Train `spec` on `data` as worker `context` of the job; refuses a variant this framework lacks."""
+        """Train `model` as `spec` says on `data` as worker `context`; refuses a variant it lacks."""
         if spec.variant not in self.description.variant_names:
             raise ValueError(
                 f"variant={spec.variant!r} is not a {self.name} variant; choose one of "
                 f"{', '.join(self.description.variant_names)}"
             )
-        return self.train_variant(spec, data, device, context)
+        return self.train_variant(spec, model, data, device, context)
 
     @abstractmethod
     def train_variant(
-        self, spec: JobSettings, data: TrainingData, device: Device, context: WorkerContext
+        self, spec: JobSettings, model: ModelPlan, data: TrainingData, device: Device, context: WorkerContext
     ) -> TrainerOutcome:
-        """Train a job of `spec.variant` (one of `trained_variants`), in training units."""
+        """Train a job of `spec.variant` (one of `trained_variants`), in training units.
+
+        The outcome's parameters are in the canonical layout (workers/models/__init__.py);
+        with `spec.shared_start` the model starts from workers.models.shared_start's draw;
+        under `loop=fast` the update is workers/update_rules.py's, written in the framework.
+        """
 
     @abstractmethod
-    def export_model(self, weights: list[float], bias: float, directory: Path) -> dict[str, str]:
-        """Write y = x . weights + bias in every format of the framework's entry, each at its `file_name`.
+    def export_model(self, plan: ModelPlan, parameters: list[np.ndarray], directory: Path) -> dict[str, str]:
+        """Write `plan` with `parameters` (canonical layout) in every format of the framework's entry.
+
+        Each format goes at its `file_name`; exported models take and return float32.
 
         Returns the formats not written, each with the reason (an optional converter
         that is missing); a format that should have been written and fails raises.

@@ -1,12 +1,14 @@
-"""TensorFlow: a Keras Dense(1) on the devices Ray assigned, on one device or many.
+"""TensorFlow: the job's model (Keras Dense layers, or a user's Keras model) on the devices Ray assigned.
 
 One training function serves every variant; what differs between them is one small
 strategy object each (`VARIANT_STRATEGIES`): `single` runs under TensorFlow's default
 strategy pinned to the job's device, `mirrored` under MirroredStrategy over the task's
 devices, `multiworker` under MultiWorkerMirroredStrategy with TF_CONFIG from the worker
 context. Two loops: `fast` runs every epoch inside one compiled tf.function (autograph
-turns the epoch loop into a tf.while_loop, so 500 epochs are one graph call); `article`
-calls Keras `model.fit` as the source article does (single only).
+turns the epoch loop into a tf.while_loop, so 500 epochs are one graph call) and updates
+with runjobs' own rule (workers/update_rules.py, the same arithmetic as the other
+frameworks); `article` calls Keras `model.fit` with Keras's optimizer, as the source
+article does (single only).
 
 A warm worker keeps its `TensorFlowFramework` (the registry holds one per process), and
 with it the last traced single-device loop, which the next job of the same shape reuses.
@@ -40,7 +42,11 @@ from workers.distributed import SINGLE_WORKER, WorkerContext  # noqa: E402
 from workers.frameworks import FrameworkDescription  # noqa: E402
 from workers.frameworks.base import Framework, JobSettings, ModelLoadError, Predictor  # noqa: E402
 from workers.frameworks.onnx_format import ONNX_OPSET, missing_converter, one_line  # noqa: E402
+from workers.models import ModelPlan  # noqa: E402
+from workers.models import user as user_models  # noqa: E402
+from workers.models.shared_start import describe_layout, draw  # noqa: E402
 from workers.training import Device, TrainerOutcome, TrainingData, batch_size_for  # noqa: E402
+from workers.update_rules import OWN_RULE, stock_rule  # noqa: E402
 
 keras = tf.keras
 
@@ -112,22 +118,63 @@ VARIANT_STRATEGIES: dict[str, VariantStrategy] = {
 }
 
 
+class OwnUpdateRule:
+    """workers/update_rules.py's Adam and SGD in TensorFlow operations, its state in variables.
+
+    Created under the job's strategy scope, so the moments are mirrored like the model's
+    variables; `apply` runs in cross-replica context on the summed gradients, so every
+    replica applies the same update. The learning rate is a variable: a reused traced
+    loop takes the next job's.
+    """
+
+    def __init__(self, spec: JobSettings, variables, dtype) -> None:
+        self.optimizer = spec.optimizer
+        self.beta_1 = tf.constant(spec.beta_1, dtype)
+        self.beta_2 = tf.constant(spec.beta_2, dtype)
+        self.epsilon = tf.constant(spec.epsilon, dtype)
+        self.learning_rate = tf.Variable(spec.lr, dtype=dtype, trainable=False)
+        self.step_number = tf.Variable(0.0, dtype=dtype, trainable=False)
+        self.first = [tf.Variable(tf.zeros_like(variable), trainable=False) for variable in variables]
+        self.second = [tf.Variable(tf.zeros_like(variable), trainable=False) for variable in variables]
+
+    def reset(self, spec: JobSettings) -> None:
+        self.learning_rate.assign(spec.lr)
+        self.step_number.assign(0.0)
+        for slot in (*self.first, *self.second):
+            slot.assign(tf.zeros_like(slot))
+
+    def apply(self, variables, gradients) -> None:
+        if self.optimizer == "sgd":
+            for variable, gradient in zip(variables, gradients):
+                variable.assign_sub(self.learning_rate * gradient)
+            return
+        self.step_number.assign_add(1.0)
+        one = tf.constant(1.0, self.beta_1.dtype)
+        correction_1 = one - tf.pow(self.beta_1, self.step_number)
+        correction_2 = one - tf.pow(self.beta_2, self.step_number)
+        for variable, gradient, first, second in zip(variables, gradients, self.first, self.second):
+            first.assign(self.beta_1 * first + (one - self.beta_1) * gradient)
+            second.assign(self.beta_2 * second + (one - self.beta_2) * gradient * gradient)
+            update = (
+                self.learning_rate * (first / correction_1) / (tf.sqrt(second / correction_2) + self.epsilon)
+            )
+            variable.assign_sub(update)
+
+
 @dataclass
 class _CompiledLoop:
-    """A traced training loop with the model and optimizer it updates, kept for the next job."""
+    """A traced training loop with the model and update rule it uses, kept for the next job."""
 
     key: tuple
     model: Any
-    optimizer: Any
+    rule: OwnUpdateRule
     run: Any  # ConcreteFunction: (epochs, seed) -> (losses, parameters, stamps)
 
     def reset(self, spec: JobSettings, initial_model) -> None:
         """Start a new job: its own initial parameters, a fresh optimizer state, its learning rate."""
         for variable, value in zip(self.model.trainable_variables, initial_model.trainable_variables):
             variable.assign(value)
-        for variable in self.optimizer.variables:
-            variable.assign(tf.zeros_like(variable))
-        self.optimizer.learning_rate = spec.lr
+        self.rule.reset(spec)
 
 
 class TensorFlowFramework(Framework):
@@ -203,7 +250,7 @@ class TensorFlowFramework(Framework):
         return device
 
     def train_variant(
-        self, spec: JobSettings, data: TrainingData, device: Device, context: WorkerContext
+        self, spec: JobSettings, plan: ModelPlan, data: TrainingData, device: Device, context: WorkerContext
     ) -> TrainerOutcome:
         setup_started = time.perf_counter()
         variant_strategy = VARIANT_STRATEGIES[spec.variant]
@@ -212,26 +259,19 @@ class TensorFlowFramework(Framework):
             tf.device(_placement(device)) if variant_strategy.pins_to_device else contextlib.nullcontext()
         )
         with strategy.scope(), pinned:
-            if spec.initial_value is None or spec.loop == "article":
+            if (spec.initial_value is None and not spec.shared_start) or spec.loop == "article":
                 # The seed decides Keras's own initial kernel (and fit's shuffling). Otherwise
                 # it is skipped: tf.random.set_seed clears the eager context's caches, which
                 # costs a reused traced loop its instantiation again (about 45 ms a job here);
                 # the compiled loop's shuffle takes the seed explicitly.
                 keras.utils.set_random_seed(spec.seed)
-            feature_count = data.features.shape[1]
-            model = keras.Sequential([keras.Input(shape=(feature_count,)), keras.layers.Dense(1)])
-            if spec.initial_value is not None:
-                model.layers[0].set_weights(
-                    [
-                        np.full((feature_count, 1), spec.initial_value, dtype=np.float32),
-                        np.full((1,), spec.initial_value, dtype=np.float32),
-                    ]
-                )
+            model = build_model(spec, plan)
+            initialise_parameters(spec, plan, model)
             if spec.loop == "article":
-                outcome = _fit_loop(spec, data, model, _optimizer(spec), setup_started)
+                outcome = _fit_loop(spec, plan, data, model, setup_started)
             else:
                 outcome = self._compiled_loop(
-                    spec, data, model, strategy, device, variant_strategy, setup_started
+                    spec, plan, data, model, strategy, device, variant_strategy, setup_started
                 )
         if variant_strategy.strategy_name is not None:
             outcome.distribution = {
@@ -241,16 +281,16 @@ class TensorFlowFramework(Framework):
         return outcome
 
     def _compiled_loop(
-        self, spec, data, model, strategy, device, variant_strategy: VariantStrategy, setup_started
+        self, spec, plan, data, model, strategy, device, variant_strategy: VariantStrategy, setup_started
     ) -> TrainerOutcome:
         reusable = variant_strategy.reuses_traced_loop
-        key = _loop_key(spec, data, device) if reusable else None
+        key = _loop_key(spec, plan, data, device) if reusable else None
         if reusable and self._last_loop is not None and self._last_loop.key == key:
             self._last_loop.reset(spec, model)
             loop = self._last_loop
         else:
-            optimizer = _optimizer(spec)
-            loop = _CompiledLoop(key, model, optimizer, _trace(spec, data, model, optimizer, strategy))
+            rule = OwnUpdateRule(spec, model.trainable_variables, tf.as_dtype(spec.dtype))
+            loop = _CompiledLoop(key, model, rule, _trace(spec, plan, data, model, rule, strategy))
             self._last_loop = loop if reusable else None
         setup_s = time.perf_counter() - setup_started
 
@@ -261,30 +301,35 @@ class TensorFlowFramework(Framework):
 
         predictions, predict_s = _predict(loop.model, data.prediction_inputs, use_keras_predict=False)
         return _outcome(
+            plan,
+            data,
             loop.model,
             losses.tolist(),
-            parameters,
+            parameters if plan.is_linear else None,
             np.diff(stamps).tolist(),
             predictions,
             setup_s,
             train_s,
             predict_s,
+            OWN_RULE[spec.optimizer],
         )
 
-    def export_model(self, weights: list[float], bias: float, directory: Path) -> dict[str, str]:
+    def export_model(self, plan: ModelPlan, parameters: list[np.ndarray], directory: Path) -> dict[str, str]:
         # Keras 3 itself (not tf.keras's lazy loader): its save and export write the files.
         import keras as keras_package
 
-        feature_count = len(weights)
+        feature_count = plan.feature_count
+        if plan.user is not None:
+            raise ValueError(f"{plan.user.name}: exporting a user model is not supported yet")
         model = keras_package.Sequential(
-            [
-                keras_package.Input((feature_count,), dtype="float32", name="features"),
-                keras_package.layers.Dense(1),
+            [keras_package.Input((feature_count,), dtype="float32", name="features")]
+            + [
+                keras_package.layers.Dense(layer.outputs, activation=layer.activation)
+                for layer in plan.layers
             ]
         )
-        model.layers[0].set_weights(
-            [np.asarray(weights, dtype=np.float32).reshape(feature_count, 1), np.asarray([bias], np.float32)]
-        )
+        for variable, values in zip(model.trainable_variables, parameters):
+            variable.assign(np.asarray(values, dtype=np.float32))
         model.save(self.format_path(directory, "keras"))
         # Keras 3's export writes a SavedModel whose `serving_default` signature takes
         # float32 [None, K] under the input's name, `features`.
@@ -314,7 +359,50 @@ class TensorFlowFramework(Framework):
         return {"saved_model": _load_saved_model, "keras": _load_keras}
 
 
-def _optimizer(spec: JobSettings):
+ACTIVATIONS = ("relu", "tanh", "gelu")  # Keras 3's gelu is the exact (erf) one, as torch's
+
+
+def build_model(spec: JobSettings, plan: ModelPlan):
+    """The plan as a Keras model: a Sequential of Dense layers, or what the user's builder returns."""
+    if plan.user is not None:
+        model = user_models.build(plan, "tensorflow", {"dtype": spec.dtype, "seed": spec.seed})
+        if not isinstance(model, keras.Model):
+            raise TypeError(
+                f"{plan.user.name}: build_tensorflow returned {type(model).__name__}, not a keras Model"
+            )
+        return model
+    return keras.Sequential(
+        [keras.Input(shape=(plan.feature_count,), dtype=spec.dtype)]
+        + [
+            keras.layers.Dense(layer.outputs, activation=layer.activation, dtype=spec.dtype)
+            for layer in plan.layers
+        ]
+    )
+
+
+def layout_of(model) -> list[tuple[str, tuple[int, ...]]]:
+    """A Keras model's parameters: a Dense kernel is already [inputs, outputs], the canonical layout."""
+    return [(variable.path, tuple(variable.shape)) for variable in model.trainable_variables]
+
+
+def initialise_parameters(spec: JobSettings, plan: ModelPlan, model) -> None:
+    """The shared start, every parameter at one value, or (init=framework) Keras's own initialisers."""
+    variables = model.trainable_variables
+    if spec.shared_start:
+        layout = layout_of(model)
+        if plan.user is None and [shape for _, shape in layout] != [shape for _, shape in plan.layout]:
+            raise ValueError(
+                f"the Keras model's parameters ({describe_layout(layout)}) do not match the plan's "
+                f"({describe_layout(plan.layout)})"
+            )
+        for variable, values in zip(variables, draw([shape for _, shape in layout], spec.seed, spec.dtype)):
+            variable.assign(values)
+    elif spec.initial_value is not None:
+        for variable in variables:
+            variable.assign(np.full(variable.shape, spec.initial_value, dtype=spec.dtype))
+
+
+def _stock_optimizer(spec: JobSettings):
     if spec.optimizer == "sgd":
         return keras.optimizers.SGD(learning_rate=spec.lr)
     return keras.optimizers.Adam(
@@ -322,9 +410,11 @@ def _optimizer(spec: JobSettings):
     )
 
 
-def _loop_key(spec: JobSettings, data: TrainingData, device: Device) -> tuple:
+def _loop_key(spec: JobSettings, plan: ModelPlan, data: TrainingData, device: Device) -> tuple:
     """What a traced loop is specialised on: a job that differs in any of these traces its own."""
     return (
+        repr(plan),
+        spec.dtype,
         spec.optimizer,
         spec.beta_1,
         spec.beta_2,
@@ -336,36 +426,36 @@ def _loop_key(spec: JobSettings, data: TrainingData, device: Device) -> tuple:
     )
 
 
-def _trace(spec, data, model, optimizer, strategy):
+def _trace(spec, plan, data, model, rule: OwnUpdateRule, strategy):
     """The whole run as one compiled function of (epochs, seed); tracing it is set-up, not training."""
+    dtype = tf.as_dtype(spec.dtype)
     features = tf.constant(data.features)
     target = tf.constant(data.target)
     rows = data.rows
     batch = batch_size_for(spec.batch_size, rows)
     steps_per_epoch = math.ceil(rows / batch)
     variables = model.trainable_variables
-    optimizer.build(variables)
+    keep_history = plan.is_linear
+    history_width = sum(int(np.prod(variable.shape)) for variable in variables)
 
-    def apply_step(batch_features, batch_target, global_batch_size):
+    def gradients_of(batch_features, batch_target, global_batch_size):
         # Each replica scales its summed loss by the global batch size, so the gradients
-        # the strategy sums over the replicas are exactly the single-device gradient of
-        # the global batch.
+        # summed over the replicas are exactly the single-device gradient of the global batch.
         with tf.GradientTape() as tape:
-            squared_error = tf.reduce_sum(tf.square(model(batch_features, training=True) - batch_target))
+            outputs = tf.reshape(model(batch_features, training=True), [-1, 1])
+            squared_error = tf.reduce_sum(tf.square(outputs - batch_target))
             loss = squared_error / global_batch_size
-        gradients = tape.gradient(loss, variables)
-        optimizer.apply_gradients(zip(gradients, variables))
-        return squared_error
+        return squared_error, tape.gradient(loss, variables)
 
     def replica_step(indices):
         # Each replica takes every k-th row of the global batch.
         replica = tf.distribute.get_replica_context()
         mine = indices[replica.replica_id_in_sync_group :: replica.num_replicas_in_sync]
-        global_batch_size = tf.cast(tf.size(indices), tf.float32)
-        return apply_step(tf.gather(features, mine), tf.gather(target, mine), global_batch_size)
+        global_batch_size = tf.cast(tf.size(indices), dtype)
+        return flattened(*gradients_of(tf.gather(features, mine), tf.gather(target, mine), global_batch_size))
 
     def full_batch_step(shard_features, shard_target):
-        return apply_step(shard_features, shard_target, tf.constant(float(rows)))
+        return flattened(*gradients_of(shard_features, shard_target, tf.constant(float(rows), dtype)))
 
     # With the full batch every step sees the same rows: cut each replica's shard once
     # rather than gathering the data again every step.
@@ -376,41 +466,57 @@ def _trace(spec, data, model, optimizer, strategy):
         )
     )
 
-    kernel, bias = variables
+    sizes = [int(np.prod(variable.shape)) for variable in variables]
+
+    def flattened(squared_error, gradients):
+        # One vector per replica: the strategy then sums all of it in one collective (a
+        # nested structure would be one collective per tensor, and MultiWorkerMirrored
+        # cannot pack tensors of different ranks).
+        return tf.concat([tf.reshape(squared_error, [1])] + [tf.reshape(g, [-1]) for g in gradients], 0)
+
+    def update(per_replica):
+        # Sum the replicas' errors and gradients (a no-op on one device), then apply the
+        # update once, in cross-replica context, to every copy of the variables.
+        summed = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+        parts = tf.split(summed, [1, *sizes])
+        gradients = [tf.reshape(part, variable.shape) for part, variable in zip(parts[1:], variables)]
+        rule.apply(variables, gradients)
+        return parts[0][0]
 
     @tf.function
     def run(epochs, seed):
-        losses = tf.TensorArray(tf.float32, size=epochs)
-        parameters = tf.TensorArray(tf.float32, size=epochs)
+        losses = tf.TensorArray(dtype, size=epochs)
+        parameters = tf.TensorArray(
+            dtype, size=epochs if keep_history else 0, element_shape=[history_width if keep_history else 0]
+        )
         stamps = tf.TensorArray(tf.float64, size=epochs + 1)
         stamps = stamps.write(0, tf.timestamp())
         all_rows = tf.range(rows)
         for epoch in tf.range(epochs):
             if steps_per_epoch == 1:
-                per_replica = strategy.run(full_batch_step, args=shards)
-                total = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+                total = update(strategy.run(full_batch_step, args=shards))
             else:
                 # Keras fit's meaning of an epoch: every row once, in a fresh order. A
                 # stateless shuffle gives every worker (and the single-device twin) the
                 # same order for the same seed and epoch.
                 epoch_seed = tf.stack([seed, tf.cast(epoch, tf.int64)])
                 order = tf.random.experimental.stateless_shuffle(all_rows, seed=epoch_seed)
-                total = tf.constant(0.0)
+                total = tf.constant(0.0, dtype)
                 for start in tf.range(0, rows, batch):
                     indices = order[start : tf.minimum(start + batch, rows)]
-                    per_replica = strategy.run(replica_step, args=(indices,))
-                    total += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+                    total += update(strategy.run(replica_step, args=(indices,)))
             losses = losses.write(epoch, total / rows)
-            flat_kernel = tf.reshape(tf.convert_to_tensor(kernel), [-1])
-            parameters = parameters.write(epoch, tf.concat([flat_kernel, tf.convert_to_tensor(bias)], 0))
+            if keep_history:
+                flat = [tf.reshape(tf.convert_to_tensor(variable), [-1]) for variable in variables]
+                parameters = parameters.write(epoch, tf.concat(flat, 0))
             stamps = stamps.write(epoch + 1, tf.timestamp())
         return losses.stack(), parameters.stack(), stamps.stack()
 
     return run.get_concrete_function(tf.constant(spec.epochs), tf.constant(spec.seed, tf.int64))
 
 
-def _fit_loop(spec, data, model, optimizer, setup_started) -> TrainerOutcome:
-    model.compile(optimizer=optimizer, loss="mse")
+def _fit_loop(spec, plan, data, model, setup_started) -> TrainerOutcome:
+    model.compile(optimizer=_stock_optimizer(spec), loss="mse")
     epoch_seconds: list[float] = []
     parameters: list[np.ndarray] = []
 
@@ -420,8 +526,9 @@ def _fit_loop(spec, data, model, optimizer, setup_started) -> TrainerOutcome:
 
         def on_epoch_end(self, epoch, logs=None):
             epoch_seconds.append(time.perf_counter() - self.started)
-            kernel, bias = model.layers[0].get_weights()
-            parameters.append(np.concatenate([kernel.reshape(-1), bias]))
+            if plan.is_linear:
+                kernel, bias = model.layers[0].get_weights()
+                parameters.append(np.concatenate([kernel.reshape(-1), bias]))
 
     setup_s = time.perf_counter() - setup_started
     train_started = time.perf_counter()
@@ -436,42 +543,61 @@ def _fit_loop(spec, data, model, optimizer, setup_started) -> TrainerOutcome:
     train_s = time.perf_counter() - train_started
     predictions, predict_s = _predict(model, data.prediction_inputs, use_keras_predict=True)
     return _outcome(
+        plan,
+        data,
         model,
         [float(value) for value in history.history["loss"]],
-        np.asarray(parameters),
+        np.asarray(parameters) if plan.is_linear else None,
         epoch_seconds,
         predictions,
         setup_s,
         train_s,
         predict_s,
+        stock_rule("tensorflow", spec.optimizer),
     )
 
 
 def _predict(model, inputs: np.ndarray, use_keras_predict: bool) -> tuple[np.ndarray, float]:
     started = time.perf_counter()
     if len(inputs) == 0:
-        outputs = np.zeros((0, 1), dtype=np.float32)
+        outputs = np.zeros((0, 1))
     elif use_keras_predict:
         outputs = model.predict(inputs, verbose=0)
     else:
-        outputs = model(tf.constant(inputs), training=False).numpy()
+        outputs = np.asarray(model(tf.constant(inputs), training=False))
     return outputs.reshape(-1), time.perf_counter() - started
 
 
 def _outcome(
-    model, losses, parameters, epoch_seconds, predictions, setup_s, train_s, predict_s
+    plan,
+    data,
+    model,
+    losses,
+    parameters,
+    epoch_seconds,
+    predictions,
+    setup_s,
+    train_s,
+    predict_s,
+    update_rule,
 ) -> TrainerOutcome:
-    kernel, bias = model.layers[0].get_weights()
+    fitted = None
+    if not plan.is_linear:
+        fitted = np.asarray(model(tf.constant(data.features), training=False), dtype=np.float64).reshape(-1)
     return TrainerOutcome(
-        weights=kernel.reshape(-1).astype(np.float64),
-        bias=float(bias[0]),
+        parameters=[np.asarray(variable.numpy(), dtype=np.float64) for variable in model.trainable_variables],
         loss_history=[float(value) for value in losses],
         epoch_seconds=[float(value) for value in epoch_seconds],
-        parameter_history=np.asarray(parameters, dtype=np.float64).reshape(len(losses), -1),
+        parameter_history=(
+            None if parameters is None else np.asarray(parameters, dtype=np.float64).reshape(len(losses), -1)
+        ),
         predictions=predictions,
         setup_s=setup_s,
         train_s=train_s,
         predict_s=predict_s,
+        fitted=fitted,
+        parameter_names=[variable.path for variable in model.trainable_variables],
+        update_rule=update_rule,
     )
 
 
