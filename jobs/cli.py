@@ -289,7 +289,17 @@ def _print_plan(planned, json_output: bool) -> None:
         click.echo(json.dumps([{"id": job.id, "config": job.spec.to_record()} for job in planned], indent=2))
         return
     columns = ("framework", "variant", "workers", "epochs", "optimizer", "lr", "batch_size", "seed", "data")
-    rows = [[job.id, *(str(job.spec.to_record()[column]) for column in columns)] for job in planned]
+    # The model's columns only when some job trains a model other than the line.
+    if any(job.spec.model != "linear" for job in planned):
+        columns = (*columns[:1], "model", "hidden", "dtype", *columns[1:])
+
+    def shown(job, column: str) -> str:
+        value = job.spec.to_record()[column]
+        if column == "hidden":
+            return ",".join(map(str, value)) if job.spec.model == "mlp" else "-"
+        return str(value)
+
+    rows = [[job.id, *(shown(job, column) for column in columns)] for job in planned]
     _echo_table(["id", *columns], rows)
     click.echo(f"{len(planned)} job(s); nothing started (--dry-run)")
 
@@ -546,19 +556,35 @@ def tensorboard(directory, port, host) -> None:
     help="Which of a job's formats to load. Default: the first available, in this order.",
 )
 @click.option("--json", "json_output", is_flag=True, help="Print a JSON list of {input, output}.")
-def predict(model, input_texts, model_format, json_output) -> None:
+@click.option(
+    "--trust-code",
+    is_flag=True,
+    help="Let a user model's state_dict, SavedModel or params.npz load by running its code (the "
+    "model file the job trained, checked against its digest) or, for a SavedModel, its graph.",
+)
+@click.option(
+    "--model-code",
+    type=click.Path(path_type=Path),
+    metavar="PATH.py",
+    help="With --trust-code: the user model's code, when it is no longer where it was trained.",
+)
+def predict(model, input_texts, model_format, json_output, trust_code, model_code) -> None:
     """Load a saved model and print its prediction for each --input.
 
     MODEL is a job's model directory (DIR/models/JOB, written by runjobs submit
     --save-models) or one model file: .keras, a SavedModel directory, a TorchScript or
     state_dict .pt, or .onnx. Only the framework the format needs is imported, and
-    no pickled object is ever run. Exit code 2 for a bad MODEL, format or input.
+    no pickled object is ever run. A user model's state_dict, SavedModel or params.npz
+    needs its code: refused unless --trust-code. Exit code 2 for a bad MODEL, format or
+    input.
     """
     from jobs.predict import PredictError, format_point
     from jobs.predict import predict as run_predict
 
+    if model_code is not None and not trust_code:
+        raise InputError("--model-code runs a user model's code: add --trust-code to say you trust it")
     try:
-        outcome = run_predict(model, list(input_texts), model_format)
+        outcome = run_predict(model, list(input_texts), model_format, trust_code, model_code)
     except PredictError as error:
         raise InputError(str(error)) from None
     if json_output:

@@ -40,7 +40,7 @@ def bad_csv(tmp_path):
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--framework", "jax"], "'jax' is not one of 'tensorflow', 'torch'"),
+        (["--framework", "mxnet"], "'mxnet' is not one of 'tensorflow', 'torch', 'jax'"),
         (["--optimizer", "rmsprop"], "'rmsprop' is not one of 'adam', 'sgd'"),
         (["--epochs", "0"], "epochs=0: must be a whole number >= 1"),
         (["--epochs", "-3"], "epochs=-3"),

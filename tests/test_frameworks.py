@@ -32,12 +32,14 @@ from workers.training import Device, TrainerOutcome, TrainingData, TrainingJob
 
 
 def test_the_registry_names_both_frameworks_with_their_variants_and_formats():
-    assert frameworks.names() == ("tensorflow", "torch")
+    assert frameworks.names() == ("tensorflow", "torch", "jax")
+    assert frameworks.default_names() == ("tensorflow", "torch")
     assert frameworks.variants() == ("single", "mirrored", "multiworker", "ddp")
     assert frameworks.variants_of("tensorflow") == ("single", "mirrored", "multiworker")
     assert frameworks.variants_of("torch") == ("single", "ddp")
+    assert frameworks.variants_of("jax") == ("single",)
     assert frameworks.variant_frameworks() == {
-        "single": ("tensorflow", "torch"),
+        "single": ("tensorflow", "torch", "jax"),
         "mirrored": ("tensorflow",),
         "multiworker": ("tensorflow",),
         "ddp": ("torch",),
@@ -47,15 +49,20 @@ def test_the_registry_names_both_frameworks_with_their_variants_and_formats():
 
     assert frameworks.formats("tensorflow") == ("saved_model", "keras", "onnx")
     assert frameworks.formats("torch") == ("torchscript", "state_dict", "onnx")
+    assert frameworks.formats("jax") == ("jax_export", "jax_params")
     assert {name: frameworks.format_file(name) for name in frameworks.format_preference()} == {
         "torchscript": "model.torchscript.pt",
         "saved_model": "saved_model",
+        "jax_export": "model.jax_export",
         "keras": "model.keras",
         "state_dict": "state_dict.pt",
+        "jax_params": "params.npz",
         "onnx": "model.onnx",
     }
     # `runjobs predict` tries a job directory's formats in this order: least needed first.
-    assert FORMAT_PREFERENCE == ("torchscript", "saved_model", "keras", "state_dict", "onnx")
+    assert FORMAT_PREFERENCE == (
+        "torchscript", "saved_model", "jax_export", "keras", "state_dict", "jax_params", "onnx"
+    )  # fmt: skip
     assert frameworks.format_owner("keras") == "tensorflow"
     assert frameworks.format_owner("state_dict") == "torch"
     assert frameworks.format_owner("onnx") is None, "onnxruntime reads ONNX; no framework is needed"
@@ -66,16 +73,18 @@ def test_the_registry_names_both_frameworks_with_their_variants_and_formats():
 
 
 def test_unknown_names_are_refused_with_the_valid_choices():
-    with pytest.raises(frameworks.RegistryError, match="framework='jax': choose one of tensorflow, torch"):
-        frameworks.get("jax")
+    with pytest.raises(
+        frameworks.RegistryError, match="framework='mxnet': choose one of tensorflow, torch, jax"
+    ):
+        frameworks.get("mxnet")
     with pytest.raises(
         frameworks.RegistryError, match="variant='pmap': choose one of single, mirrored, multiworker, ddp"
     ):
         frameworks.frameworks_for_variant("pmap")
     with pytest.raises(frameworks.RegistryError, match="choose one of torchscript, saved_model"):
         frameworks.format_file("pickle")
-    with pytest.raises(ValueError, match="framework='jax': choose one of tensorflow, torch"):
-        export_linear("jax", [1.0], 0.0, Path("unused"))
+    with pytest.raises(ValueError, match="framework='mxnet': choose one of tensorflow, torch, jax"):
+        export_linear("mxnet", [1.0], 0.0, Path("unused"))
 
 
 def test_every_registry_entry_names_a_module_that_exists():
@@ -91,7 +100,7 @@ import sys
 frameworks.names(); frameworks.variants(); frameworks.variant_frameworks(); frameworks.format_preference()
 frameworks.format_owner("keras"); frameworks.describe("torch"); frameworks.display("tensorflow")
 loaded = {{name.split(".")[0] for name in sys.modules}}
-print(",".join(sorted(loaded & {{"tensorflow", "torch", "ray", "keras", {extra}}})))
+print(",".join(sorted(loaded & {{"tensorflow", "torch", "jax", "ray", "keras", {extra}}})))
 """
 
 
@@ -123,6 +132,7 @@ def test_importing_the_registry_and_asking_it_imports_no_framework(imports, extr
     [
         pytest.param("tensorflow", marks=pytest.mark.slow),  # TensorFlow and Keras take seconds to import
         "torch",
+        "jax",
     ],
 )
 def test_each_implementation_satisfies_the_interface(name, tmp_path):
@@ -235,9 +245,9 @@ def third_framework():
 
 
 def test_a_registered_third_framework_shows_up_in_every_lookup(third_framework):
-    assert frameworks.names() == ("tensorflow", "torch", "lstsq")
+    assert frameworks.names() == ("tensorflow", "torch", "jax", "lstsq")
     assert frameworks.variants() == ("single", "mirrored", "multiworker", "ddp", "sharded")
-    assert frameworks.frameworks_for_variant("single") == ("tensorflow", "torch", "lstsq")
+    assert frameworks.frameworks_for_variant("single") == ("tensorflow", "torch", "jax", "lstsq")
     assert frameworks.variant_frameworks()["sharded"] == ("lstsq",)
     assert frameworks.runs_one_task("sharded")
     assert frameworks.format_preference()[-1] == "npz"
@@ -313,4 +323,4 @@ def test_an_entry_that_disagrees_with_the_registry_is_refused():
         frameworks.register(stolen_format)
     with pytest.raises(frameworks.RegistryError, match="already registered"):
         frameworks.register(frameworks.describe("torch"))
-    assert frameworks.names() == ("tensorflow", "torch")
+    assert frameworks.names() == ("tensorflow", "torch", "jax")

@@ -258,7 +258,7 @@ DEVICE_COUNTS = st.one_of(
     st.integers(1, 4).map(str), st.sampled_from(["0", "-1", "2.5", str(2**63), HUGE_INTEGER])
 )
 ODD_SET_KEYS = st.one_of(
-    st.tuples(st.sampled_from(["jax", "", "torch.torch", "TORCH"]), st.sampled_from(list(FIELDS))).map(
+    st.tuples(st.sampled_from(["mxnet", "", "torch.torch", "TORCH"]), st.sampled_from(list(FIELDS))).map(
         ".".join
     ),
     st.sampled_from(["learning_rate", "LR", "batch-size", " lr ", "", ".", "lr.", "Epochs", "__class__"]),

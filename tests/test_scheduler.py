@@ -286,6 +286,27 @@ def test_two_cpus_and_both_frameworks_pending_start_one_warm_worker_of_each():
     assert len({run.warm_worker for run in layer.started}) == 2 and layer.most_warm_workers == 2
 
 
+def test_two_versions_of_a_user_model_never_share_a_warm_worker(tmp_path):
+    builder = "def build_torch(features, config):\n    return None  # {}\n"
+    first, second = tmp_path / "first.py", tmp_path / "second.py"
+    first.write_text(builder.format("first"))
+    second.write_text(builder.format("second"))
+    jobs = [
+        planned(f"{path.stem}-{seed}", model=str(path), seed=seed)
+        for path in (first, second)
+        for seed in (0, 1)
+    ]
+    layer = FakeRayLayer(jobs, cpus=4)
+    layer.run_to_the_end()
+    workers_of = {
+        path.stem: {run.warm_worker for run in layer.started if run.job.id.startswith(path.stem)}
+        for path in (first, second)
+    }
+    # A user's code runs inside its worker and may change the process: another file's jobs
+    # (or another version's) get workers of their own.
+    assert workers_of["first"] and workers_of["second"] and not workers_of["first"] & workers_of["second"]
+
+
 def test_a_framework_with_nothing_left_to_run_retires_its_idle_workers():
     layer = FakeRayLayer(
         [planned("tensorflow", "tensorflow"), planned("torch-0"), planned("torch-1", seed=1)]

@@ -65,7 +65,7 @@ def test_unknown_field_lists_the_valid_ones():
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"framework": "jax"}, "framework='jax': choose one of tensorflow, torch"),
+        ({"framework": "mxnet"}, "framework='mxnet': choose one of tensorflow, torch, jax"),
         ({"optimizer": "rmsprop"}, "optimizer='rmsprop': choose one of adam, sgd"),
         ({"epochs": 0}, "epochs=0: must be a whole number >= 1"),
         ({"lr": 0.0}, "lr=0.0: must be a finite number > 0"),

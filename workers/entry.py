@@ -71,6 +71,8 @@ def run_job(
 
 # A record lists a model's parameter values up to this many; the saved model holds them all.
 MAX_RECORDED_VALUES = 256
+# A model beyond the line records its outputs on this many of the data's rows, for the report.
+MAX_FITTED_ROWS = 500
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,7 @@ def _train(
     predictions = scaling.original_target(outcome.predictions)
     reference = least_squares(dataset)
     names = [name for name, _ in plan.layout] if plan.user is None else list(outcome.parameter_names)
+    fitted_sample = None
     if plan.is_linear:
         weights, bias = scaling.original_parameters(outcome.weights, outcome.bias)
         final_loss = mean_squared_error(dataset, weights, bias)
@@ -123,6 +126,10 @@ def _train(
         params = parameter_summary(names, parameters)
         params["units"] = "standardised" if spec.normalize and plan.user is not None else "original"
         history = {}
+        # What the report draws against the data for a model beyond the line: its outputs
+        # on up to MAX_FITTED_ROWS rows spread evenly over the data.
+        rows = np.unique(np.linspace(0, dataset.rows - 1, min(dataset.rows, MAX_FITTED_ROWS)).astype(int))
+        fitted_sample = {"rows": rows.tolist(), "outputs": fitted[rows].tolist()}
     gap_to_floor = floor_gap(dataset, final_loss)
     trained = TrainedModel(plan, parameters, names, params.get("units", "original"))
 
@@ -169,6 +176,7 @@ def _train(
             {"input": point.tolist(), "output": float(output)}
             for point, output in zip(prediction_inputs, predictions)
         ],
+        **({"fitted": fitted_sample} if fitted_sample is not None else {}),
         "timings": {
             "queued_s": max(queued_s, 0.0),
             "startup_s": startup_s,
@@ -260,6 +268,7 @@ def export_model_files(spec, dataset: Dataset, trained: TrainedModel) -> dict[st
             trained.parameters,
             root,
             feature_names=list(dataset.feature_names),
+            units=trained.units,
         )
         files = {
             path.relative_to(root).as_posix(): path.read_bytes()

@@ -2,9 +2,16 @@
 
 The jobs come from a spec file or the submit options; each job's data is loaded once per
 distinct source, and everything that depends only on the data is checked here (the
-prediction inputs' width), so bad input is refused before any cluster is touched. What
+prediction inputs' width) and every user model's code is read and checked (its syntax,
+a builder for each framework its jobs run on: workers/models/user.py, without running it
+or importing a framework), so bad input is refused before any cluster is touched. What
 depends on the cluster (a job's GPUs) is resolved by the executor once it is connected
 (`resolve_for_cluster`), in the same terms.
+
+A user model's code is part of its jobs' ids (the sha256 of its text): a sweep job's
+hash covers it (jobs/plan/sweep.py), and a job named by the submit options carries its
+first 8 hex digits (`torch-1a2b3c4d`), so editing the model runs its jobs again in the
+same output directory, where unchanged jobs are found done.
 """
 
 from __future__ import annotations
@@ -15,7 +22,9 @@ from pathlib import Path
 
 from jobs.plan.spec import JobSpec, Overrides, SpecError, build_job_specs, job_ids
 from jobs.plan.sweep import SweepSpec
+from workers import models
 from workers.data import ARTICLE_PREDICTION_SQFT, Dataset, load_dataset
+from workers.models import user as user_models
 
 RERUN_CHOICES = ("failed", "all")
 
@@ -55,7 +64,35 @@ def expand_jobs(request: SubmitRequest) -> list[tuple[str, JobSpec]]:
             )
         return SweepSpec.load(request.spec_file).expand(request.overrides)
     specs = build_job_specs(request.frameworks, request.overrides, request.preset, request.variants)
-    return list(zip(job_ids(specs), specs))
+    return [(with_model_digest(job_id, spec), spec) for job_id, spec in zip(job_ids(specs), specs)]
+
+
+def with_model_digest(job_id: str, spec: JobSpec) -> str:
+    """A user model's job id carries its code's digest: an edited model is a new job."""
+    if models.is_built_in(spec.model):
+        return job_id
+    return f"{job_id}-{read_user_model(spec.model).digest[:8]}"
+
+
+def read_user_model(model: str) -> models.UserModelSource:
+    """A user model's code, or a SpecError (exit 2) saying why it cannot be read."""
+    try:
+        return user_models.read_source(model)
+    except user_models.UserModelError as error:
+        raise SpecError(str(error)) from None
+
+
+def check_user_models(jobs: list[tuple[str, JobSpec]]) -> None:
+    """Each user model read and checked for the frameworks its jobs run on: a SpecError if it cannot run."""
+    needed: dict[str, set[str]] = {}
+    for _, spec in jobs:
+        if not models.is_built_in(spec.model):
+            needed.setdefault(spec.model, set()).add(spec.framework)
+    for model, frameworks in needed.items():
+        try:
+            user_models.check(read_user_model(model), frameworks)
+        except user_models.UserModelError as error:
+            raise SpecError(str(error)) from None
 
 
 def plan_jobs(request: SubmitRequest) -> list[PlannedJob]:
@@ -64,9 +101,13 @@ def plan_jobs(request: SubmitRequest) -> list[PlannedJob]:
         raise SpecError(f"--max-concurrent {request.max_concurrent}: must be a whole number >= 1")
     if request.rerun is not None and request.rerun not in RERUN_CHOICES:
         raise SpecError(f"--rerun {request.rerun}: choose one of {', '.join(RERUN_CHOICES)}")
+    # Each user model is read once: its ids, its check and its workers' code share that text.
+    with user_models.planning():
+        jobs = expand_jobs(request)
+        check_user_models(jobs)
     datasets: dict[tuple, Dataset] = {}
     planned = []
-    for job_id, spec in expand_jobs(request):
+    for job_id, spec in jobs:
         key = (spec.data, spec.features, spec.target)
         if key not in datasets:
             datasets[key] = load_dataset(spec.data, spec.features, spec.target)

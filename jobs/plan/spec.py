@@ -164,7 +164,10 @@ class JobSpec:
         option="--allow-cpu-fallback",
     )
     loop: str = job_field(
-        "fast", choice(*LOOPS), "fast: each framework's quickest path; article: Keras model.fit."
+        "fast",
+        choice(*LOOPS),
+        "fast: each framework's quickest loop with runjobs' own update rule, the same arithmetic in "
+        "every framework; article: each framework's stock optimizer (Keras model.fit, torch.optim, optax).",
     )
     placement: str = job_field(
         "pack", choice(*PLACEMENTS), "How a multi-worker job's workers are spread over nodes."

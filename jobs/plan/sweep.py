@@ -317,9 +317,19 @@ def sweep_job_id(spec: JobSpec) -> str:
     """framework[-variant]-HASH, the hash over the fields that decide training, so equal specs share an id.
 
     Which fields enter the hash is each field's declaration (jobs/plan/fields.py): a field
-    added after runjobs 0.1 enters it only when set, so existing ids never change.
+    added after runjobs 0.1 enters it only when set, so existing ids never change. A user
+    model's code enters it too (`model_digest`, the sha256 of its text): editing the file
+    makes new jobs, which a re-run into the same directory runs.
     """
+    from workers import models
+    from workers.models import user as user_models
+
     fields = {key: value for key, value in spec.to_record().items() if FIELDS[key].enters_id(value)}
+    if not models.is_built_in(spec.model):
+        try:
+            fields["model_digest"] = models.read_user_model(spec.model).digest
+        except user_models.UserModelError as error:
+            raise SpecError(str(error)) from None
     digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
     base = spec.framework if spec.variant == "single" else f"{spec.framework}-{spec.variant}"
     return f"{base}-{digest}"

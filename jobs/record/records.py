@@ -28,6 +28,9 @@ def empty_record(job_id: str, config: dict[str, Any], status: str, error: str | 
         "status": status,
         "error": error,
         "convergence": None,
+        # The model's name, parameter count, dtype, start and update rule; with --save-models
+        # also where its files are (path, formats).
+        "model": None,
         "params": None,
         "reference": None,
         "loss": None,

@@ -22,5 +22,6 @@ def keep_record(output_dir: Path, ledger: Ledger, outcome: JobOutcome) -> None:
     # Model files go to DIR/models/JOB before the record (which names them) is durable.
     model = store_job_model(output_dir, outcome.id, outcome.model_files)
     if model is not None:
-        record = {**record, "model": model}
+        # The record's `model` describes what was trained; the saved files join it.
+        record = {**record, "model": {**(record.get("model") or {}), **model}}
     ledger.mark(outcome.id, outcome.status, record)

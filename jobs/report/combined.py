@@ -4,9 +4,10 @@ Nothing here talks to Ray or imports a framework, so a report can be rebuilt fro
 recorded results at any time. Numbers that are not finite (a diverged job's NaN) are
 written as null: report.json is strict JSON.
 
-Frameworks are compared two by two, in the registry's order (workers/frameworks/:
-tensorflow, then torch), so a framework added there is paired with the others without
-a change here.
+Frameworks are compared two by two (`pairs`, in the registry's order: tensorflow, torch,
+jax), and all together: `groups` holds every config that several frameworks ran, with
+their parity (loss at every epoch, predictions, parameters). A framework added to the
+registry is compared with the others without a change here.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def single_twin(record: dict[str, Any], records: list[dict[str, Any]]) -> dict[s
     """The succeeded single-device job that trained the same config as this variant job."""
 
     def training_fields(job: dict[str, Any]) -> dict[str, Any]:
-        return {key: value for key, value in job["config"].items() if key not in DISTRIBUTION_FIELDS}
+        return {key: value for key, value in trained_config(job).items() if key not in DISTRIBUTION_FIELDS}
 
     if record["variant"] == "single":
         return None
@@ -143,14 +144,15 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
     grouped: dict[str, list[dict[str, Any]]] = {}
     for record in records:
         if record["status"] == "succeeded":
-            key = json.dumps({k: v for k, v in record["config"].items() if k != "seed"}, sort_keys=True)
+            key = json.dumps({k: v for k, v in trained_config(record).items() if k != "seed"}, sort_keys=True)
             grouped.setdefault(key, []).append(record)
     groups = []
     for key, jobs in grouped.items():
         if len(jobs) < 2:
             continue
         config = json.loads(key)
-        weight_count = len(jobs[0]["params"]["weights"])
+        linear = all("weights" in job["params"] for job in jobs)
+        weight_count = len(jobs[0]["params"]["weights"]) if linear else 0
         groups.append(
             {
                 "framework": config["framework"],
@@ -161,8 +163,10 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
                 "weights": [
                     spread([job["params"]["weights"][i] for job in jobs]) for i in range(weight_count)
                 ],
-                "bias": spread([job["params"]["bias"] for job in jobs]),
+                "bias": spread([job["params"]["bias"] for job in jobs]) if linear else None,
+                "final_loss": spread([job["loss"]["final"] for job in jobs]),
                 "r2_gap": spread([job["loss"]["r2_gap"] for job in jobs]),
+                "floor_gap": spread([job["loss"].get("floor_gap") for job in jobs]),
                 "train_s": spread([job["timings"]["train_s"] for job in jobs]),
                 "convergence": {
                     state: sum(job["convergence"] == state for job in jobs)
@@ -223,11 +227,120 @@ def compare(records: list[dict[str, Any]]) -> dict[str, Any]:
             if partner is not None:
                 unpaired.remove(partner)
                 pairs.append(_pair(first_job, partner))
-    return {"pairs": pairs}
+    return {"pairs": pairs, "groups": framework_groups(records)}
+
+
+# How closely frameworks that ran the same config from a shared start must agree, epoch by
+# epoch in the loss and on the predictions (relative), to be reported as agreeing. In
+# float64 runjobs' own update rules agree to about 1e-15; float32 rounding alone drifts
+# about 1e-5 over a few hundred epochs.
+PARITY_TOLERANCE = {"float64": 1e-8, "float32": 1e-3}
+
+
+def framework_groups(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every set of jobs of different frameworks that trained the same config: the general comparison.
+
+    For each config run by two or more frameworks (all succeeded): each framework's loss,
+    train time and predictions, the fastest, and parity: the largest relative difference
+    between any two frameworks' loss at any epoch, in the predictions and in the
+    parameters (when recorded). From a shared start (init=shared) under runjobs' own
+    update rules the frameworks should agree: `agree` says whether they did, within
+    PARITY_TOLERANCE for the dtype. From each framework's own start, or with stock
+    optimizers, `agree` is None: there is no reason they should.
+    """
+    by_config: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        key = json.dumps(_comparable_config(record), sort_keys=True, default=str)
+        by_config.setdefault(key, []).append(record)
+    groups = []
+    for jobs in by_config.values():
+        present = list(dict.fromkeys(job["framework"] for job in jobs))
+        if len(present) < 2:
+            continue
+        ordered = [name for name in frameworks.names() if name in present]
+        ordered += [name for name in present if name not in ordered]
+        chosen = {name: next(job for job in jobs if job["framework"] == name) for name in ordered}
+        succeeded = all(job["status"] == "succeeded" for job in chosen.values())
+        group: dict[str, Any] = {
+            "jobs": {name: job["id"] for name, job in chosen.items()},
+            "model": chosen[ordered[0]]["config"].get("model", "linear"),
+            "frameworks": {name: _side(job) for name, job in chosen.items()},
+            "fastest": None,
+            "parity": None,
+        }
+        if succeeded:
+            train = {name: job["timings"]["train_s"] for name, job in chosen.items()}
+            group["fastest"] = min(train, key=lambda name: train[name])
+            group["parity"] = _parity(list(chosen.values()))
+        groups.append(group)
+    return groups
+
+
+def _parity(jobs: list[dict[str, Any]]) -> dict[str, Any]:
+    config = jobs[0]["config"]
+    dtype = config.get("dtype", "float32")
+    rules = sorted({(job.get("model") or {}).get("update_rule") or "" for job in jobs})
+    histories = [job["loss"]["history"] for job in jobs]
+    predictions = [[item["output"] for item in job["predictions"]] for job in jobs]
+    parameters = [parameter_values(job["params"]) for job in jobs]
+    loss = _max_relative_spread(histories)
+    outputs = _max_relative_spread(predictions)
+    values = None if any(item is None for item in parameters) else _max_relative_spread(parameters)
+    layouts = {job["framework"]: _layout(job["params"]) for job in jobs}
+    same_layout = len({json.dumps(layout) for layout in layouts.values()}) == 1
+    comparable = (
+        config.get("init") == "shared" and all(rule.startswith("runjobs ") for rule in rules) and same_layout
+    )
+    tolerance = PARITY_TOLERANCE.get(dtype, 1e-3)
+    agree = None
+    if comparable:
+        measured = [value for value in (loss, outputs) if value is not None]
+        agree = bool(measured) and all(value <= tolerance for value in measured)
+    return {
+        "loss_history_max_relative": loss,
+        "predictions_max_relative": outputs,
+        "parameters_max_relative": values,
+        "dtype": dtype,
+        "tolerance": tolerance,
+        "shared_start": config.get("init") == "shared",
+        "update_rules": rules,
+        # Different layouts (a user model built differently in two frameworks) drew different
+        # shared starts: not the same model, so no parity verdict.
+        "layouts": None if same_layout else layouts,
+        "agree": agree,
+    }
+
+
+def _layout(params: dict[str, Any]) -> list[list[int]]:
+    """A job's parameter shapes in order (the linear model's: [K, 1] and [1])."""
+    if "weights" in params:
+        return [[len(params["weights"]), 1], [1]]
+    return [list(layer["shape"]) for layer in params.get("layers") or []]
+
+
+def _max_relative_spread(series: list[list[Any]]) -> float | None:
+    """The largest |a - b| / max(|a|, |b|) between any two series at any position; None if not comparable."""
+    if not series or any(len(item) != len(series[0]) for item in series):
+        return None
+    largest = 0.0
+    for values in zip(*series):
+        if not all(_finite(value) for value in values):
+            return None
+        low, high = min(values), max(values)
+        scale = max(abs(low), abs(high), 1e-300)
+        largest = max(largest, (high - low) / scale)
+    return largest
 
 
 def _comparable_config(record: dict[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in record["config"].items() if key != "framework"}
+    return {key: value for key, value in trained_config(record).items() if key != "framework"}
+
+
+def trained_config(record: dict[str, Any]) -> dict[str, Any]:
+    """The job's config, and for a user model the digest of its code: the config holds only the
+    file's path, and two versions of one file are different models."""
+    digest = (record.get("model") or {}).get("digest")
+    return {**record["config"], "model_digest": digest} if digest else record["config"]
 
 
 def _same_config(first: dict[str, Any], second: dict[str, Any]) -> bool:
@@ -266,16 +379,24 @@ def _side(job: dict[str, Any]) -> dict[str, Any]:
     if job["status"] != "succeeded":
         return side
     params, reference = job["params"], job["reference"]
+    side["convergence"] = job["convergence"]
+    if "weights" in params:
+        side.update(
+            weights=params["weights"],
+            bias=params["bias"],
+            gap_to_optimum={
+                "weights_max_abs": _max_abs_difference(params["weights"], reference["weights"]),
+                "bias_abs": _abs_difference(params["bias"], reference["bias"]),
+                "loss": _difference(job["loss"]["final"], reference["loss"]),
+                "r2": job["loss"]["r2_gap"],
+            },
+        )
+    else:
+        side.update(model=job.get("model"), parameter_count=params.get("count"))
+    if job["loss"].get("floor_gap") is not None:
+        side["gap_to_floor"] = {"r2": job["loss"]["floor_gap"], "fits_noise": job["loss"].get("fits_noise")}
     side.update(
-        convergence=job["convergence"],
-        weights=params["weights"],
-        bias=params["bias"],
-        gap_to_optimum={
-            "weights_max_abs": _max_abs_difference(params["weights"], reference["weights"]),
-            "bias_abs": _abs_difference(params["bias"], reference["bias"]),
-            "loss": _difference(job["loss"]["final"], reference["loss"]),
-            "r2": job["loss"]["r2_gap"],
-        },
+        final_loss=job["loss"]["final"],
         predictions=[prediction["output"] for prediction in job["predictions"]],
         startup_s=job["timings"]["startup_s"],
         setup_s=job["timings"]["setup_s"],
@@ -286,9 +407,32 @@ def _side(job: dict[str, Any]) -> dict[str, Any]:
     return side
 
 
-def _param_difference(first: dict[str, Any], second: dict[str, Any]) -> dict[str, float | None]:
-    values_first = [*first["weights"], first["bias"]]
-    values_second = [*second["weights"], second["bias"]]
+def parameter_values(params: dict[str, Any] | None) -> list[Any] | None:
+    """Every recorded parameter value, flattened: [w..., b] for the linear model, the layers'
+    values for a larger one, None when the record holds only their summary (too many values)."""
+    if not params:
+        return None
+    if "weights" in params:
+        return [*params["weights"], params["bias"]]
+    layers = params.get("layers") or []
+    if not layers or any("values" not in layer for layer in layers):
+        return None
+    flat: list[Any] = []
+    for layer in layers:
+        flat.extend(_flatten(layer["values"]))
+    return flat
+
+
+def _flatten(value: Any) -> list[Any]:
+    if isinstance(value, list):
+        return [item for part in value for item in _flatten(part)]
+    return [value]
+
+
+def _param_difference(first: dict[str, Any], second: dict[str, Any]) -> dict[str, float | None] | None:
+    values_first, values_second = parameter_values(first), parameter_values(second)
+    if values_first is None or values_second is None or len(values_first) != len(values_second):
+        return None
     absolute = _max_abs_difference(values_first, values_second)
     relative = max(
         (
@@ -324,8 +468,8 @@ def _max_abs_difference(values: list[Any], references: list[Any]) -> float | Non
 CSV_COLUMNS = (
     "id", "framework", "variant", "workers", "status", "convergence", "weights", "bias",
     "reference_weights", "reference_bias", "final_loss", "reference_loss", "r2_gap",
-    "predictions", "queued_s", "startup_s", "setup_s", "train_s", "epoch_s_median",
-    "predict_s", "total_s", "device", "gpu_ids", "hostname", "error",
+    "model", "parameter_count", "floor_gap", "predictions", "queued_s", "startup_s", "setup_s",
+    "train_s", "epoch_s_median", "predict_s", "total_s", "device", "gpu_ids", "hostname", "error",
 )  # fmt: skip
 
 
@@ -358,6 +502,9 @@ def to_csv(report: dict[str, Any]) -> str:
                 "final_loss": loss.get("final"),
                 "reference_loss": reference.get("loss"),
                 "r2_gap": loss.get("r2_gap"),
+                "model": (job.get("model") or {}).get("name") or job["config"].get("model", "linear"),
+                "parameter_count": (job.get("model") or {}).get("parameters"),
+                "floor_gap": loss.get("floor_gap"),
                 "predictions": _joined([prediction["output"] for prediction in job["predictions"]]),
                 **{
                     key: timings.get(key)
@@ -401,6 +548,11 @@ def _first_weight(weights: list[Any]) -> str:
     return _number(weights[0]) + ("+" if len(weights) > 1 else "")
 
 
+def _floor_gap_text(loss: dict[str, Any]) -> str:
+    gap = loss.get("floor_gap")
+    return "-" if gap is None else f"{_small(gap)} floor"
+
+
 def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """The comparison table: one row per job, then the least-squares optimum."""
     jobs = report["jobs"]
@@ -412,13 +564,17 @@ def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         if job["status"] != "succeeded":
             rows.append([job["id"], job["status"], "-", "-", "-", "-", "-", "-"])
             continue
+        params = job["params"]
+        linear = "weights" in params
         rows.append(
             [
                 job["id"],
                 job["convergence"],
-                _first_weight(job["params"]["weights"]),
-                _number(job["params"]["bias"]),
-                _small(job["loss"]["r2_gap"]),
+                # A larger model: its name and size in place of w and b, its gap to the
+                # noise floor (marked "floor") in place of the gap to the optimum.
+                _first_weight(params["weights"]) if linear else (job.get("model") or {}).get("name", "?"),
+                _number(params["bias"]) if linear else f"{params.get('count', '?')} params",
+                _small(job["loss"]["r2_gap"]) if linear else _floor_gap_text(job["loss"]),
                 _number(job["predictions"][0]["output"] if job["predictions"] else None),
                 _seconds(job["timings"]["startup_s"]),
                 _seconds(job["timings"]["train_s"]),
@@ -480,7 +636,8 @@ def _aggregate_lines(groups: list[dict[str, Any]]) -> list[str]:
 
     header = ["seeds grouped", "n", "w mean+-std", "R2 gap", "train s"]
     rows = [
-        [label(group), str(len(group["jobs"])), plus_minus(group["weights"][0]),
+        [label(group), str(len(group["jobs"])),
+         plus_minus(group["weights"][0]) if group["weights"] else "-",
          plus_minus(group["r2_gap"], ".1e"), plus_minus(group["train_s"], ".3f")]
         for group in groups
     ]  # fmt: skip
@@ -506,15 +663,53 @@ def _pair_sentences(report: dict[str, Any]) -> list[str]:
             continue
         ratio = pair["train_time_ratio"][f"{first}/{second}"]
         sentence = f"{names[first]} vs {names[second]}: train time ratio {first}/{second} {ratio:.2f}"
-        if pair["max_param_difference"] is not None:
-            relative = pair["max_param_difference"]["relative"]
-            sentence += f"; same config, parameters differ by {_small(relative)} (relative)"
+        if pair["same_config"]:
+            sentence += "; same config"
+            if pair["max_param_difference"] is not None:
+                relative = pair["max_param_difference"]["relative"]
+                sentence += f", parameters differ by {_small(relative)} (relative)"
             if pair["frameworks"][first].get("initial_parameters") == "framework":
                 sentence += ", from each framework's own initialisation"
         else:
             sentence += f"; configs differ in {', '.join(pair['differing_fields'])}"
         sentences.append(sentence)
+    for group in report["comparison"].get("groups", []):
+        sentence = _parity_sentence(group)
+        if sentence:
+            sentences.append(sentence)
+    for job in report["jobs"]:
+        if job["status"] == "succeeded" and (job.get("loss") or {}).get("fits_noise"):
+            sentences.append(
+                f"{job['id']}: loss below the noise floor (gap {_small(job['loss']['floor_gap'])}): "
+                "the model fit the noise of these rows, not only the function"
+            )
     return sentences
+
+
+def _parity_sentence(group: dict[str, Any]) -> str | None:
+    """One sentence on whether the frameworks of a config agree; None when there is nothing to say."""
+    parity = group["parity"]
+    names = list(group["jobs"])
+    if parity is None:
+        return None
+    label = " vs ".join(group["jobs"][name] for name in names)
+    loss = parity["loss_history_max_relative"]
+    measured = f"loss differs by at most {_small(loss)} (relative) at any epoch" if loss is not None else ""
+    if parity.get("layouts"):
+        shown = "; ".join(
+            f"{name} {' '.join('x'.join(map(str, shape)) for shape in layout)}"
+            for name, layout in parity["layouts"].items()
+        )
+        return f"{label}: not comparable, the parameter layouts differ ({shown})"
+    if parity["agree"] is None:
+        if len(names) < 3:
+            return None  # two frameworks without a shared start: the pair sentence says it all
+        return f"{label}: {measured}; not a parity test (no shared start, or stock optimizers)"
+    verdict = "agree" if parity["agree"] else "DISAGREE"
+    return (
+        f"{label}: frameworks {verdict} within {parity['tolerance']:g} ({parity['dtype']}, shared start): "
+        f"{measured}, predictions by {_small(parity['predictions_max_relative'])}"
+    )
 
 
 def describe_cluster(cluster: dict[str, Any]) -> str:

@@ -28,6 +28,7 @@ from workers import frameworks
 FIGURE_IDS = {
     "loss": "loss-curves",
     "data": "data-fit",
+    "model_fit": "model-fit",
     "timings": "timings",
     "sweep": "sweep-gap",
 }
@@ -71,6 +72,15 @@ def render_html(report: dict[str, Any]) -> str:
         ),
         _figure_section("Time per job", FIGURE_IDS["timings"], *_timing_figure(jobs)),
     ]
+    if any("fitted" in job for job in jobs):
+        body.insert(
+            -1,
+            _figure_section(
+                "Models beyond the line: predictions against the target",
+                FIGURE_IDS["model_fit"],
+                *_model_fit_figure(jobs),
+            ),
+        )
     if is_sweep(jobs):
         body.append(
             _figure_section(
@@ -506,14 +516,24 @@ def _data_figure(jobs: list[dict[str, Any]]) -> tuple[Any, list[str]]:
     from workers.data import DataError, load_dataset
 
     fitted = [job for job in jobs if job.get("params") and job.get("reference")]
+    # A model beyond the line has no w and b to draw; its loss curve is in the figure above.
+    beyond = [job for job in fitted if "weights" not in job["params"]]
+    fitted = [job for job in fitted if "weights" in job["params"]]
+    leading = []
+    if beyond:
+        names = sorted({job["config"].get("model", "?") for job in beyond})
+        leading.append(
+            f"{len(beyond)} job(s) of model {', '.join(names)}: no line to draw; "
+            "their loss curves are overlaid above."
+        )
     if not fitted:
-        return None, ["No job learned parameters, so there is no line to draw."]
+        return None, leading or ["No job learned parameters, so there is no line to draw."]
     by_data: dict[str, list[dict[str, Any]]] = {}
     for job in fitted:
         config = job["config"]
         key = json.dumps([config.get("data"), list(config.get("features") or []), config.get("target")])
         by_data.setdefault(key, []).append(job)
-    notes = []
+    notes = leading
     keys = list(by_data)
     if len(keys) > MAX_DATASETS:
         notes.append(f"{len(keys)} data sets; the first {MAX_DATASETS} are drawn.")
@@ -763,6 +783,77 @@ def _timing_figure(jobs: list[dict[str, Any]]) -> tuple[Any, list[str]]:
     notes.append(
         "Start-up is a new worker process's start and the framework's import (a reused Ray worker pays "
         "almost nothing); set-up builds the model and optimizer; queueing is left out."
+    )
+    return figure, notes
+
+
+def _model_fit_figure(jobs: list[dict[str, Any]]) -> tuple[Any, list[str]]:
+    """Models without w and b: each job's recorded outputs on a sample of the rows, against the data.
+
+    One feature: the data's points and each job's outputs as a curve over x. Several: each
+    job's prediction against the target, with the diagonal.
+    """
+    from plotly.subplots import make_subplots
+
+    from workers.data import DataError, load_dataset
+
+    fitted = [job for job in jobs if job.get("status") == "succeeded" and job.get("fitted")]
+    notes: list[str] = []
+    by_data: dict[str, list[dict[str, Any]]] = {}
+    for job in fitted:
+        config = job["config"]
+        key = json.dumps([config.get("data"), list(config.get("features") or []), config.get("target")])
+        by_data.setdefault(key, []).append(job)
+    keys = list(by_data)[:MAX_DATASETS]
+    panels = []
+    for key in keys:
+        source, features, target = json.loads(key)
+        try:
+            panels.append((source, load_dataset(source, tuple(features), target), by_data[key]))
+        except (DataError, OSError) as error:
+            notes.append(f"Data {source} could not be read again, so its fits are not drawn: {error}")
+    if not panels:
+        return None, notes
+    figure = make_subplots(
+        rows=len(panels), cols=1, subplot_titles=[_plot_text(f"data {panel[0]}") for panel in panels],
+        vertical_spacing=min(0.12, 0.4 / len(panels)),
+    )  # fmt: skip
+    for row, (_, dataset, panel_jobs) in enumerate(panels, start=1):
+        one_feature = dataset.feature_count == 1
+        sample_rows = sorted({row_index for job in panel_jobs for row_index in job["fitted"]["rows"]})
+        # The data itself (one feature), or the line where a prediction equals the target.
+        actual = [float(value) for value in dataset.target[sample_rows]]
+        figure.add_trace(
+            {
+                "type": "scatter", "mode": "markers" if one_feature else "lines",
+                "name": "data" if one_feature else "predicted = actual",
+                "x": [float(value) for value in dataset.features[sample_rows, 0]] if one_feature else actual,
+                "y": actual,
+                "marker": {"color": "#444", "size": 4, "opacity": 0.5},
+                "line": {"color": "#999", "dash": "dot"},
+            },
+            row=row, col=1,
+        )  # fmt: skip
+        for job in _capped(panel_jobs, notes, "fits"):
+            rows = job["fitted"]["rows"]
+            outputs = job["fitted"]["outputs"]
+            if one_feature:
+                order = sorted(range(len(rows)), key=lambda index: dataset.features[rows[index], 0])
+                x_values = [float(dataset.features[rows[index], 0]) for index in order]
+                y_values = [outputs[index] for index in order]
+                trace = {"type": "scatter", "mode": "lines", "line": _line(job)}
+            else:
+                x_values = [float(dataset.target[index]) for index in rows]
+                y_values = outputs
+                trace = {"type": "scatter", "mode": "markers", "marker": {"color": _color(job), "size": 4}}
+            trace.update(x=x_values, y=y_values, name=_plot_text(f"{job['id']} ({job.get('convergence')})"))
+            figure.add_trace(trace, row=row, col=1)
+        x_title = dataset.feature_names[0] if one_feature else f"actual {dataset.target_name}"
+        figure.update_xaxes(title_text=_plot_text(x_title), row=row, col=1)
+        figure.update_yaxes(title_text=_plot_text(dataset.target_name), row=row, col=1)
+    _base_layout(figure, height=120 + 420 * len(panels))
+    notes.append(
+        "Each job's outputs on up to 500 of the data's rows, spread evenly, as the job recorded them."
     )
     return figure, notes
 

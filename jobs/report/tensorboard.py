@@ -98,6 +98,11 @@ def job_scalars(job: Mapping[str, Any]) -> tuple[dict[str, list[float | None]], 
     final = {f"time/{name}": timings.get(name) for name in FINAL_TIMINGS}
     final["result/final_loss"] = loss.get("final")
     final["result/r2_gap"] = loss.get("r2_gap")
+    if loss.get("floor_gap") is not None:
+        final["result/floor_gap"] = loss["floor_gap"]
+    # A model beyond the line: each parameter's norm (its values live in the saved model).
+    for layer in (job.get("params") or {}).get("layers") or []:
+        final[f"parameters/norm/{layer['name']}"] = layer.get("norm")
     return per_epoch, final
 
 

@@ -1,13 +1,14 @@
 """The executor for Ray Jobs: the driver runs on the cluster's head, the results land here.
 
 `runjobs submit --address http://HEAD:8265` plans and checks every job here, then submits
-one Ray Job whose runtime_env working_dir carries runjobs' own code, the planned jobs
-and any CSV data they read. On the cluster, `python -m jobs.run.remote_entry` runs the
-usual pipeline with the Ray cluster executor and prints each ended job's whole record as
-marked lines (jobs/run/remote_protocol.py). This side follows that output through the
-Jobs API and hands each record to the pipeline the moment it arrives, so what finished
-is kept even if the cluster goes away later. Only the Jobs (dashboard) port is needed:
-reach it through `ray dashboard cluster/gpu.yaml`.
+one Ray Job whose runtime_env working_dir carries runjobs' own code, the planned jobs,
+any CSV data they read and the code of any user model they train (the text planned and
+checked here: the cluster needs no copy of the file). On the cluster, `python -m
+jobs.run.remote_entry` runs the usual pipeline with the Ray cluster executor and prints
+each ended job's whole record as marked lines (jobs/run/remote_protocol.py). This side
+follows that output through the Jobs API and hands each record to the pipeline the
+moment it arrives, so what finished is kept even if the cluster goes away later. Only
+the Jobs (dashboard) port is needed: reach it through `ray dashboard cluster/gpu.yaml`.
 
 The same marked lines let `runjobs status --address ADDR JOBID` and `runjobs report
 --address ADDR JOBID --output DIR` work later from the job's logs (after `--no-wait`).
@@ -345,9 +346,10 @@ def _job_status(client, job_id: str) -> str:
 
 @contextmanager
 def staged(planned, run_id: str, max_concurrent: int | None) -> Iterator[Path]:
-    """A directory with runjobs' code, the planned jobs and their CSV files: the job's working_dir."""
+    """The job's working_dir: runjobs' code, the planned jobs, their CSV files and user models' code."""
     import jobs
     import workers
+    from workers import models
 
     with tempfile.TemporaryDirectory(prefix="runjobs-stage-") as scratch:
         directory = Path(scratch)
@@ -355,6 +357,7 @@ def staged(planned, run_id: str, max_concurrent: int | None) -> Iterator[Path]:
             source = Path(package.__file__).parent
             shutil.copytree(source, directory / source.name, ignore=shutil.ignore_patterns("__pycache__"))
         copied: dict[str, str] = {}
+        shipped_models: dict[str, str] = {}
         plan_jobs_list = []
         for job in planned:
             entry = {"id": job.id, "config": job.spec.to_record()}
@@ -367,6 +370,19 @@ def staged(planned, run_id: str, max_concurrent: int | None) -> Iterator[Path]:
                     (directory / "data").mkdir(exist_ok=True)
                     shutil.copyfile(source, directory / copied[source])
                 entry["data_file"] = copied[source]  # the config keeps the user's path
+            if not models.is_built_in(job.spec.model):
+                # The text this process planned and checked (and hashed into the id), not the
+                # file as it is now; the remote driver hands it to its workers.
+                model = models.read_user_model(job.spec.model)
+                if model.digest not in shipped_models:
+                    # Not an importable name (a hyphen): the remote driver's cwd is on sys.path.
+                    shipped_models[model.digest] = (
+                        f"model-files/{len(shipped_models)}-{Path(model.filename).name}"
+                    )
+                    (directory / "model-files").mkdir(exist_ok=True)
+                    (directory / shipped_models[model.digest]).write_bytes(model.text.encode("utf-8"))
+                entry["model_file"] = shipped_models[model.digest]  # the config keeps the user's name
+                entry["model_filename"] = model.filename  # what tracebacks name
             plan_jobs_list.append(entry)
         plan = {"run_id": run_id, "max_concurrent": max_concurrent, "jobs": plan_jobs_list}
         (directory / PLAN_FILE).write_text(json.dumps(plan))

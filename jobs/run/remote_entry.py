@@ -32,6 +32,7 @@ from jobs.run.remote_protocol import (
     marked_text,
 )
 from workers.data import load_dataset
+from workers.models.user import remember_shipped
 
 
 def emit(marker: str, payload: str) -> None:
@@ -57,6 +58,8 @@ def main(plan_path: str) -> int:
     planned = []
     for job in plan["jobs"]:
         spec = JobSpec.from_record(job["config"])
+        if "model_file" in job:  # a user model's code travels in the working_dir, as a CSV does
+            remember_shipped(spec.model, job["model_file"], job["model_filename"])
         key = (spec.data, spec.features, spec.target)
         if key not in datasets:
             # A CSV travels in the working_dir; the records keep the path it was given as.

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from jobs.plan.planning import PlannedJob
-from jobs.run.warm_workers import WarmWorkerPool, takes
+from jobs.run.warm_workers import WarmWorkerPool, kind_of, takes
 
 if TYPE_CHECKING:
     pass
@@ -242,7 +242,7 @@ class Scheduler:
             raise RuntimeError(f"{job_id} cannot succeed while {run.phase.value}")
         del self.running[job_id]
         if run.warm_worker is not None:
-            self.pool.observe(run.job.spec.framework, result.get("timings") or {})
+            self.pool.observe(kind_of(run.job.spec), result.get("timings") or {})
             self.pool.give_back(run.warm_worker)
         return [Record(run.job, "succeeded", None, self._elapsed(run), result)]
 

@@ -31,6 +31,18 @@ def takes(spec) -> bool:
     return spec.variant == "single" and not spec.gpus_per_job
 
 
+def kind_of(spec) -> str:
+    """Which warm workers may run a job: its framework's, and for a user model, those that ran
+    the same code (its digest). A user's file runs inside the worker's process and may change
+    it (patch a framework, set global state), so another version of it, or another file,
+    gets workers of its own."""
+    from workers import models
+
+    if models.is_built_in(spec.model):
+        return spec.framework
+    return f"{spec.framework} {models.read_user_model(spec.model).digest[:16]}"
+
+
 @dataclass(frozen=True)
 class Assignment:
     """A queued job handed to a warm worker: an idle one, or a new one the driver must create first."""
@@ -56,7 +68,7 @@ class WarmWorkerPool:
 
     def add(self, job, attempt: int = 1) -> None:
         """Queue a job; a retried job goes to the front of its framework's queue."""
-        queue = self.pending[job.spec.framework]
+        queue = self.pending[kind_of(job.spec)]
         if attempt > 1:
             queue.appendleft((job, attempt))
         else:

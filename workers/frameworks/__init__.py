@@ -182,6 +182,35 @@ _BUILT_IN = (
             line_dash="dash",
         ),
     ),
+    FrameworkDescription(
+        name="jax",
+        implementation="workers.frameworks.jax:JaxFramework",
+        variants=(SINGLE,),
+        formats=(
+            # jax.export's serialised StableHLO: a compiled program with a symbolic batch size.
+            ModelFormat(
+                "jax_export",
+                "model.jax_export",
+                preference=25,
+                label="jax.export",
+                suffixes=(".jax_export",),
+            ),
+            # The parameter arrays and each layer's activation, read with allow_pickle=False.
+            ModelFormat(
+                "jax_params",
+                "params.npz",
+                preference=45,
+                label="JAX parameters",
+                suffixes=(".npz",),
+                archive_marker="jax_activations.npy",  # the array of the layers' activations
+            ),
+        ),
+        version_module="jax",
+        display=Display(
+            label="JAX", abbreviation="jax", colors={"single": "#d62728"}, line_width=2, line_dash="dot"
+        ),
+        in_default_comparison=False,
+    ),
 )
 
 _descriptions: dict[str, FrameworkDescription] = {}

@@ -184,6 +184,15 @@ class Framework(ABC):
             )
         return loaders[format](path)
 
+    def load_with_code(self, path: Path, format: str, plan: ModelPlan) -> Predictor:
+        """Load a user model's file of `format` by running its code (`runjobs predict --trust-code`).
+
+        Only for the formats that cannot be read without the user's builder (a state_dict,
+        a SavedModel's graph, JAX's parameters); `plan` carries the code, checked against
+        the digest the model was saved with.
+        """
+        raise ModelLoadError(f"{path}: {self.name} has no use for --trust-code with {format} files")
+
     def format_path(self, directory: Path, format: str) -> Path:
         """Where format `format` goes inside a job's model directory."""
         if format not in self.description.format_names:

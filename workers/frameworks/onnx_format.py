@@ -31,14 +31,14 @@ def one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
-# The ops of a linear model as both converters write it (tf2onnx: MatMul and Add; torch:
-# Gemm), and a few a converter may add around them. An ONNX graph is run by onnxruntime,
-# whose custom-op domains and contrib ops are native code: only these standard ops load.
-LINEAR_MODEL_OPS = frozenset({"MatMul", "Add", "Gemm", "Identity", "Reshape", "Cast", "Flatten", "Constant"})
+# An ONNX graph is run by onnxruntime. Its custom-op domains and contrib ops are native
+# code; the standard (ai.onnx) operators compute on tensors and reach no file or network,
+# so a graph of those alone is read, whatever model it is (an mlp, a user's model).
+STANDARD_DOMAINS = ("", "ai.onnx")
 
 
-def check_linear_graph(path: Path) -> None:
-    """Refuse an ONNX file whose graph holds anything but a linear model's standard ops."""
+def check_standard_graph(path: Path) -> None:
+    """Refuse an ONNX file with an op outside ONNX's standard set, in its graph or any subgraph."""
     import onnx
 
     try:
@@ -48,14 +48,31 @@ def check_linear_graph(path: Path) -> None:
     if model.functions or any(initializer.data_location == 1 for initializer in model.graph.initializer):
         raise ModelLoadError(f"{path}: ONNX functions and external data are not read by runjobs predict")
     unexpected = sorted(
-        {f"{node.domain or 'ai.onnx'}::{node.op_type}" for node in model.graph.node
-         if node.domain not in ("", "ai.onnx") or node.op_type not in LINEAR_MODEL_OPS}
-    )  # fmt: skip
+        {
+            f"{node.domain}::{node.op_type}"
+            for node in _nodes(model.graph)
+            if node.domain not in STANDARD_DOMAINS
+        }
+    )
     if unexpected:
         raise ModelLoadError(
-            f"{path}: not a linear model runjobs wrote (ops {', '.join(unexpected)}); runjobs predict runs "
-            f"only {', '.join(sorted(LINEAR_MODEL_OPS))}"
+            f"{path}: ops outside ONNX's standard set ({', '.join(unexpected)}); runjobs predict runs only "
+            "the standard ai.onnx operators"
         )
+
+
+def _nodes(graph):
+    """Every node of `graph` and of the subgraphs its nodes hold (If, Loop and Scan bodies)."""
+    import onnx
+
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _nodes(attribute.g)
+            elif attribute.type == onnx.AttributeProto.GRAPHS:
+                for subgraph in attribute.graphs:
+                    yield from _nodes(subgraph)
 
 
 def load_model(path: Path, format: str = "onnx") -> Predictor:
@@ -64,7 +81,7 @@ def load_model(path: Path, format: str = "onnx") -> Predictor:
         import onnxruntime
     except ImportError:
         raise ModelLoadError(f"reading {path} needs onnxruntime: {ONNX_INSTALL_HINT}") from None
-    check_linear_graph(path)
+    check_standard_graph(path)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     inputs = session.get_inputs()
     if len(inputs) != 1:

@@ -266,6 +266,10 @@ class TensorFlowFramework(Framework):
                 # the compiled loop's shuffle takes the seed explicitly.
                 keras.utils.set_random_seed(spec.seed)
             model = build_model(spec, plan)
+            if plan.user is not None:  # the loss reshapes outputs to [-1, 1], which would hide [rows, 3]
+                probe = data.features[:2]
+                shape = model(probe, training=False).shape
+                user_models.check_output_shape(plan.user, "tensorflow", shape, len(probe))
             initialise_parameters(spec, plan, model)
             if spec.loop == "article":
                 outcome = _fit_loop(spec, plan, data, model, setup_started)
@@ -319,41 +323,71 @@ class TensorFlowFramework(Framework):
         import keras as keras_package
 
         feature_count = plan.feature_count
-        if plan.user is not None:
-            raise ValueError(f"{plan.user.name}: exporting a user model is not supported yet")
-        model = keras_package.Sequential(
-            [keras_package.Input((feature_count,), dtype="float32", name="features")]
-            + [
-                keras_package.layers.Dense(layer.outputs, activation=layer.activation)
-                for layer in plan.layers
-            ]
-        )
-        for variable, values in zip(model.trainable_variables, parameters):
-            variable.assign(np.asarray(values, dtype=np.float32))
-        model.save(self.format_path(directory, "keras"))
+        not_written: dict[str, str] = {}
+        if plan.user is None:
+            model = keras_package.Sequential(
+                [keras_package.Input((feature_count,), dtype="float32", name="features")]
+                + [
+                    keras_package.layers.Dense(layer.outputs, activation=layer.activation)
+                    for layer in plan.layers
+                ]
+            )
+            _assign_parameters(model, plan, parameters)
+            model.save(self.format_path(directory, "keras"))
+        else:
+            model = _user_model_for_export(plan)
+            _assign_parameters(model, plan, parameters)
+            try:
+                # The user's layers may not serialise (a custom layer without get_config):
+                # the other formats do not need them to, so the job keeps its model.
+                model.save(self.format_path(directory, "keras"))
+            except Exception as error:
+                self.format_path(directory, "keras").unlink(missing_ok=True)
+                not_written["keras"] = f"Keras could not save {plan.user.name}: {one_line(error)}"
         # Keras 3's export writes a SavedModel whose `serving_default` signature takes
         # float32 [None, K] under the input's name, `features`.
-        model.export(str(self.format_path(directory, "saved_model")), format="tf_saved_model", verbose=False)
+        signature = (tf.TensorSpec((None, feature_count), tf.float32, name="features"),)
+        model.export(
+            str(self.format_path(directory, "saved_model")),
+            format="tf_saved_model",
+            verbose=False,
+            input_signature=list(signature),
+        )
 
         missing = missing_converter("onnx", "tf2onnx")
         if missing:
-            return {"onnx": missing}
+            return {**not_written, "onnx": missing}
         try:
             import tf2onnx
 
+            from workers.export import onnx_mismatch
+
             # tf2onnx's from_keras does not know Keras 3 models; a tf.function around the
-            # model converts the same graph.
-            signature = (tf.TensorSpec((None, feature_count), tf.float32, name="features"),)
-            serve = tf.function(lambda features: model(features), input_signature=signature)
+            # model converts the same graph (a dense stack's written out, see _onnx_forward).
+            serve = tf.function(_onnx_forward(model, plan), input_signature=signature)
+            onnx_path = self.format_path(directory, "onnx")
             tf2onnx.convert.from_function(
-                serve,
-                input_signature=signature,
-                opset=ONNX_OPSET,
-                output_path=str(self.format_path(directory, "onnx")),
+                serve, input_signature=signature, opset=ONNX_OPSET, output_path=str(onnx_path)
             )
+            mismatch = onnx_mismatch(onnx_path, feature_count, lambda features: model(features).numpy())
         except Exception as error:  # an optional converter's failure must not lose the job
-            return {"onnx": f"tf2onnx failed: {one_line(error)}"}
-        return {}
+            return {**not_written, "onnx": f"tf2onnx failed: {one_line(error)}"}
+        if mismatch is not None:
+            onnx_path.unlink(missing_ok=True)
+            return {**not_written, "onnx": f"tf2onnx wrote a model that {mismatch}"}
+        return not_written
+
+    def load_with_code(self, path: Path, format: str, plan: ModelPlan) -> Predictor:
+        if format != "saved_model":
+            return super().load_with_code(path, format, plan)
+        # The user asked for it: the SavedModel's graph runs (its serving signature).
+        serve = tf.saved_model.load(str(path)).signatures["serving_default"]
+
+        def predict(features: np.ndarray):
+            outputs = serve(tf.constant(features, tf.float32))
+            return np.asarray(next(iter(outputs.values()))).reshape(-1, 1)
+
+        return Predictor(plan.feature_count, predict)
 
     def model_loaders(self) -> dict[str, Callable[[Path], Predictor]]:
         return {"saved_model": _load_saved_model, "keras": _load_keras}
@@ -365,11 +399,9 @@ ACTIVATIONS = ("relu", "tanh", "gelu")  # Keras 3's gelu is the exact (erf) one,
 def build_model(spec: JobSettings, plan: ModelPlan):
     """The plan as a Keras model: a Sequential of Dense layers, or what the user's builder returns."""
     if plan.user is not None:
-        model = user_models.build(plan, "tensorflow", {"dtype": spec.dtype, "seed": spec.seed})
+        model = user_models.build(plan, "tensorflow", user_models.builder_config(spec))
         if not isinstance(model, keras.Model):
-            raise TypeError(
-                f"{plan.user.name}: build_tensorflow returned {type(model).__name__}, not a keras Model"
-            )
+            raise user_models.wrong_return(plan.user, "tensorflow", model, "a keras.Model")
         return model
     return keras.Sequential(
         [keras.Input(shape=(plan.feature_count,), dtype=spec.dtype)]
@@ -605,19 +637,176 @@ def _placement(device: Device) -> str:
     return "/CPU:0" if device.name == "cpu" else device.name
 
 
+@dataclass(frozen=True)
+class _ExportSettings:
+    """What build_model reads when a user model is rebuilt for export: exported models take float32."""
+
+    dtype: str = "float32"
+    seed: int = 0
+
+
+def _user_model_for_export(plan: ModelPlan):
+    """The user's Keras model as build_tensorflow makes it (float32, seed 0), its variables created."""
+    model = build_model(_ExportSettings(), plan)
+    if not model.built or not model.trainable_variables:
+        # A subclassed model makes its variables on its first call.
+        model(np.zeros((1, plan.feature_count), dtype=np.float32))
+    return model
+
+
+def _assign_parameters(model, plan: ModelPlan, parameters: list[np.ndarray]) -> None:
+    """Give the Keras model the learned `parameters`, in the order of its trainable variables."""
+    layout = layout_of(model)
+    shapes = [tuple(np.shape(values)) for values in parameters]
+    if [shape for _, shape in layout] != shapes:
+        raise ValueError(
+            f"{plan.name}: the rebuilt Keras model's parameters ({describe_layout(layout)}) do not match "
+            f"the {len(shapes)} learned ones ({', '.join(str(list(shape)) for shape in shapes)})"
+        )
+    for variable, values in zip(model.trainable_variables, parameters):
+        variable.assign(np.asarray(values, dtype=np.float32))
+
+
+def _exact_gelu(values):
+    """x * Phi(x) written with erf, which ONNX has (Keras's gelu uses erfc, which it has not)."""
+    return 0.5 * values * (1.0 + tf.math.erf(values / math.sqrt(2.0)))
+
+
+# Each activation runjobs builds, as the TensorFlow operations predict and ONNX compute it with.
+_ACTIVATION_OPERATIONS: dict[str, Callable[[Any], Any]] = {
+    "linear": lambda values: values,
+    "relu": tf.nn.relu,
+    "tanh": tf.math.tanh,
+    "gelu": _exact_gelu,
+}
+
+
+def _onnx_forward(model, plan: ModelPlan) -> Callable[[Any], Any]:
+    """What tf2onnx converts: a dense stack written out with _ACTIVATION_OPERATIONS, else the model."""
+    if plan.user is not None:
+        return lambda features: model(features)
+    import keras as keras_package
+
+    dense_layers = [layer for layer in model.layers if isinstance(layer, keras_package.layers.Dense)]
+
+    def forward(features):
+        outputs = features
+        for layer, described in zip(dense_layers, plan.layers):
+            outputs = _ACTIVATION_OPERATIONS[described.activation](
+                tf.matmul(outputs, layer.kernel) + layer.bias
+            )
+        return outputs
+
+    return forward
+
+
+def _dense_stack_predictor(layers, parameters: list[np.ndarray]) -> Predictor:
+    """A dense stack computed from its parameters with eager operations: no graph of a file is run."""
+    constants = [tf.constant(np.asarray(values, dtype=np.float32)) for values in parameters]
+
+    def predict(features: np.ndarray):
+        outputs = tf.constant(np.asarray(features, dtype=np.float32))
+        for index, layer in enumerate(layers):
+            kernel, bias = constants[2 * index], constants[2 * index + 1]
+            outputs = _ACTIVATION_OPERATIONS[layer.activation](tf.matmul(outputs, kernel) + bias)
+        return outputs.numpy()
+
+    return Predictor(layers[0].inputs, predict)
+
+
 def _load_saved_model(path: Path) -> Predictor:
-    """A SavedModel's linear model, computed from its variables: its graph is never run.
+    """A SavedModel's dense stack, computed from its variables: its graph is never run.
 
     A SavedModel's signature is a graph whose ops can write files or reach the network
     (tf.io.write_file, for one), so loading it with tf.saved_model.load and calling it
-    would run whatever its author put there. runjobs' models are one Dense(1) layer:
-    the checkpoint's variables (read as tensors, no op executed) must be exactly a
-    kernel [K, 1] and a bias [1], and the prediction is x @ kernel + bias.
+    would run whatever its author put there. The checkpoint's variables are read as
+    tensors (no op executed) and matched to the layers model.json beside the directory
+    lists: kernel [inputs, outputs] then bias [outputs], layer by layer, in Keras's
+    order. Without model.json, the variables must be exactly a linear model's kernel
+    [K, 1] and bias [1]. A user model's SavedModel is refused: only its graph knows
+    how its variables combine.
     """
+    from workers.export import (
+        MANIFEST,
+        manifest_beside,
+        manifest_layers,
+        manifest_user_model,
+        readable_instead,
+        user_model_file,
+    )
+    from workers.models import DenseLayer
+
+    manifest = manifest_beside(path)
+    user_model = manifest_user_model(manifest)
+    if user_model is not None:
+        raise ModelLoadError(
+            f"{path}: the SavedModel of user model {user_model_file(user_model)}, which only its graph "
+            "computes, and runjobs predict never runs a SavedModel's graph; predict from "
+            f"{readable_instead(path, manifest, 'saved_model')} instead"
+        )
+    layers = manifest_layers(manifest, path.parent / MANIFEST)
     reader = tf.train.load_checkpoint(str(path / "variables" / "variables"))
+    if layers is None:
+        kernel, bias = _linear_variables(path, reader)
+        layers = (DenseLayer(int(kernel.shape[0]), 1),)
+        return _dense_stack_predictor(layers, [kernel, bias])
+    return _dense_stack_predictor(layers, _stack_variables(path, reader, layers))
+
+
+_OBJECT_GRAPH = "_CHECKPOINTABLE_OBJECT_GRAPH"
+
+
+def _keras_variable_index(name: str, collection: str) -> int | None:
+    """N of `COLLECTION/N/.ATTRIBUTES/VARIABLE_VALUE`, how a Keras SavedModel names its variables."""
+    prefix, suffix = f"{collection}/", "/.ATTRIBUTES/VARIABLE_VALUE"
+    middle = name[len(prefix) : -len(suffix)] if name.startswith(prefix) and name.endswith(suffix) else ""
+    return int(middle) if middle.isdigit() else None
+
+
+def _stack_variables(path: Path, reader, layers) -> list[np.ndarray]:
+    """The checkpoint's variables as the stack's kernel and bias of each layer, or a refusal naming them."""
+    from workers.export import MANIFEST
+
+    # Keras lists each variable as `variables/N` (N in the model's order) and again under
+    # `_all_variables`, in another order.
+    shapes = reader.get_variable_to_shape_map()
+    ordered: dict[int, str] = {}
+    copies: list[str] = []
+    others: list[str] = []
+    for name, shape in shapes.items():
+        if name == _OBJECT_GRAPH:
+            continue
+        index = _keras_variable_index(name, "variables")
+        if index is not None:
+            ordered[index] = name
+        elif _keras_variable_index(name, "_all_variables") is not None:
+            copies.append(name)
+        else:
+            others.append(f"{name} {list(shape)}")
+    expected = [shape for layer in layers for shape in ([layer.inputs, layer.outputs], [layer.outputs])]
+    found = [list(shapes[ordered[index]]) for index in sorted(ordered)]
+    values = [reader.get_tensor(ordered[index]) for index in sorted(ordered)]
+    # Every copy must be one of the stack's variables: nothing else hides in the checkpoint.
+    hidden = [
+        name for name in copies if not any(np.array_equal(reader.get_tensor(name), value) for value in values)
+    ]
+    if others or hidden or sorted(ordered) != list(range(len(ordered))) or found != expected:
+        described = ", ".join(str(shape) for shape in found) or "none"
+        extra = f"; also {', '.join(others + hidden)}" if others or hidden else ""
+        raise ModelLoadError(
+            f"{path}: its variables ({described}{extra}) are not the layers {MANIFEST} beside it lists "
+            f"({', '.join(str(shape) for shape in expected)}: kernel then bias, layer by layer); runjobs "
+            "predict reads only the variables of the SavedModel written with that model.json and never "
+            "runs a SavedModel's graph"
+        )
+    return values
+
+
+def _linear_variables(path: Path, reader) -> tuple[np.ndarray, np.ndarray]:
+    """A SavedModel without model.json: its variables must be exactly a kernel [K, 1] and a bias [1]."""
     kernels, biases, others = [], [], []
     for name, shape in reader.get_variable_to_shape_map().items():
-        if name == "_CHECKPOINTABLE_OBJECT_GRAPH":
+        if name == _OBJECT_GRAPH:
             continue
         if len(shape) == 2 and shape[1] == 1:
             kernels.append(reader.get_tensor(name))
@@ -631,27 +820,35 @@ def _load_saved_model(path: Path) -> Predictor:
     if others or not same:
         raise ModelLoadError(
             f"{path}: not a linear model runjobs wrote (variables: "
-            f"{', '.join(others) or f'{len(kernels)} kernel(s), {len(biases)} bias(es)'}); runjobs predict "
-            "reads only a Dense(1) SavedModel's variables and never runs a SavedModel's graph"
+            f"{', '.join(others) or f'{len(kernels)} kernel(s), {len(biases)} bias(es)'}), and no "
+            "model.json beside it lists a stack's layers; runjobs predict reads only the variables "
+            "of a SavedModel runjobs wrote and never runs a SavedModel's graph"
         )
-    kernel = np.asarray(kernels[0], dtype=np.float32)
-    bias = np.asarray(biases[0], dtype=np.float32)
-
-    def predict(features: np.ndarray):
-        return np.asarray(features, dtype=np.float32) @ kernel + bias
-
-    return Predictor(int(kernel.shape[0]), predict)
+    return np.asarray(kernels[0], dtype=np.float32), np.asarray(biases[0], dtype=np.float32)
 
 
 KERAS_LAYERS = ("InputLayer", "Dense")
+# The activations a Dense layer of a .keras file may have: those runjobs builds.
+KERAS_ACTIVATIONS = ("linear", "relu", "tanh", "gelu")
+# Dense options that would deserialise further objects; runjobs writes none of them.
+_KERAS_DENSE_NONE = (
+    "kernel_regularizer",
+    "bias_regularizer",
+    "activity_regularizer",
+    "kernel_constraint",
+    "bias_constraint",
+    "quantization_config",
+)
 
 
 def _load_keras(path: Path) -> Predictor:
-    """A .keras file of runjobs' model: its config checked to be a linear Dense(1) before Keras reads it.
+    """A .keras file of a dense stack: its config checked to be one runjobs builds before Keras reads it.
 
-    safe_mode already refuses configs that deserialise Python code (a Lambda layer); the
-    check also refuses any other layer, activation or custom object, so only the model
-    runjobs writes is ever built.
+    Accepted: a Sequential of an InputLayer and Dense layers whose activations are
+    linear, relu, tanh or gelu, the last giving one value, every object in the config
+    a built-in Keras one (no registered or custom object). safe_mode already refuses
+    configs that deserialise Python code (a Lambda layer); the check also refuses any
+    other layer, activation or custom object, so only what runjobs writes is ever built.
     """
     import json
     import zipfile
@@ -661,30 +858,92 @@ def _load_keras(path: Path) -> Predictor:
     try:
         with zipfile.ZipFile(path) as archive:
             config = json.loads(archive.read("config.json"))
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as error:
+    except (OSError, KeyError, ValueError, RecursionError, zipfile.BadZipFile) as error:
         raise ModelLoadError(
             f"{path}: cannot load it as a keras model (not a .keras archive: {error})"
         ) from None
-    layers = (config.get("config") or {}).get("layers") if isinstance(config, dict) else None
-    linear = (
-        isinstance(config, dict)
-        and config.get("class_name") == "Sequential"
-        and isinstance(layers, list)
-        and [layer.get("class_name") for layer in layers if isinstance(layer, dict)] == list(KERAS_LAYERS)
-        and layers[1].get("config", {}).get("units") == 1
-        and layers[1].get("config", {}).get("activation") == "linear"
-        and all(layer.get("registered_name") is None for layer in layers)
-    )
-    if not linear:
-        raise ModelLoadError(
-            f"{path}: not a linear model runjobs wrote (runjobs predict reads a Sequential of an input "
-            "and one Dense(1) layer); give the model directory runjobs submit --save-models wrote"
+    refusal = _keras_refusal(config)
+    if refusal is not None:
+        from workers.export import manifest_beside, manifest_user_model, readable_instead, user_model_file
+
+        manifest = manifest_beside(path)
+        user_model = manifest_user_model(manifest)
+        instead = (
+            f"; this is user model {user_model_file(user_model)}: predict from "
+            f"{readable_instead(path, manifest, 'keras')} instead"
+            if user_model is not None
+            else "; give the model directory runjobs submit --save-models wrote"
         )
-    # safe_mode refuses a .keras file whose config would deserialise Python code (lambdas).
-    model = keras_package.saving.load_model(path, safe_mode=True)
+        raise ModelLoadError(
+            f"{path}: not a dense stack runjobs reads ({refusal}); runjobs predict reads a .keras file "
+            f"holding a Sequential of an input and Dense layers ({', '.join(KERAS_ACTIVATIONS)}) and no "
+            f"custom objects{instead}"
+        )
+    # safe_mode refuses a .keras file whose config would deserialise Python code (lambdas);
+    # compile=False: nothing of the training configuration is deserialised.
+    model = keras_package.saving.load_model(path, safe_mode=True, compile=False)
     feature_count = model.input_shape[-1] if isinstance(model.input_shape, tuple) else None
 
     def predict(features: np.ndarray):
         return keras_package.ops.convert_to_numpy(model(features))
 
     return Predictor(feature_count, predict)
+
+
+def _keras_refusal(config) -> str | None:
+    """Why a .keras config is not a dense stack runjobs reads (what it holds instead), or None."""
+    if not isinstance(config, dict):
+        return "its config is not an object"
+    if config.get("class_name") != "Sequential":
+        return f"a {config.get('class_name')} model, not a Sequential"
+    layers = (config.get("config") or {}).get("layers")
+    if not isinstance(layers, list) or not all(isinstance(layer, dict) for layer in layers):
+        return "its layers are not a list"
+    names = [layer.get("class_name") for layer in layers]
+    others = list(dict.fromkeys(str(name) for name in names if name not in KERAS_LAYERS))
+    if others:
+        return f"layer {', '.join(others)}"
+    if len(names) < 2 or names[0] != "InputLayer" or "InputLayer" in names[1:]:
+        return "not an input followed by Dense layers"
+    shape = (layers[0].get("config") or {}).get("batch_shape")
+    if not (isinstance(shape, list) and len(shape) == 2 and isinstance(shape[1], int)):
+        return f"input shape {shape}, not [rows, features]"
+    try:
+        custom = _custom_objects(config)
+    except RecursionError:
+        return "its config is nested too deeply"
+    if custom:
+        return f"custom object {custom[0]}"
+    for layer in layers[1:]:
+        options = layer.get("config") or {}
+        activation = options.get("activation", "linear")
+        if activation not in KERAS_ACTIVATIONS:
+            return f"activation {activation!r}"
+        set_options = [name for name in _KERAS_DENSE_NONE if options.get(name) is not None]
+        if set_options:
+            return f"Dense option {set_options[0]}"
+    if (layers[-1].get("config") or {}).get("units") != 1:
+        return f"the last Dense layer gives {(layers[-1].get('config') or {}).get('units')} values, not 1"
+    return None
+
+
+def _custom_objects(config, found: list[str] | None = None) -> list[str]:
+    """Every object in the config that is not a built-in Keras one (a registered name or another module)."""
+    found = [] if found is None else found
+    if isinstance(config, dict):
+        # A built-in's registered_name is None or its class name; a registered custom
+        # object's is `package>Name`, and its module is the user's.
+        if "class_name" in config and (
+            config.get("registered_name") not in (None, config.get("class_name"))
+            or str(config.get("module") or "keras").split(".")[0] != "keras"
+        ):
+            name = config.get("registered_name") or config.get("class_name")
+            if config.get("class_name") == "function" and isinstance(config.get("config"), str):
+                name = config["config"]  # a registered function: its `package>name`
+            found.append(f"{name} (module {config.get('module')})")
+        for value in config.values():
+            _custom_objects(value, found)
+    elif isinstance(config, list):
+        for value in config:
+            _custom_objects(value, found)
+    return found

@@ -84,24 +84,37 @@ class TorchFramework(Framework):
 
     def export_model(self, plan: ModelPlan, parameters: list[np.ndarray], directory: Path) -> dict[str, str]:
         feature_count = plan.feature_count
+        # A user model is rebuilt by calling the user's build_torch (float32, seed 0); its
+        # parameters then take the learned values, in the order the trainer handed them back.
         model = build_model(EXPORT_SETTINGS, plan)
-        with torch.no_grad():
-            for parameter, values in zip(model.parameters(), parameters):
-                canonical(parameter).copy_(torch.from_numpy(np.asarray(values, dtype=np.float32)))
+        _load_parameters(model, plan, parameters)
         model.eval()
-        # TorchScript: code and tensors only, so loading it runs no pickled Python objects.
-        torch.jit.script(model).save(str(self.format_path(directory, "torchscript")))
+        not_written: dict[str, str] = {}
+        if plan.user is None:
+            # TorchScript: code and tensors only, so loading it runs no pickled Python objects.
+            torch.jit.script(model).save(str(self.format_path(directory, "torchscript")))
+        else:
+            compiled, failure = _user_torchscript(model, plan)
+            if compiled is None:
+                not_written["torchscript"] = failure
+            else:
+                compiled.save(str(self.format_path(directory, "torchscript")))
+        # Always written: a dense stack's is read back with model.json's layers; a user
+        # model's needs the user's code to rebuild the module it fits.
         torch.save(model.state_dict(), self.format_path(directory, "state_dict"))
 
         # torch 2.13's exporter (dynamo, the default) builds the graph with onnxscript.
         missing = missing_converter("onnx", "onnxscript")
         if missing:
-            return {"onnx": missing}
+            return {**not_written, "onnx": missing}
+        from workers.export import onnx_mismatch
+
+        onnx_path = self.format_path(directory, "onnx")
         try:
             torch.onnx.export(
                 model,
                 (torch.zeros(1, feature_count),),
-                str(self.format_path(directory, "onnx")),
+                str(onnx_path),
                 input_names=["features"],
                 output_names=["prediction"],
                 dynamic_shapes=({0: torch.export.Dim("rows")},),
@@ -109,9 +122,30 @@ class TorchFramework(Framework):
                 external_data=False,  # one self-contained file
                 verbose=False,
             )
+            with torch.no_grad():
+                mismatch = onnx_mismatch(
+                    onnx_path, feature_count, lambda rows: model(torch.from_numpy(rows)).numpy()
+                )
         except Exception as error:  # an optional converter's failure must not lose the job
-            return {"onnx": f"torch.onnx.export failed: {one_line(error)}"}
-        return {}
+            return {**not_written, "onnx": f"torch.onnx.export failed: {one_line(error)}"}
+        if mismatch is not None:
+            onnx_path.unlink(missing_ok=True)
+            return {**not_written, "onnx": f"torch.onnx.export wrote a model that {mismatch}"}
+        return not_written
+
+    def load_with_code(self, path: Path, format: str, plan: ModelPlan) -> Predictor:
+        if format != "state_dict":
+            return super().load_with_code(path, format, plan)
+        model = build_model(EXPORT_SETTINGS, plan)
+        # The tensors still load with weights_only: trusting the code is not trusting pickles.
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        model.eval()
+
+        def predict(features: np.ndarray):
+            with torch.inference_mode():
+                return model(torch.from_numpy(features)).reshape(-1, 1).numpy()
+
+        return Predictor(plan.feature_count, predict)
 
     def model_loaders(self) -> dict[str, Callable[[Path], Predictor]]:
         return {"torchscript": _load_torchscript, "state_dict": _load_state_dict}
@@ -133,11 +167,9 @@ def build_model(spec: JobSettings, plan: ModelPlan) -> torch.nn.Module:
     """The plan as torch modules: an nn.Linear for the linear model, an nn.Sequential for a stack."""
     dtype = getattr(torch, spec.dtype)
     if plan.user is not None:
-        model = user_models.build(plan, "torch", {"dtype": spec.dtype, "seed": spec.seed})
+        model = user_models.build(plan, "torch", user_models.builder_config(spec))
         if not isinstance(model, torch.nn.Module):
-            raise TypeError(
-                f"{plan.user.name}: build_torch returned {type(model).__name__}, not an nn.Module"
-            )
+            raise user_models.wrong_return(plan.user, "torch", model, "an nn.Module")
         return model.to(dtype)
     modules: list[torch.nn.Module] = []
     for layer in plan.layers:
@@ -232,6 +264,11 @@ def _train_on_rank(spec, plan, data, target_device, context, setup_started) -> T
     optimizer, update_rule = _optimizer(spec, trained.parameters())
     features = torch.from_numpy(data.features).to(target_device)
     target = torch.from_numpy(data.target).to(target_device)
+    if plan.user is not None:  # the loss reshapes outputs to [-1, 1], which would hide [rows, 3]
+        with torch.no_grad():
+            probe = features[:2]
+            user_models.check_output_shape(plan.user, "torch", model.eval()(probe).shape, len(probe))
+        model.train()
     rows = data.rows
     batch = batch_size_for(spec.batch_size, rows)
     # Every rank draws the same order from the same seed, as the single-device twin does.
@@ -340,10 +377,87 @@ def _process_group(context: WorkerContext, device: torch.device):
         torch.distributed.destroy_process_group()
 
 
+def _load_parameters(model: torch.nn.Module, plan: ModelPlan, parameters: list[np.ndarray]) -> None:
+    """Give `model` the learned `parameters` (canonical: a 2-D one is nn.Linear's weight transposed)."""
+    layout = layout_of(model)
+    shapes = [tuple(np.shape(values)) for values in parameters]
+    if [shape for _, shape in layout] != shapes:
+        raise ValueError(
+            f"{plan.name}: the rebuilt torch model's parameters ({describe_layout(layout)}) do not match "
+            f"the {len(shapes)} learned ones ({', '.join(str(list(shape)) for shape in shapes)})"
+        )
+    with torch.no_grad():
+        for parameter, values in zip(model.parameters(), parameters):
+            canonical(parameter).copy_(torch.from_numpy(np.asarray(values, dtype=np.float32)))
+
+
+def _user_torchscript(model: torch.nn.Module, plan: ModelPlan):
+    """A user's module as TorchScript: (the compiled module, None), or (None, why it could not be).
+
+    torch.jit.script compiles forward's source, keeping any branch or loop that depends
+    on the input; it reads the source through inspect, so the shipped text is put in
+    linecache under the file's name (the worker may not have the file, or it may have been
+    edited since the job was planned). Code TorchScript cannot compile (most Python beyond
+    tensor operations) falls back to torch.jit.trace, which records the operations one
+    float32 example runs: exact for a forward whose operations do not depend on the
+    input's values or row count, which is checked on a second input of another size.
+    """
+    import linecache
+    import warnings
+
+    source = plan.user
+    filename = source.filename
+    previous = linecache.cache.get(filename)
+    # mtime None: linecache.checkcache keeps the entry instead of rereading the file.
+    linecache.cache[filename] = (len(source.text), None, source.text.splitlines(True), filename)
+    try:
+        try:
+            return _checked_torchscript(model, torch.jit.script(model), plan.feature_count), None
+        except Exception as error:
+            scripting = one_line(error)
+        try:
+            example = torch.zeros(2, plan.feature_count, dtype=torch.float32)
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                traced = torch.jit.trace(model, (example,), check_trace=False)
+            return _checked_torchscript(model, traced, plan.feature_count), None
+        except Exception as error:
+            return None, f"torch.jit.script failed ({scripting}) and torch.jit.trace too ({one_line(error)})"
+    finally:
+        if previous is None:
+            linecache.cache.pop(filename, None)
+        else:
+            linecache.cache[filename] = previous
+
+
+def _checked_torchscript(model: torch.nn.Module, compiled, feature_count: int):
+    """`compiled` when it computes what `model` does on an input it was not traced on; raises otherwise."""
+    probe = torch.from_numpy(
+        np.random.default_rng(0).uniform(-2.0, 2.0, size=(3, feature_count)).astype(np.float32)
+    )
+    with torch.no_grad():
+        expected = model(probe).reshape(-1)
+        got = compiled(probe).reshape(-1)
+    if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-5, atol=1e-6, equal_nan=True):
+        raise ValueError("the compiled module computes something else than the module on 3 rows")
+    return compiled
+
+
+def _manifest_feature_count(path: Path) -> int | None:
+    from workers.export import manifest_beside
+
+    count = (manifest_beside(path) or {}).get("feature_count")
+    return count if isinstance(count, int) and not isinstance(count, bool) else None
+
+
 def _load_torchscript(path: Path) -> Predictor:
     module = torch.jit.load(str(path), map_location="cpu")
     module.eval()
+    # nn.Linear says how many features it takes; a stack or a user's module does not, so
+    # model.json beside it does.
     feature_count = getattr(module, "in_features", None)
+    if not isinstance(feature_count, int):
+        feature_count = _manifest_feature_count(path)
 
     def predict(features: np.ndarray):
         with torch.inference_mode():
@@ -353,6 +467,22 @@ def _load_torchscript(path: Path) -> Predictor:
 
 
 def _load_state_dict(path: Path) -> Predictor:
+    """A state_dict of a runjobs dense stack, rebuilt from model.json's layers (none: nn.Linear(K, 1)).
+
+    Only tensors are read (torch.load(weights_only=True)); the module they fit is built
+    here from the layers model.json beside the file lists, never from the file. A user
+    model's state_dict fits a module only the user's code builds, which predict does not run.
+    """
+    from workers.export import (
+        MANIFEST,
+        manifest_beside,
+        manifest_layers,
+        manifest_user_model,
+        readable_instead,
+        user_model_file,
+    )
+    from workers.models import DenseLayer
+
     try:
         # weights_only: tensors and plain containers only; a pickled object is refused,
         # never constructed.
@@ -363,25 +493,79 @@ def _load_state_dict(path: Path) -> Predictor:
             "with torch.load(weights_only=True), which never runs them; give a state_dict.pt written by "
             "runjobs submit --save-models"
         ) from None
-    weight = state.get("weight") if isinstance(state, dict) else None
-    bias = state.get("bias") if isinstance(state, dict) else None
-    if (
-        not isinstance(weight, torch.Tensor)
-        or not isinstance(bias, torch.Tensor)
-        or weight.dim() != 2
-        or weight.shape[0] != 1
-        or tuple(bias.shape) != (1,)
-    ):
+    manifest = manifest_beside(path)
+    user_model = manifest_user_model(manifest)
+    if user_model is not None:
         raise ModelLoadError(
-            f"{path} is not the state_dict of an nn.Linear(K, 1) (keys weight [1, K] and bias [1]); "
-            "give a state_dict.pt written by runjobs submit --save-models"
+            f"{path}: the state_dict of user model {user_model_file(user_model)}, whose module only that "
+            "code builds, and runjobs predict runs no model code; predict from "
+            f"{readable_instead(path, manifest, 'state_dict')} instead, or in Python load it into "
+            "build_torch(features, config) with load_state_dict(torch.load(path, weights_only=True))"
         )
-    model = torch.nn.Linear(weight.shape[1], 1)
-    model.load_state_dict({"weight": weight.float(), "bias": bias.float()})
+    where = path.parent / MANIFEST
+    layers = manifest_layers(manifest, where)
+    if layers is None:
+        if not _is_linear_state(state):
+            beside = (
+                f"{where} lists no layers" if manifest else f"no {MANIFEST} beside it lists a stack's layers"
+            )
+            raise ModelLoadError(
+                f"{path} is not the state_dict of an nn.Linear(K, 1) (keys weight [1, K] and bias [1]) and "
+                f"{beside}; give a state_dict.pt written by runjobs submit --save-models, in its directory"
+            )
+        layers = (DenseLayer(int(state["weight"].shape[1]), 1),)
+    model = build_model(EXPORT_SETTINGS, ModelPlan("state_dict", layers[0].inputs, layers))
+    problems = _state_dict_problems(model.state_dict(), state)
+    if problems:
+        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+        raise ModelLoadError(
+            f"{path}: not the state_dict of the {_describe_layers(layers)} stack {MANIFEST} describes "
+            f"({shown}); give the state_dict.pt written with that {MANIFEST}"
+        )
+    model.load_state_dict({key: value.float() for key, value in state.items()})
     model.eval()
 
     def predict(features: np.ndarray):
         with torch.inference_mode():
             return model(torch.from_numpy(features)).numpy()
 
-    return Predictor(int(weight.shape[1]), predict)
+    return Predictor(layers[0].inputs, predict)
+
+
+def _state_dict_problems(expected: dict[str, torch.Tensor], state) -> list[str]:
+    """How `state` differs from the state_dict `expected` (keys, shapes, floating-point tensors)."""
+    if not isinstance(state, dict):
+        return [f"a {type(state).__name__}, not a dict of tensors"]
+    problems = []
+    for key, wanted in expected.items():
+        value = state.get(key)
+        shape = list(wanted.shape)
+        if value is None:
+            problems.append(f"missing {key} {shape}")
+        elif not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            problems.append(f"{key} is a {type(value).__name__}, not a floating-point tensor {shape}")
+        elif list(value.shape) != shape:
+            problems.append(f"{key} is {list(value.shape)}, not {shape}")
+    problems += [f"unexpected {key}" for key in state if key not in expected]
+    return problems
+
+
+def _is_linear_state(state) -> bool:
+    """An nn.Linear(K, 1)'s state_dict: weight [1, K] and bias [1], and nothing else."""
+    if not isinstance(state, dict) or set(state) != {"weight", "bias"}:
+        return False
+    weight, bias = state["weight"], state["bias"]
+    return (
+        isinstance(weight, torch.Tensor)
+        and isinstance(bias, torch.Tensor)
+        and weight.dim() == 2
+        and weight.shape[0] == 1
+        and tuple(bias.shape) == (1,)
+    )
+
+
+def _describe_layers(layers) -> str:
+    """A stack as its sizes: `2 -> 8 relu -> 8 relu -> 1`."""
+    sizes = [str(layers[0].inputs)]
+    sizes += [f"{layer.outputs} {layer.activation}".removesuffix(" linear") for layer in layers]
+    return " -> ".join(sizes)
