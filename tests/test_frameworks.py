@@ -25,9 +25,9 @@ from jobs.record.records import empty_record
 from jobs.report import combined, html
 from workers import frameworks
 from workers.distributed import SINGLE_WORKER, WorkerContext
-from workers.models import dense_stack
 from workers.export import FORMAT_PREFERENCE, MANIFEST, export_linear
 from workers.frameworks.base import Framework, JobSettings, ModelLoadError, Predictor
+from workers.models import dense_stack
 from workers.training import Device, TrainerOutcome, TrainingData, TrainingJob
 
 

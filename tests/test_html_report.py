@@ -271,9 +271,15 @@ def png_size(path: Path) -> tuple[int, int]:
 
 @pytest.fixture(scope="module")
 def sweep_run(ray_session, tmp_path_factory):
-    """A real 8-job sweep (2 frameworks x 2 learning rates x 2 seeds), short enough to be quick."""
-    output = tmp_path_factory.mktemp("html") / "run"
-    result = run_cli(["submit", str(EXAMPLES / "lr-seed.yaml"), "--set", "epochs=150"], output)
+    """A real 8-job sweep (2 frameworks x 2 learning rates x 2 seeds) and one mlp, quick enough."""
+    directory = tmp_path_factory.mktemp("html")
+    spec = directory / "sweep.yaml"
+    # The mlp job draws the figure of models beyond the line.
+    spec.write_text(
+        (EXAMPLES / "lr-seed.yaml").read_text()
+        + "jobs:\n  - {framework: torch, model: mlp, hidden: [4], init: shared}\n"
+    )
+    result = run_cli(["submit", str(spec), "--set", "epochs=150"], directory / "run")
     assert result.exit_code == 0, result.stderr
     return result
 
@@ -292,7 +298,9 @@ def test_chromium_draws_every_figure_of_a_real_sweeps_report(sweep_run, chromium
     print(f"chromium --dump-dom took {time.monotonic() - started:.1f}s")
     # Each figure is a plotly SVG with at least one drawn mark per job (a loss curve, a
     # learned line, a stacked bar), and the sweep plot a line per framework.
-    minimum_marks = {"loss": job_count, "data": job_count + 10, "timings": job_count, "sweep": 2}
+    minimum_marks = {
+        "loss": job_count, "data": job_count + 10, "model_fit": 2, "timings": job_count, "sweep": 2,
+    }  # fmt: skip
     for name, figure_id in FIGURE_IDS.items():
         assert parsed.svgs[figure_id] >= 1, f"#{figure_id} holds no plotly SVG"
         assert parsed.marks[figure_id] >= minimum_marks[name], (

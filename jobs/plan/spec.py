@@ -52,7 +52,10 @@ INIT_KEYWORDS = ("framework", "zeros", "shared")
 ACTIVATIONS = models.ACTIVATIONS
 DTYPES = models.DTYPES
 MAX_HIDDEN_LAYERS = 64
-MAX_LAYER_SIZE = 65536
+MAX_LAYER_SIZE = 2**16 - 1
+# Parameters between the hidden layers: past this a job would exhaust a worker's memory
+# (10^8 float32 values, with Adam's two moments, are 1.2 GB) rather than train.
+MAX_HIDDEN_PARAMETERS = 10**8
 # Both frameworks count in int64 and keep parameters in float32: a whole-number field past
 # int64 fails the job or its report once it has run (TensorBoard's hyperparameters are
 # floats), an initial value past float32's range is inf.
@@ -107,7 +110,12 @@ class JobSpec:
         in_id=IN_ID_UNLESS_DEFAULT,
     )
     hidden: tuple[int, ...] = job_field(
-        (64, 64), SIZES, "The mlp's hidden layer sizes.", option="--hidden", in_id=IN_ID_UNLESS_DEFAULT
+        (64, 64),
+        SIZES,
+        "The mlp's hidden layer sizes.",
+        option="--hidden",
+        default_text="64,64",
+        in_id=IN_ID_UNLESS_DEFAULT,
     )
     activation: str = job_field(
         "relu",
@@ -130,7 +138,10 @@ class JobSpec:
         in_id=IN_ID_UNLESS_DEFAULT,
     )
     data: str = job_field(
-        "article", TEXT, "article, PATH.csv or synthetic:rows=N,features=K,noise=S,seed=R.", option="--data"
+        "article",
+        TEXT,
+        "article, PATH.csv or synthetic:rows=N,features=K,noise=S,seed=R[,function=linear|sine|quadratic].",
+        option="--data",
     )
     features: tuple[str, ...] = job_field(
         (), NAMES, "CSV feature columns.", default_text="every column but the target"
@@ -293,6 +304,12 @@ class JobSpec:
             )
         for size in self.hidden:
             _require_whole("hidden", size, minimum=1, maximum=MAX_LAYER_SIZE)
+        between = sum(inputs * outputs for inputs, outputs in zip(self.hidden[:-1], self.hidden[1:]))
+        if between > MAX_HIDDEN_PARAMETERS:
+            raise SpecError(
+                f"hidden={_shown(self.hidden)}: {between:,} parameters between the hidden layers, more than "
+                f"the limit of {MAX_HIDDEN_PARAMETERS:,}; use smaller layers"
+            )
         if models.is_built_in(self.model) and self.model_args:
             raise SpecError(
                 f"model_args: arguments are for a user model's builder, not model={self.model}; drop them"
