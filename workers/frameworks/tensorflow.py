@@ -294,7 +294,10 @@ class TensorFlowFramework(Framework):
             loop = self._last_loop
         else:
             rule = OwnUpdateRule(spec, model.trainable_variables, tf.as_dtype(spec.dtype))
-            loop = _CompiledLoop(key, model, rule, _trace(spec, plan, data, model, rule, strategy))
+            one_device = variant_strategy.strategy_name is None
+            loop = _CompiledLoop(
+                key, model, rule, _trace(spec, plan, data, model, rule, strategy, one_device)
+            )
             self._last_loop = loop if reusable else None
         setup_s = time.perf_counter() - setup_started
 
@@ -458,8 +461,13 @@ def _loop_key(spec: JobSettings, plan: ModelPlan, data: TrainingData, device: De
     )
 
 
-def _trace(spec, plan, data, model, rule: OwnUpdateRule, strategy):
-    """The whole run as one compiled function of (epochs, seed); tracing it is set-up, not training."""
+def _trace(spec, plan, data, model, rule: OwnUpdateRule, strategy, one_device: bool):
+    """The whole run as one compiled function of (epochs, seed); tracing it is set-up, not training.
+
+    On one device the step applies its gradients directly; under a distribution strategy
+    each replica's gradients are summed through the strategy first. The arithmetic is the
+    same; the direct path is a smaller graph, which traces in about half the time.
+    """
     dtype = tf.as_dtype(spec.dtype)
     features = tf.constant(data.features)
     target = tf.constant(data.target)
@@ -515,6 +523,24 @@ def _trace(spec, plan, data, model, rule: OwnUpdateRule, strategy):
         rule.apply(variables, gradients)
         return parts[0][0]
 
+    def one_device_step(batch_features, batch_target, global_batch_size):
+        squared_error, gradients = gradients_of(batch_features, batch_target, global_batch_size)
+        rule.apply(variables, gradients)
+        return squared_error
+
+    def full_batch():
+        if one_device:
+            return one_device_step(features, target, tf.constant(float(rows), dtype))
+        return update(strategy.run(full_batch_step, args=shards))
+
+    def minibatch(indices):
+        if one_device:
+            global_batch_size = tf.cast(tf.size(indices), dtype)
+            return one_device_step(
+                tf.gather(features, indices), tf.gather(target, indices), global_batch_size
+            )
+        return update(strategy.run(replica_step, args=(indices,)))
+
     @tf.function
     def run(epochs, seed):
         losses = tf.TensorArray(dtype, size=epochs)
@@ -526,7 +552,7 @@ def _trace(spec, plan, data, model, rule: OwnUpdateRule, strategy):
         all_rows = tf.range(rows)
         for epoch in tf.range(epochs):
             if steps_per_epoch == 1:
-                total = update(strategy.run(full_batch_step, args=shards))
+                total = full_batch()
             else:
                 # Keras fit's meaning of an epoch: every row once, in a fresh order. A
                 # stateless shuffle gives every worker (and the single-device twin) the
@@ -536,7 +562,7 @@ def _trace(spec, plan, data, model, rule: OwnUpdateRule, strategy):
                 total = tf.constant(0.0, dtype)
                 for start in tf.range(0, rows, batch):
                     indices = order[start : tf.minimum(start + batch, rows)]
-                    total += update(strategy.run(replica_step, args=(indices,)))
+                    total += minibatch(indices)
             losses = losses.write(epoch, total / rows)
             if keep_history:
                 flat = [tf.reshape(tf.convert_to_tensor(variable), [-1]) for variable in variables]
