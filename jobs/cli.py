@@ -183,6 +183,13 @@ def _parse_points(context, parameter, texts) -> tuple[tuple[float, ...], ...]:
 )
 @click.option("--max-concurrent", type=int, help="Run at most N jobs at once. Default: as resources allow.")
 @click.option(
+    "--wait-for-nodes",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Start once the cluster at --address has N nodes alive (a batch allocation's raylets "
+    "joining), waiting up to RUNJOBS_CONNECT_TIMEOUT_S; exit 3 if they do not all join.",
+)
+@click.option(
     "--set",
     "assignments",
     multiple=True,
@@ -196,6 +203,7 @@ def submit(
     json_output,
     rerun,
     max_concurrent,
+    wait_for_nodes,
     frameworks,
     preset,
     variants,
@@ -205,16 +213,18 @@ def submit(
     assignments,
     **field_values,
 ) -> None:
-    """Train each framework's house-price model as a Ray task and print one comparison.
+    """Train a model with each framework as Ray tasks and print one comparison.
 
-    With no options: the built-in comparison, TensorFlow and PyTorch on the article's
-    10 houses, 500 epochs, full batch, Adam lr 0.01, both starting from zeros. Fields
-    are layered: defaults, then --preset, then the options, then --set.
+    With no options: the built-in comparison, TensorFlow and PyTorch fitting the
+    house-price line on the article's 10 houses, 500 epochs, full batch, Adam lr 0.01,
+    both starting from zeros; --model mlp or your own model file trains something else,
+    --framework jax adds JAX. Fields are layered: defaults, then --preset, then the
+    options, then --set.
 
     Writes report.json, .csv, .md and .html to the output directory and exits 0 when
     every job succeeded, 1 when any failed or was cancelled, 2 on bad input (nothing
     started), 3 when the cluster cannot be reached or goes away (finished jobs are kept),
-    130 when interrupted.
+    130 when interrupted (with --json, the summary is still printed).
     """
     from jobs.plan.planning import SubmitRequest, plan_jobs
 
@@ -236,6 +246,7 @@ def submit(
             spec_file,
             rerun,
             max_concurrent,
+            wait_for_nodes,
         )
         if dry_run:
             from jobs.pipeline import check_destination
@@ -251,8 +262,19 @@ def submit(
 
         if no_wait and not is_jobs_address(address):
             raise SpecError("--no-wait needs a Ray Jobs address: --address http://HEAD:8265")
+        if wait_for_nodes and (not address or is_jobs_address(address)):
+            raise SpecError("--wait-for-nodes needs the address of a running cluster: --address HOST:6379")
         with for_stream(sys.stderr) as progress:
-            outcome = run_submit(request, progress, wait=not no_wait)
+            try:
+                outcome = run_submit(request, progress, wait=not no_wait)
+            except KeyboardInterrupt as interrupted:
+                # A scheduler reading --json gets what was kept even from a stopped run.
+                kept = getattr(interrupted, "outcome", None)
+                if json_output and kept is not None:
+                    from jobs.report.combined import summary
+
+                    click.echo(json.dumps(summary(kept.report, kept.output_dir, EXIT_INTERRUPTED), indent=2))
+                raise
         if isinstance(outcome, RemoteSubmission):
             _print_submission(outcome, json_output)
             return
@@ -449,16 +471,30 @@ def logs(directory, job_id, stream) -> None:
 @click.option(
     "--wait", "wait_s", type=float, default=60.0, show_default=True, help="Seconds to wait for the driver."
 )
-def cancel(directory, wait_s) -> None:
+@click.option(
+    "--json", "json_output", is_flag=True, help="Then print the run's summary, as submit --json does."
+)
+def cancel(directory, wait_s, json_output) -> None:
     """Stop a running run: its driver cancels the running jobs and records them cancelled.
 
     Writes a cancel request into the run's ledger, which its driver reads a few times a
     second (no signal is sent: a driver started by cron or a batch script ignores
     Ctrl-C's), then waits for the driver's answer and prints how many running and
-    pending jobs it cancelled. Exit code 0 once the driver has answered (or ended), 1
-    when it has not answered within --wait, 2 when no driver runs on DIRECTORY.
+    pending jobs it cancelled. A run whose driver has ended without recording its jobs
+    (killed outright, its node lost) is closed instead: its running and pending jobs are
+    recorded cancelled and its report written, so a re-run runs them again. With --json
+    the run's summary follows on stdout (exit_code 130: interrupted). Exit code 0 once
+    the run is stopped, 1 when its driver has not answered within --wait, 2 when there is
+    nothing to cancel.
     """
-    from jobs.record.ledger import CANCEL_OUTCOME, Ledger, is_ledger_directory, request_cancel, running_driver
+    from jobs.record.ledger import (
+        CANCEL_OUTCOME,
+        Ledger,
+        close_abandoned,
+        is_ledger_directory,
+        request_cancel,
+        running_driver,
+    )
 
     if not is_ledger_directory(directory):
         raise InputError(
@@ -466,7 +502,25 @@ def cancel(directory, wait_s) -> None:
         )
     pid = running_driver(directory)
     if pid is None:
-        raise InputError(f"no runjobs driver is running on {directory}; nothing to cancel")
+        with Ledger.open(directory, for_writing=False) as ledger:
+            counts = _input(ledger.counts)
+            remote = ledger.meta().get("remote")
+        if not counts["running"] and not counts["pending"]:
+            raise InputError(f"no runjobs driver is running on {directory}; nothing to cancel")
+        if remote:
+            job, where = remote.get("job_id"), remote.get("address")
+            raise InputError(
+                f"{directory} follows Ray job {job} on {where}, whose driver runs there; "
+                f"stop it with `ray job stop --address {where} {job}`"
+            )
+        running, pending = _input(lambda: close_abandoned(directory))
+        click.echo(
+            f"no driver is running on {directory}: recorded its {running} running and {pending} pending "
+            f"job(s) cancelled; a re-run runs them again",
+            err=json_output,
+        )
+        _print_cancelled_summary(directory, json_output, write_files=True)
+        return
     requested_at = _input(lambda: request_cancel(directory))
     click.echo(f"asked the driver (pid {pid}) to cancel the run in {directory}", err=True)
 
@@ -484,16 +538,20 @@ def cancel(directory, wait_s) -> None:
     if outcome is not None:
         click.echo(
             f"cancelled {outcome['running']} running and {outcome['pending']} pending job(s); "
-            f"see runjobs status {directory}"
+            f"see runjobs status {directory}",
+            err=json_output,
         )
         if running_driver(directory) is not None:
             click.echo(f"the driver is still writing the report after {wait_s:g}s", err=True)
+        _print_cancelled_summary(directory, json_output, write_files=False)
         return
     if running_driver(directory) is None:
         click.echo(
             "the driver ended before it read the request: nothing was cancelled; "
-            f"see runjobs status {directory}"
+            f"see runjobs status {directory}",
+            err=json_output,
         )
+        _print_cancelled_summary(directory, json_output, write_files=False)
         return
     click.echo(
         f"the driver (pid {pid}) did not answer within {wait_s:g}s; the request stays in the ledger "
@@ -501,6 +559,22 @@ def cancel(directory, wait_s) -> None:
         err=True,
     )
     click.get_current_context().exit(EXIT_JOBS_FAILED)
+
+
+def _print_cancelled_summary(directory: Path, json_output: bool, write_files: bool) -> None:
+    """With --json, the run's summary from its ledger (and, for a closed run, its report files)."""
+    if not json_output:
+        if write_files:
+            from jobs.report.files import rebuild_report
+
+            _input(lambda: rebuild_report(directory))
+        return
+    from jobs.report.combined import summary
+    from jobs.report.files import rebuild_report, report_from_ledger
+
+    build = rebuild_report if write_files else report_from_ledger
+    report = _input(lambda: build(directory))
+    click.echo(json.dumps(summary(report, directory, EXIT_INTERRUPTED), indent=2))
 
 
 @cli.command()

@@ -84,7 +84,7 @@ def executor_for(request: SubmitRequest, output_dir: Path, wait: bool = True) ->
         return RayJobsExecutor(request.address, output_dir, request.max_concurrent, wait)
     from jobs.run.ray_cluster import RayClusterExecutor
 
-    return RayClusterExecutor(request.address, request.max_concurrent)
+    return RayClusterExecutor(request.address, request.max_concurrent, request.wait_for_nodes)
 
 
 def submit(
@@ -264,6 +264,7 @@ def _finish(
             write_report_json(output_dir, report)
     if interrupted is not None:
         progress.say(f"interrupted: finished jobs are kept in {output_dir}")
+        interrupted.outcome = SubmitOutcome(report, output_dir)  # what the CLI's --json prints
         raise interrupted
     return SubmitOutcome(report, output_dir)
 

@@ -111,7 +111,7 @@ def stop_process(process) -> None:
 
 
 @contextlib.contextmanager
-def started_like_a_scheduler(args: list[str]):
+def started_like_a_scheduler(args: list[str], capture_stdout: bool = False):
     """`runjobs ARGS` started as cron or a batch script starts it (`runjobs ... &` from a
     non-interactive shell): SIGINT ignored, inherited by the driver, so only `runjobs
     cancel` can stop it. Killed at the end of the block if it still runs."""
@@ -119,7 +119,8 @@ def started_like_a_scheduler(args: list[str]):
     import subprocess
 
     process = subprocess.Popen(
-        [RUNJOBS, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        [RUNJOBS, *args], stdout=subprocess.PIPE if capture_stdout else subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )  # fmt: skip
     try:

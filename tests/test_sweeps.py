@@ -236,14 +236,17 @@ def test_cancel_stops_a_running_sweep_and_records_its_jobs_cancelled(tmp_path):
         tmp_path, "name: c\ndefaults: {epochs: 20000}\ngrid: {framework: [torch], seed: [0, 1, 2]}\n"
     )
     # SIGINT ignored, as cron starts it: cancel must not depend on a signal.
-    args = ["submit", str(spec), "--output", str(output), "--max-concurrent", "1"]
-    with started_like_a_scheduler(args) as driver:
+    args = ["submit", str(spec), "--output", str(output), "--max-concurrent", "1", "--json"]
+    with started_like_a_scheduler(args, capture_stdout=True) as driver:
         first = SweepSpec.load(spec).expand()[0][0]
         wait_for_state(output, first, ("running",))
         cancelled = run_cli(["cancel", str(output)])
         assert cancelled.exit_code == 0, cancelled.stderr
         assert "cancelled 1 running and 2 pending job(s)" in cancelled.stdout
         assert driver.wait(timeout=60) == 130, driver.stderr.read()
+        # A scheduler reading --json gets the summary of a stopped run too.
+        stopped = json.loads(driver.stdout.read())
+        assert stopped["exit_code"] == 130 and stopped["counts"]["cancelled"] == 3
     with Ledger.open(output, for_writing=False) as ledger:
         states = [job.status for job in ledger.jobs()]
     assert states == ["cancelled"] * 3
@@ -254,6 +257,27 @@ def test_cancel_stops_a_running_sweep_and_records_its_jobs_cancelled(tmp_path):
     never_started = SweepSpec.load(spec).expand()[2][0]
     logs = run_cli(["logs", str(output), never_started])
     assert logs.exit_code == 2 and "ended cancelled without kept output" in logs.stderr
+
+
+def test_cancel_closes_a_run_whose_driver_died_recording_what_it_left_cancelled(tmp_path):
+    from jobs.plan.spec import JobSpec
+    from jobs.record.records import empty_record
+
+    output = tmp_path / "run"
+    config = JobSpec("torch").to_record()
+    with Ledger.open(output, for_writing=True) as ledger:  # a driver that was killed outright
+        ledger.add_jobs([("done", config), ("busy", config), ("queued", config)])
+        ledger.mark("done", "failed", empty_record("done", config, "failed", "ValueError: it ended"))
+        ledger.mark("busy", "running")
+    closed = run_cli(["cancel", str(output), "--json"])
+    assert closed.exit_code == 0, closed.stderr
+    assert "recorded its 1 running and 1 pending job(s) cancelled" in closed.stderr
+    summary = json.loads(closed.stdout)  # --json: stdout is the summary alone
+    assert summary["exit_code"] == 130
+    assert [job["status"] for job in summary["jobs"]] == ["failed", "cancelled", "cancelled"]
+    assert json.loads((output / "report.json").read_text())["summary"]["cancelled"] == 2
+    again = run_cli(["cancel", str(output)])
+    assert again.exit_code == 2 and "nothing to cancel" in again.stderr
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ that leaves mid-sweep. The CLI runs as its own process against the head's addres
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 
@@ -67,7 +68,7 @@ def test_four_one_gpu_jobs_land_on_both_nodes_never_sharing_a_gpu(two_nodes, tmp
         "name: spread\ndefaults: {epochs: 3000, gpus_per_job: 1}\n"
         "grid: {framework: [tensorflow, torch], seed: [0, 1]}\n",
     )
-    result = submit(two_nodes, tmp_path / "run", str(spec))
+    result = submit(two_nodes, tmp_path / "run", str(spec), "--wait-for-nodes", "2")
     assert result.returncode == 0, result.stderr
     report = load_strict_json(tmp_path / "run" / "report.json")
     assert report["cluster"]["nodes"] == 2 and report["cluster"]["gpus"] == 4
@@ -80,6 +81,20 @@ def test_four_one_gpu_jobs_land_on_both_nodes_never_sharing_a_gpu(two_nodes, tmp
     for placement in placements:
         assert placement["cuda_visible_devices"] == placement["gpu_ids"][0]
         assert placement["device"] == "cpu" and placement["cpu_fallback"] is True
+
+
+def test_a_node_that_never_joins_is_exit_3_before_anything_starts(two_nodes, tmp_path):
+    environment = {**os.environ, "RUNJOBS_CONNECT_TIMEOUT_S": "2"}
+    command = [RUNJOBS, "submit", "--address", two_nodes, "--output", str(tmp_path / "run")]
+    result = subprocess.run(
+        [*command, "--wait-for-nodes", "3"], capture_output=True, text=True, timeout=120, env=environment
+    )
+    assert result.returncode == 3, result.stderr
+    assert "2 of 3 node(s) joined the cluster" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    run = tmp_path / "run"
+    # The directory may hold the planned jobs (the lock is taken before connecting); none ran.
+    assert not (run / "ledger.sqlite").exists() or set(ledger_states(run)) <= {"pending"}
 
 
 def test_multiworker_and_ddp_jobs_spread_over_both_nodes_train_correctly(two_nodes, tmp_path):

@@ -42,6 +42,7 @@ class SubmitRequest:
     spec_file: Path | None = None
     rerun: str | None = None  # None: only jobs without a result; "failed"; "all"
     max_concurrent: int | None = None
+    wait_for_nodes: int | None = None  # start once the cluster has this many nodes alive
     run_id: str | None = None  # a new run's id; default: a fresh one (a directory keeps its own)
 
 

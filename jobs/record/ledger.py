@@ -280,6 +280,22 @@ def _create_schema(connection: sqlite3.Connection) -> None:
         connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
+def close_abandoned(directory: Path) -> tuple[int, int]:
+    """Record as cancelled the running and pending jobs of a run whose driver has ended.
+
+    A driver killed outright (SIGKILL, its node lost, a scheduler's hard stop) leaves its
+    unfinished jobs as it last wrote them. Returns how many were running and pending.
+    Refused (LedgerError) while a driver holds the directory.
+    """
+    with Ledger.open(directory, for_writing=True) as ledger:
+        left = [job for job in ledger.jobs() if job.status in ("pending", "running")]
+        for job in left:
+            error = "cancelled: its driver ended before recording it (closed by runjobs cancel)"
+            ledger.mark(job.id, "cancelled", empty_record(job.id, job.config, "cancelled", error))
+        running = sum(job.status == "running" for job in left)
+        return running, len(left) - running
+
+
 def request_cancel(directory: Path) -> float:
     """Ask the driver running on `directory` to cancel its run; returns the request's time.
 

@@ -50,6 +50,15 @@ def rebuild_report(
     output_dir: Path, ledger: Ledger | None = None, job_ids: set[str] | None = None
 ) -> dict[str, Any]:
     """The report files again, from the ledger alone: no Ray, no framework."""
+    report = report_from_ledger(output_dir, ledger, job_ids)
+    write_reports(output_dir, report)
+    return report
+
+
+def report_from_ledger(
+    output_dir: Path, ledger: Ledger | None = None, job_ids: set[str] | None = None
+) -> dict[str, Any]:
+    """The run's report as its ledger holds it now, without writing any file."""
     owned = ledger is None
     ledger = ledger or Ledger.open(output_dir, for_writing=False)
     try:
@@ -61,5 +70,4 @@ def rebuild_report(
     finally:
         if owned:
             ledger.close()
-    write_reports(output_dir, report)
     return report

@@ -95,10 +95,13 @@ class BackgroundShutdown:
 
 
 @contextmanager
-def connected(address: str | None, shutdown: BackgroundShutdown | None = None) -> Iterator[ClusterInfo]:
+def connected(
+    address: str | None, shutdown: BackgroundShutdown | None = None, wait_for_nodes: int | None = None
+) -> Iterator[ClusterInfo]:
     """Connect for the duration of the block; shut down only what this call started.
 
     With `shutdown`, the shutdown starts on a thread as the block ends; the caller waits.
+    With `wait_for_nodes`, the block starts once the cluster has that many nodes alive.
     """
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address and address != "auto" and not address.startswith(("http://", "https://")):
@@ -138,6 +141,8 @@ def connected(address: str | None, shutdown: BackgroundShutdown | None = None) -
     previous_handler = _stop_on_sigterm()
     failed = True
     try:
+        if wait_for_nodes:
+            wait_for_alive_nodes(address or "local", wait_for_nodes, connect_timeout_s())
         yield describe_cluster(embedded=not address)
         failed = False
     finally:
@@ -226,6 +231,29 @@ def split_address(address: str) -> tuple[str, int]:
             "http://HEAD:8265 or auto"
         )
     return host, port
+
+
+def wait_for_alive_nodes(address: str, wanted: int, timeout_s: float) -> None:
+    """Return once `wanted` nodes are alive; ClusterUnreachableError (exit 3) after `timeout_s`.
+
+    A batch allocation starts its head first and its other nodes' raylets as their steps
+    start: submitting before they join would pack every job onto the nodes already there.
+    """
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = [node for node in ray.nodes() if node.get("Alive")]
+        if len(alive) >= wanted:
+            return
+        if time.monotonic() >= deadline:
+            joined = ", ".join(sorted(node.get("NodeManagerAddress", "?") for node in alive)) or "none"
+            raise ClusterUnreachableError(
+                f"{len(alive)} of {wanted} node(s) joined the cluster at {address} within {timeout_s:g}s "
+                f"(alive: {joined}); check the missing nodes' `ray start`, "
+                f"or raise {CONNECT_TIMEOUT_VARIABLE}"
+            )
+        time.sleep(0.25)
 
 
 def describe_cluster(embedded: bool) -> ClusterInfo:

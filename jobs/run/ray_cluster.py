@@ -19,15 +19,18 @@ from jobs.run.executor import RunCallbacks, RunSummary
 
 
 class RayClusterExecutor:
-    def __init__(self, address: str | None, max_concurrent: int | None = None) -> None:
+    def __init__(
+        self, address: str | None, max_concurrent: int | None = None, wait_for_nodes: int | None = None
+    ) -> None:
         self.address = address
         self.max_concurrent = max_concurrent
+        self.wait_for_nodes = wait_for_nodes
         self.shutdown = clusters.BackgroundShutdown()
 
     @contextmanager
     def connect(self) -> Iterator[RayClusterSession]:
         started = time.perf_counter()
-        with clusters.connected(self.address, self.shutdown) as cluster:
+        with clusters.connected(self.address, self.shutdown, self.wait_for_nodes) as cluster:
             yield RayClusterSession(cluster, time.perf_counter() - started, self.max_concurrent)
 
     def closed(self) -> float | None:
