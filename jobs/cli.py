@@ -314,6 +314,14 @@ def _print_plan(planned, json_output: bool) -> None:
     # The model's columns only when some job trains a model other than the line.
     if any(job.spec.model != "linear" for job in planned):
         columns = (*columns[:1], "model", "hidden", "dtype", *columns[1:])
+    # Any other field that differs between the jobs (a sampled beta_1, say) gets a column too.
+    records = [job.spec.to_record() for job in planned]
+    varying = [
+        name
+        for name in FIELDS
+        if name not in columns and len({json.dumps(record[name], sort_keys=True) for record in records}) > 1
+    ]
+    columns = (*columns, *varying)
 
     def shown(job, column: str) -> str:
         value = job.spec.to_record()[column]

@@ -354,3 +354,88 @@ def wait_until_exists(path, process, limit_s: float = 60) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+# ---- random search ----------------------------------------------------------------------
+
+RANDOM = """name: random
+defaults: {{epochs: 30}}
+grid: {{framework: [torch, tensorflow]}}
+sample:
+  lr: {{loguniform: [0.001, 0.1]}}
+  beta_1: {{uniform: [0.8, 0.95]}}
+  seed: {{randint: [0, 3]}}
+  optimizer: {{choice: [adam, sgd]}}
+samples: {samples}
+sample_seed: 7
+"""
+
+
+def test_random_search_draws_the_same_configs_every_time_and_more_samples_keep_the_first(tmp_path):
+    first = SweepSpec.load(write_spec(tmp_path, RANDOM.format(samples=3))).expand()
+    again = SweepSpec.load(write_spec(tmp_path, RANDOM.format(samples=3))).expand()
+    assert [job_id for job_id, _ in first] == [job_id for job_id, _ in again]
+    more = SweepSpec.load(write_spec(tmp_path, RANDOM.format(samples=5))).expand()
+    assert {job_id for job_id, _ in first} < {job_id for job_id, _ in more}, "raising samples keeps the draws"
+    specs = [spec for _, spec in more]
+    assert len(specs) == 10 and {spec.framework for spec in specs} == {"torch", "tensorflow"}
+    for spec in specs:
+        assert 0.001 <= spec.lr <= 0.1 and 0.8 <= spec.beta_1 <= 0.95
+        assert spec.seed in (0, 1, 2, 3) and spec.optimizer in ("adam", "sgd")
+    # Each draw pairs with every grid point: both frameworks train the same sampled configs.
+    by_framework = {
+        framework: [(spec.lr, spec.beta_1, spec.seed) for spec in specs if spec.framework == framework]
+        for framework in ("torch", "tensorflow")
+    }
+    assert by_framework["torch"] == by_framework["tensorflow"]
+
+
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        ("sample: {lr: {normal: [0, 1]}}\nsamples: 2", "unknown distribution 'normal'"),
+        (
+            "sample: {lr: {uniform: [0.1, 0.01]}}\nsamples: 2",
+            "uniform takes finite numbers [low, high] with low < high",
+        ),
+        ("sample: {lr: {loguniform: [0, 0.1]}}\nsamples: 2", "loguniform takes low > 0"),
+        ("sample: {seed: {randint: [0, 1.5]}}\nsamples: 2", "randint takes whole numbers"),
+        ("sample: {optimizer: {choice: []}}\nsamples: 2", "choice takes a non-empty list"),
+        ("sample: {lr: 0.1}\nsamples: 2", "give one of {loguniform: ...}"),
+        ("sample: {lrr: {uniform: [0.1, 0.2]}}\nsamples: 2", "unknown job field 'lrr'"),
+        ("sample: {lr: {uniform: [0.1, 0.2]}}", "samples=None: give how many configs to draw"),
+        ("samples: 3", "samples and sample_seed go with sample:"),
+        (
+            "grid: {lr: [0.1]}\nsample: {lr: {uniform: [0.1, 0.2]}}\nsamples: 2",
+            "lr is both in grid and in sample",
+        ),
+        ("sample: {lr: {uniform: [0.1, 0.2]}}\nsamples: 200001", "expands to 400002 jobs"),
+        (
+            "sample: {seed: {randint: [0, 9]}}\nsamples: 2\nsample_seed: -1",
+            "sample_seed=-1 must be a whole number",
+        ),
+    ],
+)
+def test_a_bad_sample_is_refused_in_one_line_before_anything_starts(tmp_path, body, expected):
+    spec = write_spec(tmp_path, f"name: bad\n{body}\n")
+    result = run_cli(["submit", str(spec), "--dry-run"], tmp_path / "run")
+    assert result.exit_code == 2, result.stderr
+    assert expected in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_random_search_resumes_a_rerun_runs_nothing_and_more_samples_run_only_the_new(
+    ray_session, tmp_path
+):
+    output = tmp_path / "run"
+    first = run_cli(["submit", str(write_spec(tmp_path, RANDOM.format(samples=2))), "--json"], output)
+    assert first.exit_code in (0, 1), first.stderr  # an sgd draw may diverge: still a result
+    assert len(first.report()["jobs"]) == 4
+    again = run_cli(["submit", str(write_spec(tmp_path, RANDOM.format(samples=2)))], output)
+    assert "nothing to run" in again.stderr
+    more = run_cli(["submit", str(write_spec(tmp_path, RANDOM.format(samples=3))), "--json"], output)
+    assert len(more.report()["jobs"]) == 6
+    with Ledger.open(output, for_writing=False) as ledger:
+        assert all(job.attempts == 1 for job in ledger.jobs()), "no draw ran twice"

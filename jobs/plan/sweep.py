@@ -5,6 +5,9 @@
     grid: {framework: [tensorflow, torch], lr: [0.01, 0.1]}   # cartesian product
     jobs: [{framework: torch, lr: 0.05}] # optional explicit jobs, each over defaults
     repeat: 2                            # optional: each job again with seed + 1, ...
+    sample: {lr: {loguniform: [0.001, 0.1]}}  # optional random search (jobs/plan/sampling.py)
+    samples: 16                          # configs drawn, each with every grid point
+    sample_seed: 0
 
 Keys are job fields, the submit flags' names in snake_case. A grid point whose variant
 does not belong to its framework is skipped, as `--variant` does on the command line;
@@ -31,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jobs.plan import sampling
 from jobs.plan.spec import (
     DEFAULT_FRAMEWORKS,
     FIELDS,
@@ -43,7 +47,7 @@ from jobs.plan.spec import (
     make_spec,
 )
 
-SPEC_KEYS = ("name", "defaults", "grid", "jobs", "repeat")
+SPEC_KEYS = ("name", "defaults", "grid", "jobs", "repeat", "sample", "samples", "sample_seed")
 
 # A hand-written sweep is a few hundred bytes, and a grid names any number of jobs in a
 # few lines. PyYAML builds its Python objects at about 5 s and 120 MB per MB of YAML, so
@@ -70,6 +74,9 @@ class SweepSpec:
     grid: dict[str, list[Any]]
     jobs: list[dict[str, Any]]
     repeat: int = 1
+    sample: dict[str, sampling.Distribution] | None = None
+    samples: int = 1
+    sample_seed: int = 0
 
     @classmethod
     def load(cls, path: Path) -> SweepSpec:
@@ -95,7 +102,27 @@ class SweepSpec:
             raise SpecError(f"{path}: every entry of jobs is a mapping of job fields")
         if not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 1:
             raise SpecError(f"{path}: repeat={repeat!r} must be a whole number >= 1")
-        return cls(str(name or path.stem), defaults, grid, jobs, repeat)
+        sample = None
+        samples, sample_seed = document.get("samples"), document.get("sample_seed", 0)
+        if document.get("sample") is not None:
+            sample = sampling.parse(str(path), document["sample"], grid)
+            for key in sample:
+                known_field(key)  # a misspelt field is named with the list of fields
+            if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+                raise SpecError(
+                    f"{path}: samples={samples!r}: give how many configs to draw, a whole number >= 1"
+                )
+            if (
+                not isinstance(sample_seed, int)
+                or isinstance(sample_seed, bool)
+                or not 0 <= sample_seed < 2**63
+            ):
+                raise SpecError(f"{path}: sample_seed={sample_seed!r} must be a whole number >= 0")
+        elif samples is not None or "sample_seed" in document:
+            raise SpecError(
+                f"{path}: samples and sample_seed go with sample: (the distributions to draw from)"
+            )
+        return cls(str(name or path.stem), defaults, grid, jobs, repeat, sample, samples or 1, sample_seed)
 
     def job_count(self) -> int:
         """How many jobs `expand` builds at most, from the sizes alone: nothing is expanded.
@@ -104,15 +131,17 @@ class SweepSpec:
         duplicates, are dropped only while expanding.
         """
         count = 0
-        if self.grid or not self.jobs:
-            count += math.prod(len(values) for values in self.grid.values()) * self._grid_frameworks()
+        if self.grid or self.sample or not self.jobs:
+            points = math.prod(len(values) for values in self.grid.values())
+            count += points * (self.samples if self.sample else 1) * self._grid_frameworks()
         for job in self.jobs:
             count += 1 if "framework" in job or "framework" in self.defaults else len(DEFAULT_FRAMEWORKS)
         return count * self.repeat
 
     def _grid_frameworks(self) -> int:
         """How many jobs each grid point makes: one, or one per framework when none is named."""
-        return 1 if "framework" in self.grid or "framework" in self.defaults else len(DEFAULT_FRAMEWORKS)
+        named = "framework" in self.grid or "framework" in self.defaults or "framework" in (self.sample or {})
+        return 1 if named else len(DEFAULT_FRAMEWORKS)
 
     def check_size(self) -> None:
         """Refuse a sweep of more jobs than RUNJOBS_MAX_JOBS allows, before expanding it."""
@@ -121,6 +150,8 @@ class SweepSpec:
         if count <= limit:
             return
         shape = []
+        if self.sample:
+            shape.append(f"{self.samples} sample(s)")
         if self.grid:
             frameworks = self._grid_frameworks()
             shape.append(
@@ -142,10 +173,12 @@ class SweepSpec:
         self.check_size()
         overrides = overrides or Overrides()
         points: list[dict[str, Any]] = []
-        if self.grid or not self.jobs:
+        if self.grid or self.sample or not self.jobs:
             keys = list(self.grid)
+            draws = sampling.draw(self.sample, self.samples, self.sample_seed) if self.sample else [{}]
             for values in itertools.product(*(self.grid[key] for key in keys)):
-                points.append({**self.defaults, **dict(zip(keys, values))})
+                for drawn in draws:
+                    points.append({**self.defaults, **dict(zip(keys, values)), **drawn})
         points += [{**self.defaults, **job} for job in self.jobs]
 
         expanded: list[tuple[str, JobSpec]] = []
