@@ -655,8 +655,8 @@ def predict(model, input_texts, model_format, json_output, trust_code, model_cod
 
     MODEL is a job's model directory (DIR/models/JOB, written by runjobs submit
     --save-models) or one model file: .keras, a SavedModel directory, a TorchScript or
-    state_dict .pt, or .onnx. Only the framework the format needs is imported, and
-    no pickled object is ever run. A user model's state_dict, SavedModel or params.npz
+    state_dict .pt, .jax_export, params.npz or .onnx. Only the framework the format
+    needs is imported, and no pickled object is ever run. A user model's state_dict, SavedModel or params.npz
     needs its code: refused unless --trust-code. Exit code 2 for a bad MODEL, format or
     input.
     """

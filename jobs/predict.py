@@ -1,12 +1,14 @@
 """`runjobs predict`: load an exported model (any format `--save-models` writes) and predict.
 
 MODEL is a job's model directory (`DIR/models/JOB`, with its `model.json`), from which
-the first available format is taken (torchscript, saved_model, keras, state_dict, onnx)
-unless one is asked for; or one model file or directory: a `.keras` file, a SavedModel
-directory, a TorchScript or state_dict `.pt`, or a `.onnx` file.
+the first format that loads is taken (in the registry's order: torchscript, saved_model,
+jax_export, keras, state_dict, jax_params, onnx) unless one is asked for; or one model
+file or directory: a `.keras` file, a SavedModel directory, a TorchScript or state_dict
+`.pt`, a `.jax_export`, a `params.npz` or a `.onnx` file.
 
-Loading never unpickles untrusted data and never runs a user model's code: TorchScript
-archives hold code and tensors, a state_dict is read with `torch.load(weights_only=True)`
+Loading never unpickles untrusted data and never runs a user model's code unless the
+user passes --trust-code (then only the code whose digest the model was saved with):
+TorchScript archives hold code and tensors, a state_dict is read with `torch.load(weights_only=True)`
 (which refuses any object that is not a tensor or a plain container) into the stack
 model.json describes, a `.keras` file is read in Keras' safe mode once its config is
 checked to be a stack of Dense layers, a SavedModel's variables are read without running
