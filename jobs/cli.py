@@ -7,7 +7,9 @@ request (nothing was started); 3 the cluster cannot be reached; 130 interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -264,17 +266,20 @@ def submit(
             raise SpecError("--no-wait needs a Ray Jobs address: --address http://HEAD:8265")
         if wait_for_nodes and (not address or is_jobs_address(address)):
             raise SpecError("--wait-for-nodes needs the address of a running cluster: --address HOST:6379")
-        with for_stream(sys.stderr) as progress:
+        stopped = None
+        with _stdout_kept_for_json(json_output), for_stream(sys.stderr) as progress:
             try:
                 outcome = run_submit(request, progress, wait=not no_wait)
             except KeyboardInterrupt as interrupted:
                 # A scheduler reading --json gets what was kept even from a stopped run.
-                kept = getattr(interrupted, "outcome", None)
-                if json_output and kept is not None:
-                    from jobs.report.combined import summary
+                stopped = getattr(interrupted, "outcome", None)
+                if not (json_output and stopped is not None):
+                    raise
+        if stopped is not None:
+            from jobs.report.combined import summary
 
-                    click.echo(json.dumps(summary(kept.report, kept.output_dir, EXIT_INTERRUPTED), indent=2))
-                raise
+            click.echo(json.dumps(summary(stopped.report, stopped.output_dir, EXIT_INTERRUPTED), indent=2))
+            raise click.Abort()  # "runjobs: interrupted", exit 130
         if isinstance(outcome, RemoteSubmission):
             _print_submission(outcome, json_output)
             return
@@ -290,6 +295,26 @@ def submit(
         click.echo(f"report: {outcome.output_dir / 'report.json'} (also report.html, report.csv, report.md)")
         click.echo(f"next: runjobs status {outcome.output_dir} | runjobs list {outcome.output_dir}")
     click.get_current_context().exit(outcome.exit_code)
+
+
+@contextlib.contextmanager
+def _stdout_kept_for_json(json_output: bool):
+    """With --json, stdout holds the summary alone: while the run goes, anything else that
+    writes to file descriptor 1 (Ray's notices from its raylet and autoscaler, which it
+    prints to a driver's stdout; a framework's C++ logging; Ray's own processes, which
+    inherit it) goes to stderr. A scheduler parses what is left."""
+    if not json_output:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _print_submission(submission, json_output: bool) -> None:

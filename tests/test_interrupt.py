@@ -48,3 +48,25 @@ def test_interrupting_a_run_keeps_finished_jobs_and_records_the_rest_cancelled(t
     assert jobs["torch"]["status"] == "succeeded" and jobs["torch"]["params"] is not None
     assert jobs["tensorflow"]["status"] == "cancelled"
     assert report["summary"]["cancelled"] == 1
+
+
+def test_with_json_only_the_summary_reaches_stdout_whatever_else_writes_to_it():
+    # Ray prints its raylet's and autoscaler's notices to a driver's stdout (one ended up in
+    # a Slurm job's summary file once); with --json they go to stderr instead.
+    import subprocess
+    import sys
+
+    program = (
+        "import os, sys\n"
+        "from jobs.cli import _stdout_kept_for_json\n"
+        "with _stdout_kept_for_json(True):\n"
+        "    os.write(1, b'(raylet) notice\\n'); print('from python'); sys.stdout.flush()\n"
+        "    os.system('echo from a child')\n"
+        "print('{\"exit_code\": 130}')\n"
+    )
+    shown = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout == '{"exit_code": 130}\n'
+    assert (
+        "(raylet) notice" in shown.stderr and "from a child" in shown.stderr and "from python" in shown.stderr
+    )
