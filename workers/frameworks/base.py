@@ -68,6 +68,18 @@ class JobSettings(Protocol):
     def dtype(self) -> str: ...
 
 
+@dataclass(frozen=True)
+class ExportSettings:
+    """What a framework's build_model reads when a model is rebuilt for export or prediction:
+    exported models take and return float32, and a user's builder sees seed 0."""
+
+    dtype: str = "float32"
+    seed: int = 0
+
+
+EXPORT_SETTINGS = ExportSettings()
+
+
 class ModelLoadError(ValueError):
     """A model file runjobs will not load; the message says what to give instead."""
 

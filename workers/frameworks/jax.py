@@ -58,7 +58,7 @@ import numpy as np  # noqa: E402
 from workers.devices import choose_device  # noqa: E402
 from workers.distributed import SINGLE_WORKER, WorkerContext  # noqa: E402
 from workers.frameworks import FrameworkDescription  # noqa: E402
-from workers.frameworks.base import Framework, JobSettings, ModelLoadError, Predictor  # noqa: E402
+from workers.frameworks.base import EXPORT_SETTINGS, Framework, JobSettings, ModelLoadError, Predictor  # noqa: E402
 from workers.models import ModelPlan  # noqa: E402
 from workers.models import user as user_models  # noqa: E402
 from workers.models.shared_start import describe_layout, draw  # noqa: E402
@@ -233,17 +233,6 @@ class JaxFramework(Framework):
 
     def model_loaders(self) -> dict[str, Callable[[Path], Predictor]]:
         return {"jax_export": _load_exported, "jax_params": _load_parameters}
-
-
-@dataclass(frozen=True)
-class _ExportSettings:
-    """What build_model reads when a model is rebuilt for export: exported models take float32."""
-
-    dtype: str = "float32"
-    seed: int = 0
-
-
-EXPORT_SETTINGS = _ExportSettings()
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ import tensorflow as tf  # noqa: E402
 from workers.devices import choose_device  # noqa: E402
 from workers.distributed import SINGLE_WORKER, WorkerContext  # noqa: E402
 from workers.frameworks import FrameworkDescription  # noqa: E402
-from workers.frameworks.base import Framework, JobSettings, ModelLoadError, Predictor  # noqa: E402
+from workers.frameworks.base import EXPORT_SETTINGS, Framework, JobSettings, ModelLoadError, Predictor  # noqa: E402
 from workers.frameworks.onnx_format import ONNX_OPSET, missing_converter, one_line  # noqa: E402
 from workers.models import ModelPlan  # noqa: E402
 from workers.models import user as user_models  # noqa: E402
@@ -663,17 +663,9 @@ def _placement(device: Device) -> str:
     return "/CPU:0" if device.name == "cpu" else device.name
 
 
-@dataclass(frozen=True)
-class _ExportSettings:
-    """What build_model reads when a user model is rebuilt for export: exported models take float32."""
-
-    dtype: str = "float32"
-    seed: int = 0
-
-
 def _user_model_for_export(plan: ModelPlan):
     """The user's Keras model as build_tensorflow makes it (float32, seed 0), its variables created."""
-    model = build_model(_ExportSettings(), plan)
+    model = build_model(EXPORT_SETTINGS, plan)
     if not model.built or not model.trainable_variables:
         # A subclassed model makes its variables on its first call.
         model(np.zeros((1, plan.feature_count), dtype=np.float32))

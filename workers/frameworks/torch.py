@@ -21,7 +21,6 @@ import datetime
 import pickle
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ import torch
 
 from workers.devices import choose_device
 from workers.distributed import SINGLE_WORKER, WorkerContext
-from workers.frameworks.base import Framework, JobSettings, ModelLoadError, Predictor
+from workers.frameworks.base import EXPORT_SETTINGS, Framework, JobSettings, ModelLoadError, Predictor
 from workers.frameworks.onnx_format import ONNX_OPSET, missing_converter, one_line
 from workers.models import ModelPlan
 from workers.models import user as user_models
@@ -151,15 +150,6 @@ class TorchFramework(Framework):
         return {"torchscript": _load_torchscript, "state_dict": _load_state_dict}
 
 
-@dataclass(frozen=True)
-class _ExportSettings:
-    """What build_model reads when a model is rebuilt for export: exported models take float32."""
-
-    dtype: str = "float32"
-    seed: int = 0
-
-
-EXPORT_SETTINGS = _ExportSettings()
 ACTIVATIONS = {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh, "gelu": torch.nn.GELU}  # GELU: exact (erf)
 
 
