@@ -3,20 +3,54 @@
 Not a framework: the registry's ONNX format names this module as its reader, so
 `runjobs predict model.onnx` imports onnxruntime and neither TensorFlow nor torch. Each
 framework writes ONNX with its own converter (tf2onnx, torch.onnx); the helpers here
-keep their opset, their install hint and their way of reporting a missing converter the
-same.
+keep their opset, their install hint, their check of what was converted and their way
+of reporting a file not written the same.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from workers.frameworks.base import ModelLoadError, Predictor
 
 # The opset both converters write; onnxruntime 1.17 and later run it.
 ONNX_OPSET = 18
 ONNX_INSTALL_HINT = "pip install 'runjobs[onnx]'"
+
+
+def write_checked(
+    converter: str,
+    module_names: tuple[str, ...],
+    path: Path,
+    convert: Callable[[], None],
+    feature_count: int,
+    compute: Callable[[np.ndarray], Any],
+) -> str | None:
+    """Write an ONNX file with `convert`, kept only when onnxruntime computes what `compute` does.
+
+    Returns why the file was not written (the converter's modules missing, its failure, or
+    a graph that computes something else), or None. An optional converter's failure never
+    loses the job: the caller records the reason in the manifest's `not_written`.
+    """
+    missing = missing_converter(*module_names)
+    if missing:
+        return missing
+    from workers.export import onnx_mismatch
+
+    try:
+        convert()
+        mismatch = onnx_mismatch(path, feature_count, compute)
+    except Exception as error:  # an optional converter's failure must not lose the job
+        return f"{converter} failed: {one_line(error)}"
+    if mismatch is not None:
+        path.unlink(missing_ok=True)
+        return f"{converter} wrote a model that {mismatch}"
+    return None
 
 
 def missing_converter(*module_names: str) -> str | None:

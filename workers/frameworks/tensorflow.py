@@ -41,7 +41,7 @@ from workers.devices import choose_device  # noqa: E402
 from workers.distributed import SINGLE_WORKER, WorkerContext  # noqa: E402
 from workers.frameworks import FrameworkDescription  # noqa: E402
 from workers.frameworks.base import EXPORT_SETTINGS, Framework, JobSettings, ModelLoadError, Predictor  # noqa: E402
-from workers.frameworks.onnx_format import ONNX_OPSET, missing_converter, one_line  # noqa: E402
+from workers.frameworks.onnx_format import ONNX_OPSET, one_line, write_checked  # noqa: E402
 from workers.models import ModelPlan  # noqa: E402
 from workers.models import user as user_models  # noqa: E402
 from workers.models.shared_start import describe_layout, draw  # noqa: E402
@@ -357,28 +357,27 @@ class TensorFlowFramework(Framework):
             input_signature=list(signature),
         )
 
-        missing = missing_converter("onnx", "tf2onnx")
-        if missing:
-            return {**not_written, "onnx": missing}
-        try:
-            import tf2onnx
+        onnx_path = self.format_path(directory, "onnx")
 
-            from workers.export import onnx_mismatch
+        def convert() -> None:
+            import tf2onnx
 
             # tf2onnx's from_keras does not know Keras 3 models; a tf.function around the
             # model converts the same graph (a dense stack's written out, see _onnx_forward).
             serve = tf.function(_onnx_forward(model, plan), input_signature=signature)
-            onnx_path = self.format_path(directory, "onnx")
             tf2onnx.convert.from_function(
                 serve, input_signature=signature, opset=ONNX_OPSET, output_path=str(onnx_path)
             )
-            mismatch = onnx_mismatch(onnx_path, feature_count, lambda features: model(features).numpy())
-        except Exception as error:  # an optional converter's failure must not lose the job
-            return {**not_written, "onnx": f"tf2onnx failed: {one_line(error)}"}
-        if mismatch is not None:
-            onnx_path.unlink(missing_ok=True)
-            return {**not_written, "onnx": f"tf2onnx wrote a model that {mismatch}"}
-        return not_written
+
+        reason = write_checked(
+            "tf2onnx",
+            ("onnx", "tf2onnx"),
+            onnx_path,
+            convert,
+            feature_count,
+            lambda rows: model(rows).numpy(),
+        )
+        return not_written if reason is None else {**not_written, "onnx": reason}
 
     def load_with_code(self, path: Path, format: str, plan: ModelPlan) -> Predictor:
         if format != "saved_model":

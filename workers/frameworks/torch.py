@@ -29,7 +29,7 @@ import torch
 from workers.devices import choose_device
 from workers.distributed import SINGLE_WORKER, WorkerContext
 from workers.frameworks.base import EXPORT_SETTINGS, Framework, JobSettings, ModelLoadError, Predictor
-from workers.frameworks.onnx_format import ONNX_OPSET, missing_converter, one_line
+from workers.frameworks.onnx_format import ONNX_OPSET, one_line, write_checked
 from workers.models import ModelPlan
 from workers.models import user as user_models
 from workers.models.shared_start import describe_layout, draw
@@ -102,14 +102,9 @@ class TorchFramework(Framework):
         # model's needs the user's code to rebuild the module it fits.
         torch.save(model.state_dict(), self.format_path(directory, "state_dict"))
 
-        # torch 2.13's exporter (dynamo, the default) builds the graph with onnxscript.
-        missing = missing_converter("onnx", "onnxscript")
-        if missing:
-            return {**not_written, "onnx": missing}
-        from workers.export import onnx_mismatch
-
         onnx_path = self.format_path(directory, "onnx")
-        try:
+
+        def convert() -> None:
             torch.onnx.export(
                 model,
                 (torch.zeros(1, feature_count),),
@@ -121,16 +116,16 @@ class TorchFramework(Framework):
                 external_data=False,  # one self-contained file
                 verbose=False,
             )
+
+        def compute(rows: np.ndarray) -> np.ndarray:
             with torch.no_grad():
-                mismatch = onnx_mismatch(
-                    onnx_path, feature_count, lambda rows: model(torch.from_numpy(rows)).numpy()
-                )
-        except Exception as error:  # an optional converter's failure must not lose the job
-            return {**not_written, "onnx": f"torch.onnx.export failed: {one_line(error)}"}
-        if mismatch is not None:
-            onnx_path.unlink(missing_ok=True)
-            return {**not_written, "onnx": f"torch.onnx.export wrote a model that {mismatch}"}
-        return not_written
+                return model(torch.from_numpy(rows)).numpy()
+
+        # torch 2.13's exporter (dynamo, the default) builds the graph with onnxscript.
+        reason = write_checked(
+            "torch.onnx.export", ("onnx", "onnxscript"), onnx_path, convert, feature_count, compute
+        )
+        return not_written if reason is None else {**not_written, "onnx": reason}
 
     def load_with_code(self, path: Path, format: str, plan: ModelPlan) -> Predictor:
         if format != "state_dict":
