@@ -348,13 +348,14 @@ def _print_plan(planned, json_output: bool) -> None:
     ]
     columns = (*columns, *varying)
 
-    def shown(job, column: str) -> str:
-        value = job.spec.to_record()[column]
+    def shown(record: dict, column: str) -> str:
+        value = record[column]
         if column == "hidden":
-            return ",".join(map(str, value)) if job.spec.model == "mlp" else "-"
+            return ",".join(map(str, value)) if record["model"] == "mlp" else "-"
         return str(value)
 
-    rows = [[job.id, *(shown(job, column) for column in columns)] for job in planned]
+    # Each job's record once (a sweep may hold 100,000 jobs), not once per cell.
+    rows = [[job.id, *(shown(record, column) for column in columns)] for job, record in zip(planned, records)]
     _echo_table(["id", *columns], rows)
     click.echo(f"{len(planned)} job(s); nothing started (--dry-run)")
 
