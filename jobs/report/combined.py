@@ -201,10 +201,14 @@ def framework_pairs(items: list[dict[str, Any]]) -> list[tuple[str, str]]:
     A framework a record names but the registry no longer lists (an older run) comes
     after the registered ones, so its record is still compared.
     """
+    return list(itertools.combinations(frameworks_in_order(items), 2))
+
+
+def frameworks_in_order(items: list[dict[str, Any]]) -> list[str]:
+    """The frameworks `items` name, in the registry's order; unregistered ones (an older run) last."""
     present = list(dict.fromkeys(item["framework"] for item in items))
     ordered = [name for name in frameworks.names() if name in present]
-    ordered += [name for name in present if name not in ordered]
-    return list(itertools.combinations(ordered, 2))
+    return ordered + [name for name in present if name not in ordered]
 
 
 def compare(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -254,11 +258,9 @@ def framework_groups(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         by_config.setdefault(key, []).append(record)
     groups = []
     for jobs in by_config.values():
-        present = list(dict.fromkeys(job["framework"] for job in jobs))
-        if len(present) < 2:
+        ordered = frameworks_in_order(jobs)
+        if len(ordered) < 2:
             continue
-        ordered = [name for name in frameworks.names() if name in present]
-        ordered += [name for name in present if name not in ordered]
         chosen = {name: next(job for job in jobs if job["framework"] == name) for name in ordered}
         succeeded = all(job["status"] == "succeeded" for job in chosen.values())
         group: dict[str, Any] = {
