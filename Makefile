@@ -27,7 +27,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 		echo "No GPU found: installing $(TORCH_CPU)"; \
 		$(BIN)/pip install --quiet $(TORCH_CPU_INDEX) "$(TORCH_CPU)"; \
 	fi
-	$(BIN)/pip install --quiet -e '.[dev,onnx,jax]'
+	$(BIN)/pip install --quiet -e '.[dev,onnx,jax,search,mlflow]'
 	touch $@
 
 run: install ## Set up, then run the built-in TensorFlow vs PyTorch comparison on an embedded local Ray.

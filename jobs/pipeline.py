@@ -20,7 +20,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from jobs.plan.planning import PlannedJob, SubmitRequest, plan_jobs, should_run
 from jobs.record.ledger import Ledger, is_ledger_directory
@@ -43,6 +43,18 @@ class SubmitOutcome:
     def exit_code(self) -> int:
         """0 when every job succeeded, 1 when any did not."""
         return exit_code_for(self.report)
+
+
+class Tracker(Protocol):
+    """Who hears of each job once the ledger has kept it, and of the run's report (an MLflow tracker).
+
+    Called after the ledger, never before: whatever a tracker does (or fails to do), the
+    run's results are already safe in its directory.
+    """
+
+    def job_kept(self, outcome: JobOutcome, output_dir: Path) -> None: ...
+
+    def run_finished(self, output_dir: Path, report: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -95,6 +107,7 @@ def submit(
     listener: RunListener | None = None,
     write_report_files: bool = True,
     wait: bool = True,
+    tracker: Tracker | None = None,
 ) -> SubmitOutcome | RemoteSubmission:
     """Run the request's jobs that have no result yet; `progress` shows what happens (default: lines).
 
@@ -102,7 +115,7 @@ def submit(
     the client); `listener` hears of each start and each ended job, its output and model
     files included, before it is kept (a remote driver sends them to the client, which
     writes the report files itself, hence `write_report_files`). `wait=False` (Ray Jobs only) returns once
-    the run is handed to the cluster.
+    the run is handed to the cluster. `tracker` hears of each job once it is kept, and of the report.
     """
     progress = progress or LineProgress()
     planned = plan_jobs(request) if planned is None else planned
@@ -135,7 +148,7 @@ def submit(
                     new_directory.discard()
                 raise
             run_id = ledger.meta().get("run_id") or new_id
-            callbacks = keeping_callbacks(output_dir, ledger, progress, listener)
+            callbacks = keeping_callbacks(output_dir, ledger, progress, listener, tracker)
             session.recover(ledger.meta(), callbacks)
             ledger.add_jobs([(job.id, job.spec.to_record()) for job in resolved])
             statuses = {job.id: job.status for job in ledger.jobs()}
@@ -147,7 +160,7 @@ def submit(
         if isinstance(summary, Detached):
             return RemoteSubmission(summary.job_id, summary.address, output_dir, summary.jobs)
         outcome = _finish(
-            output_dir, ledger, run_id, planned, summary, executor, progress, write_report_files
+            output_dir, ledger, run_id, planned, summary, executor, progress, write_report_files, tracker
         )
         outcome.ran = len(to_run)
         return outcome
@@ -211,7 +224,11 @@ def _nothing_to_run(output_dir: Path, ledger: Ledger, planned: list[PlannedJob],
 
 
 def keeping_callbacks(
-    output_dir: Path, ledger: Ledger, progress: LineProgress, listener: RunListener | None = None
+    output_dir: Path,
+    ledger: Ledger,
+    progress: LineProgress,
+    listener: RunListener | None = None,
+    tracker: Tracker | None = None,
 ) -> RunCallbacks:
     """Callbacks that keep each start and record in the run's ledger and show them on `progress`."""
 
@@ -226,6 +243,8 @@ def keeping_callbacks(
         if listener is not None:
             listener.ended(outcome)
         keep_record(output_dir, ledger, outcome)
+        if tracker is not None:
+            tracker.job_kept(outcome, output_dir)
         if not quiet:
             progress.ended(outcome.record)
 
@@ -233,7 +252,7 @@ def keeping_callbacks(
 
 
 def _finish(
-    output_dir, ledger, run_id, planned, summary, executor, progress, write_report_files
+    output_dir, ledger, run_id, planned, summary, executor, progress, write_report_files, tracker=None
 ) -> SubmitOutcome:
     """The run's end: its timings and cluster in the ledger, the report files, the interrupt if any."""
     wanted = {job.id for job in planned}
@@ -262,6 +281,8 @@ def _finish(
         ledger.set_meta(driver_timings=timings)
         if write_report_files:
             write_report_json(output_dir, report)
+    if tracker is not None:
+        tracker.run_finished(output_dir, report)
     if interrupted is not None:
         progress.say(f"interrupted: finished jobs are kept in {output_dir}")
         interrupted.outcome = SubmitOutcome(report, output_dir)  # what the CLI's --json prints
