@@ -192,6 +192,15 @@ def _parse_points(context, parameter, texts) -> tuple[tuple[float, ...], ...]:
     "joining), waiting up to RUNJOBS_CONNECT_TIMEOUT_S; exit 3 if they do not all join.",
 )
 @click.option(
+    "--mlflow",
+    "mlflow_uri",
+    is_flag=False,
+    flag_value="",
+    metavar="[URI]",
+    help="Also log each job to MLflow at URI as it ends (bare --mlflow: MLFLOW_TRACKING_URI). "
+    "If MLflow cannot be reached the run goes on; log it later with `runjobs export`.",
+)
+@click.option(
     "--set",
     "assignments",
     multiple=True,
@@ -213,6 +222,7 @@ def submit(
     no_wait,
     output,
     assignments,
+    mlflow_uri,
     **field_values,
 ) -> None:
     """Train a model with each framework as Ray tasks and print one comparison.
@@ -250,9 +260,17 @@ def submit(
             max_concurrent,
             wait_for_nodes,
         )
+        tracking_uri = _mlflow_uri(mlflow_uri)  # --dry-run checks its form too
         if dry_run:
-            from jobs.pipeline import check_destination
+            from jobs.pipeline import check_destination, plan_search
+            from jobs.plan.planning import search_of
 
+            search = search_of(request)
+            if search is not None:
+                plan_search(request, search)
+                check_destination(request)
+                _print_search(search, json_output)
+                return
             planned = plan_jobs(request)
             check_destination(request)
             _print_plan(planned, json_output)
@@ -266,10 +284,16 @@ def submit(
             raise SpecError("--no-wait needs a Ray Jobs address: --address http://HEAD:8265")
         if wait_for_nodes and (not address or is_jobs_address(address)):
             raise SpecError("--wait-for-nodes needs the address of a running cluster: --address HOST:6379")
+        if tracking_uri and no_wait:
+            raise SpecError(
+                "--mlflow logs each job as it ends, which --no-wait does not wait for; fetch the run with "
+                "`runjobs report --address ADDR JOBID --output DIR`, then `runjobs export DIR --mlflow URI`"
+            )
         stopped = None
         with _stdout_kept_for_json(json_output), for_stream(sys.stderr) as progress:
+            tracker = _mlflow_tracker(tracking_uri, progress)
             try:
-                outcome = run_submit(request, progress, wait=not no_wait)
+                outcome = run_submit(request, progress, wait=not no_wait, tracker=tracker)
             except KeyboardInterrupt as interrupted:
                 # A scheduler reading --json gets what was kept even from a stopped run.
                 stopped = getattr(interrupted, "outcome", None)
@@ -329,6 +353,29 @@ def _print_submission(submission, json_output: bool) -> None:
         f"      runjobs report --address {submission.address} {submission.job_id} "
         f"--output {submission.output_dir}"
     )
+
+
+def _print_search(search, json_output: bool) -> None:
+    """What --dry-run can say of an adaptive search: its settings and space (trials come as it runs)."""
+    space = {
+        name: {distribution.kind: list(distribution.arguments)}
+        for name, distribution in search.distributions.items()
+    }
+    if json_output:
+        click.echo(
+            json.dumps({"search": search.described(), "defaults": search.defaults, "sample": space}, indent=2)
+        )
+        return
+    settings = search.settings
+    click.echo(
+        f"search {search.name!r}: {settings.algorithm}, {settings.trials} trial(s), "
+        f"{settings.parallel} at a time, {settings.direction} {settings.metric}, seed {search.seed}"
+    )
+    for name, distribution in space.items():
+        click.echo(f"  {name}: {json.dumps(distribution)}")
+    if search.defaults:
+        click.echo(f"  fixed: {json.dumps(search.defaults)}")
+    click.echo("its trials are asked for as it runs, each from the results before it")
 
 
 def _print_plan(planned, json_output: bool) -> None:

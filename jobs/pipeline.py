@@ -15,6 +15,7 @@ Job on a head, or this process.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import time
 from contextlib import ExitStack
@@ -22,7 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from jobs.plan.planning import PlannedJob, SubmitRequest, plan_jobs, should_run
+from jobs.plan.fields import SpecError
+from jobs.plan.optuna_search import STUDY_FILE, SearchSpec, Study, import_optuna, trial_number
+from jobs.plan.planning import (
+    PlannedJob,
+    SubmitRequest,
+    TrialPlanner,
+    check_request,
+    plan_jobs,
+    search_of,
+    should_run,
+)
 from jobs.record.ledger import Ledger, is_ledger_directory
 from jobs.record.output import check_usable
 from jobs.record.records import JobOutcome, exit_code_for
@@ -118,7 +129,12 @@ def submit(
     the run is handed to the cluster. `tracker` hears of each job once it is kept, and of the report.
     """
     progress = progress or LineProgress()
-    planned = plan_jobs(request) if planned is None else planned
+    search = search_of(request) if planned is None else None
+    if search is not None:
+        trials = plan_search(request, search)
+        planned = []
+    else:
+        planned = plan_jobs(request) if planned is None else planned
     new_id = request.run_id or new_run_id()
     output_dir = request.output or Path("runs") / new_id
     new_directory = None
@@ -132,10 +148,24 @@ def submit(
         # and any directory made for it are removed again.
         new_directory = NewLedgerDirectory(output_dir)
         ledger = new_directory.open()
+    study = None
     try:
-        if new_directory is None and not _any_to_run(ledger, planned, request.rerun):
+        if search is not None:
+            try:
+                study = Study(search, output_dir, request.overrides.to_record()).open()
+            except BaseException:
+                if new_directory is not None:
+                    ledger.close()
+                    ledger = None
+                    new_directory.discard()
+                raise
+            planned = reconcile(study, ledger, trials)
+            ledger.set_meta(search=search.described())
+        if new_directory is None and not (
+            _any_to_run(ledger, planned, request.rerun) or (study is not None and study.remaining() > 0)
+        ):
             # Every job already has its result: a cron re-run needs no cluster at all.
-            return _nothing_to_run(output_dir, ledger, planned, progress)
+            return _nothing_to_run(output_dir, ledger, _wanted(planned, ledger, study), progress)
         executor = executor or executor_for(request, output_dir, wait)
         with ExitStack() as connection:
             try:
@@ -153,41 +183,162 @@ def submit(
             ledger.add_jobs([(job.id, job.spec.to_record()) for job in resolved])
             statuses = {job.id: job.status for job in ledger.jobs()}
             to_run = [job for job in resolved if should_run(statuses[job.id], request.rerun)]
-            summary = _run(session, to_run, resolved, run_id, ledger, callbacks, output_dir, progress)
+            feed = None
+            if study is not None:
+                feed = SearchFeed(study, trials, session, ledger, progress, in_flight=len(to_run))
+                callbacks = feed.telling(callbacks)
+            summary = _run(session, to_run, resolved, run_id, ledger, callbacks, output_dir, progress, feed)
         if summary is None:  # what an earlier remote run finished was all there was to do
             executor.closed()
-            return _nothing_to_run(output_dir, ledger, planned, progress)
+            return _nothing_to_run(output_dir, ledger, _wanted(planned, ledger, study), progress)
         if isinstance(summary, Detached):
             return RemoteSubmission(summary.job_id, summary.address, output_dir, summary.jobs)
         outcome = _finish(
-            output_dir, ledger, run_id, planned, summary, executor, progress, write_report_files, tracker
+            output_dir,
+            ledger,
+            run_id,
+            _wanted(planned, ledger, study),
+            summary,
+            executor,
+            progress,
+            write_report_files,
+            tracker,
         )
-        outcome.ran = len(to_run)
+        outcome.ran = len(to_run) + (feed.asked if feed is not None else 0)
         return outcome
     finally:
+        if study is not None:
+            study.close()
         if ledger is not None:
             ledger.close()
 
 
-def _run(session, to_run, resolved, run_id, ledger, callbacks, output_dir, progress):
+def plan_search(request: SubmitRequest, search: SearchSpec) -> TrialPlanner:
+    """An adaptive search's checks before anything starts: its trials' fields, data and options."""
+    from jobs.run.ray_jobs import is_jobs_address
+
+    check_request(request)
+    if request.rerun is not None:
+        raise SpecError(
+            f"--rerun {request.rerun}: a search's finished trials are told to its study and stay; "
+            "run the search into a new --output directory to start it again"
+        )
+    if is_jobs_address(request.address):
+        raise SpecError(
+            "an adaptive search is driven from where runjobs runs: give the cluster's Ray address "
+            "(--address HEAD:6379) rather than its Ray Jobs address"
+        )
+    trials = TrialPlanner(search, request.overrides)
+    trials.check()
+    import_optuna()
+    return trials
+
+
+def reconcile(study: Study, ledger: Ledger, trials: TrialPlanner) -> list[PlannedJob]:
+    """Bring the study in step with the ledger; the jobs of running trials that have no result yet.
+
+    A running trial whose job has a record (the driver was stopped between keeping it and
+    telling the study) is told now; one without (stopped before its job ended, or before
+    the job reached the ledger) is planned again with the same id.
+    """
+    kept = {job.id: job for job in ledger.jobs()}
+    to_run = []
+    for trial in study.running():
+        job = trials.job(study.fields_of(trial), trial.number)
+        known = kept.get(job.id)
+        if known is not None and known.record is not None and study.tell(trial.number, known.record):
+            continue
+        to_run.append(job)
+    return to_run
+
+
+class SearchFeed:
+    """An adaptive search's trials as a run's job feed: asked for while fewer than `parallel` run.
+
+    Each new trial is in the study before its job is in the ledger, and each record is in
+    the ledger before the study is told (jobs/plan/optuna_search.py says why).
+    """
+
+    def __init__(self, study, trials, session, ledger, progress, in_flight: int) -> None:
+        self.study = study
+        self.trials = trials
+        self.session = session
+        self.ledger = ledger
+        self.progress = progress
+        self.in_flight = in_flight
+        self.asked = 0
+
+    def take(self) -> list[PlannedJob]:
+        jobs = []
+        while self.in_flight < self.study.spec.settings.parallel and self.study.remaining() > 0:
+            trial = self.study.ask()
+            try:
+                job = self.session.resolve(self.trials.job(self.study.fields_of(trial), trial.number))
+            except (SpecError, ValueError) as error:
+                # Values a trial drew that no job can take (checked at the ends of each range
+                # before the run, so rare): the study learns they fail, and the search goes on.
+                self.study.tell(trial.number, {"status": "failed"})
+                self.progress.say(f"trial {trial.number}: not run, told failed: {error}")
+                continue
+            self.ledger.add_jobs([(job.id, job.spec.to_record())])
+            self.ledger.mark(job.id, "pending")
+            self.in_flight += 1
+            self.asked += 1
+            jobs.append(job)
+        return jobs
+
+    def exhausted(self) -> bool:
+        return self.study.remaining() == 0
+
+    def telling(self, callbacks: RunCallbacks) -> RunCallbacks:
+        """The callbacks, with the study told each trial's record once the ledger has kept it."""
+        keep = callbacks.on_record
+
+        def on_record(outcome: JobOutcome, quiet: bool) -> None:
+            keep(outcome, quiet)
+            number = trial_number(outcome.id)
+            if number is not None:
+                self.study.tell(number, outcome.record)
+                self.in_flight -= 1
+
+        return dataclasses.replace(callbacks, on_record=on_record)
+
+
+def _wanted(planned: list[PlannedJob], ledger: Ledger, study: Study | None) -> set[str]:
+    """The jobs the report covers: the planned ones, or every trial of a search."""
+    if study is None:
+        return {job.id for job in planned}
+    return {job.id for job in ledger.jobs() if trial_number(job.id) is not None}
+
+
+def _run(session, to_run, resolved, run_id, ledger, callbacks, output_dir, progress, feed=None):
     """Hand the jobs to the connected session; None when there is nothing to run."""
-    if not to_run:
+    if not to_run and (feed is None or feed.exhausted()):
         return None
     for job in to_run:
         ledger.mark(job.id, "pending")
     ledger.set_meta(run_id=run_id, started_at=time.time(), cluster=session.cluster, finished_at=None)
     skipped = len(resolved) - len(to_run)
-    progress.begin(len(to_run))
-    progress.say(
-        f"run {run_id}: {len(to_run)} job(s) to run" + (f", {skipped} already done" if skipped else "")
-        + f" on {_describe(session.cluster)}; output {output_dir}"
-    )  # fmt: skip
+    if feed is None:
+        progress.begin(len(to_run))
+        what = f"{len(to_run)} job(s) to run" + (f", {skipped} already done" if skipped else "")
+    else:
+        remaining = feed.study.remaining()
+        progress.begin(len(to_run) + remaining)
+        settings = feed.study.spec.settings
+        what = (
+            f"a search of {settings.trials} trial(s), {len(to_run) + remaining} to run, "
+            f"{settings.parallel} at a time, {settings.direction} {settings.metric}"
+        )
+    progress.say(f"run {run_id}: {what} on {_describe(session.cluster)}; output {output_dir}")
     try:
-        return session.run(to_run, callbacks, run_id)
+        if feed is None:
+            return session.run(to_run, callbacks, run_id)
+        return session.run(to_run, callbacks, run_id, feed)
     except BaseException:
         # The cluster went away or the driver failed: what finished is kept, and the
         # report files say so before the error is reported.
-        rebuild_report(output_dir, ledger, {job.id for job in resolved})
+        rebuild_report(output_dir, ledger, _wanted(resolved, ledger, feed.study if feed else None))
         raise
 
 
@@ -203,8 +354,9 @@ class NewLedgerDirectory:
 
     def discard(self) -> None:
         """Remove the ledger's files, then the directories this call made (deepest first)."""
-        for path in self.output_dir.glob("ledger.*"):
-            path.unlink(missing_ok=True)
+        for pattern in ("ledger.*", f"{STUDY_FILE}*"):
+            for path in self.output_dir.glob(pattern):
+                path.unlink(missing_ok=True)
         for directory in self.created:
             try:
                 directory.rmdir()
@@ -217,9 +369,9 @@ def _any_to_run(ledger: Ledger, planned: list[PlannedJob], rerun: str | None) ->
     return any(should_run(statuses.get(job.id, "pending"), rerun) for job in planned)
 
 
-def _nothing_to_run(output_dir: Path, ledger: Ledger, planned: list[PlannedJob], progress) -> SubmitOutcome:
-    progress.say(f"nothing to run: all {len(planned)} job(s) in {output_dir} already have results")
-    report = rebuild_report(output_dir, ledger, {job.id for job in planned})
+def _nothing_to_run(output_dir: Path, ledger: Ledger, wanted: set[str], progress) -> SubmitOutcome:
+    progress.say(f"nothing to run: all {len(wanted)} job(s) in {output_dir} already have results")
+    report = rebuild_report(output_dir, ledger, wanted)
     return SubmitOutcome(report, output_dir, ran=0)
 
 
@@ -252,10 +404,9 @@ def keeping_callbacks(
 
 
 def _finish(
-    output_dir, ledger, run_id, planned, summary, executor, progress, write_report_files, tracker=None
+    output_dir, ledger, run_id, wanted, summary, executor, progress, write_report_files, tracker=None
 ) -> SubmitOutcome:
     """The run's end: its timings and cluster in the ledger, the report files, the interrupt if any."""
-    wanted = {job.id for job in planned}
     interrupted = summary.interrupted
     if interrupted is not None and interrupted.requested:
         # `runjobs cancel` waits for this answer: what its request cancelled.
@@ -269,7 +420,7 @@ def _finish(
     timings = dict(summary.timings)
     ledger.set_meta(finished_at=time.time(), cluster=summary.cluster, driver_timings=timings)
     records = [record for record in ledger.records() if record["id"] in wanted]
-    report = reports.build_report(run_id, summary.cluster, records, timings)
+    report = reports.build_report(run_id, summary.cluster, records, timings, ledger.meta().get("search"))
     if write_report_files:
         write_reports(output_dir, report)
     # Ray shuts down while the reports are written (jobs/run/cluster.py, BackgroundShutdown);

@@ -20,8 +20,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jobs.plan.optuna_search import SearchSpec
 from jobs.plan.spec import JobSpec, Overrides, SpecError, build_job_specs, job_ids
-from jobs.plan.sweep import SweepSpec
+from jobs.plan.sweep import SweepSpec, trial_job
 from workers import models
 from workers.data import ARTICLE_PREDICTION_SQFT, Dataset, load_dataset
 from workers.models import user as user_models
@@ -96,12 +97,17 @@ def check_user_models(jobs: list[tuple[str, JobSpec]]) -> None:
             raise SpecError(str(error)) from None
 
 
-def plan_jobs(request: SubmitRequest) -> list[PlannedJob]:
-    """Build, load and check every job without touching Ray."""
+def check_request(request: SubmitRequest) -> None:
+    """The request's own options, before any job is planned."""
     if request.max_concurrent is not None and request.max_concurrent < 1:
         raise SpecError(f"--max-concurrent {request.max_concurrent}: must be a whole number >= 1")
     if request.rerun is not None and request.rerun not in RERUN_CHOICES:
         raise SpecError(f"--rerun {request.rerun}: choose one of {', '.join(RERUN_CHOICES)}")
+
+
+def plan_jobs(request: SubmitRequest) -> list[PlannedJob]:
+    """Build, load and check every job without touching Ray."""
+    check_request(request)
     # Each user model is read once: its ids, its check and its workers' code share that text.
     with user_models.planning():
         jobs = expand_jobs(request)
@@ -115,6 +121,48 @@ def plan_jobs(request: SubmitRequest) -> list[PlannedJob]:
         dataset = datasets[key]
         planned.append(PlannedJob(job_id, resolve_for_data(spec, dataset), dataset))
     return planned
+
+
+def search_of(request: SubmitRequest) -> SearchSpec | None:
+    """The adaptive search the request's spec file asks for; None for every other request."""
+    if request.spec_file is None:
+        return None
+    return SweepSpec.load(request.spec_file).search_spec()
+
+
+class TrialPlanner:
+    """Plans a search's trials as jobs, each checked like any job, sharing each data source's load."""
+
+    def __init__(self, search: SearchSpec, overrides: Overrides) -> None:
+        self.search = search
+        self.overrides = overrides
+        self.datasets: dict[tuple, Dataset] = {}
+
+    def check(self) -> None:
+        """Refuse at plan time what a trial could draw and not run: each choice, each range's ends."""
+        ends: list[dict] = [{}]
+        for name, distribution in self.search.distributions.items():
+            if distribution.kind == "choice":
+                ends += [{name: value} for value in distribution.arguments]
+            else:
+                ends += [{name: bound} for bound in distribution.arguments]
+        first = {name: d.arguments[0] for name, d in self.search.distributions.items()}
+        with user_models.planning():
+            for end in ends:
+                job_id, spec = trial_job({**self.search.defaults, **first, **end}, self.overrides, 0)
+                check_user_models([(job_id, spec)])
+                self.dataset_for(spec)
+
+    def job(self, fields: dict, number: int) -> PlannedJob:
+        job_id, spec = trial_job(fields, self.overrides, number)  # its id covers a user model's code
+        dataset = self.dataset_for(spec)
+        return PlannedJob(job_id, resolve_for_data(spec, dataset), dataset)
+
+    def dataset_for(self, spec: JobSpec) -> Dataset:
+        key = (spec.data, spec.features, spec.target)
+        if key not in self.datasets:
+            self.datasets[key] = load_dataset(spec.data, spec.features, spec.target)
+        return self.datasets[key]
 
 
 def resolve_for_data(spec: JobSpec, dataset: Dataset) -> JobSpec:

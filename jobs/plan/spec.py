@@ -412,6 +412,16 @@ class Overrides:
     common: dict[str, Any] = field(default_factory=dict)
     per_framework: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    def to_record(self) -> dict[str, Any]:
+        """The overrides as JSON-ready values (what identifies a search's study)."""
+        return {
+            "common": {key: _plain(value) for key, value in sorted(self.common.items())},
+            "per_framework": {
+                framework: {key: _plain(value) for key, value in sorted(values.items())}
+                for framework, values in sorted(self.per_framework.items())
+            },
+        }
+
     def add_assignment(self, assignment: str) -> None:
         """Take one `--set [FRAMEWORK.]key=value`."""
         key, separator, text = assignment.partition("=")

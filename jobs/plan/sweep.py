@@ -8,6 +8,8 @@
     sample: {lr: {loguniform: [0.001, 0.1]}}  # optional random search (jobs/plan/sampling.py)
     samples: 16                          # configs drawn, each with every grid point
     sample_seed: 0
+    search: {algorithm: optuna, trials: 32, metric: loss.final}  # optional adaptive search
+                                         # over sample: (jobs/plan/optuna_search.py)
 
 Keys are job fields, the submit flags' names in snake_case. A grid point whose variant
 does not belong to its framework is skipped, as `--variant` does on the command line;
@@ -35,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.plan import sampling
+from jobs.plan.optuna_search import SearchSettings, SearchSpec
 from jobs.plan.spec import (
     DEFAULT_FRAMEWORKS,
     FIELDS,
@@ -47,7 +50,7 @@ from jobs.plan.spec import (
     make_spec,
 )
 
-SPEC_KEYS = ("name", "defaults", "grid", "jobs", "repeat", "sample", "samples", "sample_seed")
+SPEC_KEYS = ("name", "defaults", "grid", "jobs", "repeat", "sample", "samples", "sample_seed", "search")
 
 # A hand-written sweep is a few hundred bytes, and a grid names any number of jobs in a
 # few lines. PyYAML builds its Python objects at about 5 s and 120 MB per MB of YAML, so
@@ -77,6 +80,7 @@ class SweepSpec:
     sample: dict[str, sampling.Distribution] | None = None
     samples: int = 1
     sample_seed: int = 0
+    search: SearchSettings | None = None
 
     @classmethod
     def load(cls, path: Path) -> SweepSpec:
@@ -108,7 +112,9 @@ class SweepSpec:
             sample = sampling.parse(str(path), document["sample"], grid)
             for key in sample:
                 known_field(key)  # a misspelt field is named with the list of fields
-            if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+            if samples is not None and (
+                not isinstance(samples, int) or isinstance(samples, bool) or samples < 1
+            ):
                 raise SpecError(
                     f"{path}: samples={samples!r}: give how many configs to draw, a whole number >= 1"
                 )
@@ -122,7 +128,34 @@ class SweepSpec:
             raise SpecError(
                 f"{path}: samples and sample_seed go with sample: (the distributions to draw from)"
             )
-        return cls(str(name or path.stem), defaults, grid, jobs, repeat, sample, samples or 1, sample_seed)
+        search = None
+        if document.get("search") is not None:
+            search = SearchSettings.parse(str(path), document["search"])
+            if sample is None:
+                raise SpecError(f"{path}: search: needs sample: (the distributions it searches over)")
+            if grid or jobs or repeat != 1 or samples is not None:
+                raise SpecError(
+                    f"{path}: a search asks for its own configs: give defaults:, sample: and search.trials, "
+                    "not grid:, jobs:, repeat: or samples:"
+                )
+            if sample_seed >= 2**32:
+                raise SpecError(
+                    f"{path}: sample_seed={sample_seed}: Optuna's sampler takes a seed below 2**32"
+                )
+            samples = None
+        elif sample is not None and samples is None:
+            raise SpecError(f"{path}: samples=None: give how many configs to draw, a whole number >= 1")
+        return cls(
+            str(name or path.stem), defaults, grid, jobs, repeat, sample, samples or 1, sample_seed, search
+        )
+
+    def search_spec(self) -> SearchSpec | None:
+        """The adaptive search this file asks for; None for a grid or random search."""
+        if self.search is None:
+            return None
+        return SearchSpec(
+            self.name, dict(self.defaults), dict(self.sample or {}), self.search, self.sample_seed
+        )
 
     def job_count(self) -> int:
         """How many jobs `expand` builds at most, from the sizes alone: nothing is expanded.
@@ -170,6 +203,8 @@ class SweepSpec:
 
     def expand(self, overrides: Overrides | None = None) -> list[tuple[str, JobSpec]]:
         """Every job of the sweep as (id, spec), in a stable order."""
+        if self.search is not None:
+            raise SpecError(f"sweep {self.name!r} is a search: its jobs are asked for as it runs")
         self.check_size()
         overrides = overrides or Overrides()
         points: list[dict[str, Any]] = []
@@ -215,6 +250,34 @@ class SweepSpec:
                 f"sweep {self.name!r} expands to no job; check its grid's frameworks and variants"
             )
         return expanded
+
+
+def trial_job(fields: dict[str, Any], overrides: Overrides, number: int) -> tuple[str, JobSpec]:
+    """A search trial's one job: its fields (the file's defaults and the trial's values), then --set.
+
+    Its id is the sweep id of its fields with the trial number after it, so two trials
+    that draw the same values are two jobs.
+    """
+    job_fields = {key: field_value(key, value) for key, value in fields.items()}
+    job_fields.update(overrides.common)
+    framework = job_fields.get("framework")
+    if framework is None:
+        raise SpecError(
+            "a search trial is one job: name its framework in defaults: or sample: "
+            "(e.g. framework: {choice: [tensorflow, torch]})"
+        )
+    if framework not in FRAMEWORKS:
+        raise SpecError(f"framework={framework!r}: choose one of {', '.join(FRAMEWORKS)}")
+    job_fields.update(overrides.per_framework.get(framework, {}))
+    variant = job_fields.get("variant", "single")
+    if variant == "single":
+        job_fields.pop("workers", None)
+    if isinstance(variant, str) and framework not in VARIANT_FRAMEWORKS.get(variant, (framework,)):
+        raise SpecError(
+            f"variant={variant!r} is not a variant of {framework}; sample them together or not at all"
+        )
+    spec = make_spec(job_fields)
+    return f"{sweep_job_id(spec)}-trial{number}", spec
 
 
 def max_jobs() -> int:

@@ -28,8 +28,10 @@ def build_report(
     cluster: dict[str, Any],
     records: list[dict[str, Any]],
     driver_timings: dict[str, float] | None = None,
+    search: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """`driver_timings`: connect_s (Ray start or connection), jobs_s, disconnect_s."""
+    """`driver_timings`: connect_s (Ray start or connection), jobs_s, disconnect_s; `search`: an
+    adaptive search's settings as the ledger keeps them (jobs/plan/optuna_search.py)."""
     records = [{**record, "speed_vs_single": speed_vs_single(record, records)} for record in records]
     report = {
         "run_id": run_id,
@@ -46,7 +48,36 @@ def build_report(
             "cancelled": sum(record["status"] == "cancelled" for record in records),
         },
     }
+    if search is not None:
+        report["search"] = search_summary(search, records)
     return finite_only(report)
+
+
+def search_summary(search: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
+    """An adaptive search's settings and its best trial, from the records alone.
+
+    The best is the succeeded job with the best value of the metric (the first, on a tie),
+    which is the study's best trial: the study is told exactly these values.
+    """
+    from jobs.plan.optuna_search import metric_value, trial_number
+
+    scored = []
+    for record in records:
+        value = metric_value(record, search["metric"]) if record.get("status") == "succeeded" else None
+        if value is not None:
+            scored.append(
+                (value if search["direction"] == "minimize" else -value, trial_number(record["id"]), record)
+            )
+    best = None
+    if scored:
+        _, number, record = min(scored, key=lambda item: (item[0], item[1]))
+        best = {
+            "trial": number,
+            "job": record["id"],
+            "value": metric_value(record, search["metric"]),
+            "fields": {name: record["config"].get(name) for name in search.get("fields", [])},
+        }
+    return {**search, "finished": len(scored), "best": best}
 
 
 def summary(report: dict[str, Any], output_dir, exit_code: int) -> dict[str, Any]:
@@ -609,11 +640,27 @@ def render_table(report: dict[str, Any]) -> str:
     lines.extend(_pair_sentences(report))
     lines.extend(f"{job['id']} {job['status']}: {job['error']}" for job in report["jobs"] if job["error"])
     lines.extend(f"warning: {message}" for message in report.get("warnings", []))
+    lines.extend(_search_lines(report.get("search")))
     groups = report.get("aggregates", {}).get("groups", [])
     if groups:
         lines.append("")
         lines.extend(_aggregate_lines(groups))
     return "\n".join(lines) + "\n"
+
+
+def _search_lines(search: dict[str, Any] | None) -> list[str]:
+    """The search's best trial in a sentence: what it found, and the values that found it."""
+    if not search:
+        return []
+    best = search.get("best")
+    if best is None:
+        return [f"search: no trial of {search['trials']} has a {search['metric']} yet"]
+    values = ", ".join(f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}"
+                       for name, value in best["fields"].items())  # fmt: skip
+    return [
+        f"search: best of {search['finished']} finished trial(s) is trial {best['trial']} ({best['job']}), "
+        f"{search['metric']} {best['value']:.6g}, with {values}"
+    ]
 
 
 def _aggregate_lines(groups: list[dict[str, Any]]) -> list[str]:

@@ -65,7 +65,11 @@ def report_from_ledger(
         meta = ledger.meta()
         records = [record for record in ledger.records() if job_ids is None or record["id"] in job_ids]
         report = reports.build_report(
-            meta.get("run_id", output_dir.name), meta.get("cluster", {}), records, meta.get("driver_timings")
+            meta.get("run_id", output_dir.name),
+            meta.get("cluster", {}),
+            records,
+            meta.get("driver_timings"),
+            meta.get("search"),
         )
     finally:
         if owned:

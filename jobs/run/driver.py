@@ -24,6 +24,7 @@ from typing import Any
 
 from jobs.plan.planning import PlannedJob
 from jobs.record.records import JobOutcome, job_outcome
+from jobs.run.executor import JobFeed
 from jobs.run.scheduler import (
     Decision,
     Failure,
@@ -137,16 +138,21 @@ class Driver:
         self.delivering: JobOutcome | None = None  # a record on its way to on_record
         self.scheduler: Scheduler | None = None
 
-    def run(self, jobs: list[PlannedJob]) -> list[str]:
-        """Run every job; return each job's final status, in the order given."""
+    def run(self, jobs: list[PlannedJob], feed: JobFeed | None = None) -> list[str]:
+        """Run every job, and the feed's as they come; return each job's final status, in the order run."""
         import ray
 
         self.scheduler = Scheduler(
             jobs, cluster_cpus=_cluster_cpus, clock=time.time, max_concurrent=self.max_concurrent
         )
         try:
-            while self.scheduler.has_work():
+            while self.scheduler.has_work() or (feed is not None and not feed.exhausted()):
                 self._check_cancel_request()
+                if feed is not None:
+                    self.scheduler.add(feed.take())
+                    if not self.scheduler.has_work():
+                        break  # a feed that is not exhausted yet gave nothing to wait for
+
                 # Ray starts each task or gang as resources allow; warm workers take jobs
                 # as they come free. --max-concurrent caps how many run at once.
                 self._carry_out(self.scheduler.decide())
@@ -382,13 +388,14 @@ def run_jobs(
     on_start: Callable[[str], None] | None = None,
     max_concurrent: int | None = None,
     should_stop: Callable[[], bool] | None = None,
+    feed: JobFeed | None = None,
 ) -> list[str]:
-    """Run every job on Ray, handing each record to on_record as it ends; return the statuses.
+    """Run every job on Ray, and the feed's, handing each record to on_record as it ends; return the statuses.
 
     `should_stop` is asked a few times a second; once it answers true, the run stops as
     on Ctrl-C and RunInterrupted(requested=True) is raised.
     """
-    return Driver(on_record, on_start, max_concurrent, should_stop).run(jobs)
+    return Driver(on_record, on_start, max_concurrent, should_stop).run(jobs, feed)
 
 
 def merge_worker_results(results: list[dict[str, Any]]) -> dict[str, Any]:

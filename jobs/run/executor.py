@@ -48,6 +48,21 @@ class RunListener(Protocol):
     def ended(self, outcome: JobOutcome) -> None: ...
 
 
+class JobFeed(Protocol):
+    """Jobs that arrive while a run goes on: an adaptive search asks for its next trials as
+    earlier ones end (jobs/plan/optuna_search.py). A session asks `take` whenever it looks
+    for work, and runs until it has none and `exhausted` says no more will come."""
+
+    def take(self) -> list[PlannedJob]:
+        """The jobs to start now, each resolved and in the ledger; [] while none may start yet.
+
+        While no job of the run is running or queued, `take` answers at least one job or
+        `exhausted` is true."""
+
+    def exhausted(self) -> bool:
+        """Whether no job will come any more."""
+
+
 @dataclass
 class RunSummary:
     """What a session tells at its end: the cluster it ran on, the driver's timings, and
@@ -80,8 +95,11 @@ class Session(Protocol):
         """Before jobs are chosen: keep what an earlier run into the same directory finished
         (`meta` is the ledger's); refuse when that run still goes."""
 
-    def run(self, jobs: list[PlannedJob], callbacks: RunCallbacks, run_id: str) -> RunSummary | Detached:
-        """Run the jobs, calling back as each starts and ends; an interrupt ends it early (RunSummary)."""
+    def run(
+        self, jobs: list[PlannedJob], callbacks: RunCallbacks, run_id: str, feed: JobFeed | None = None
+    ) -> RunSummary | Detached:
+        """Run the jobs, and the feed's as they come, calling back as each starts and ends; an
+        interrupt ends it early (RunSummary)."""
 
 
 class Executor(Protocol):

@@ -18,7 +18,7 @@ from typing import Any
 from jobs.plan.planning import PlannedJob, resolve_for_cluster
 from jobs.run.cluster import ResourceRequestError
 from jobs.run.driver import RunInterrupted, describe_error, merge_worker_results, planned_outcome
-from jobs.run.executor import RunCallbacks, RunSummary
+from jobs.run.executor import JobFeed, RunCallbacks, RunSummary
 
 CLUSTER = {"address": "in-process", "embedded": True, "nodes": 1, "cpus": 1.0, "gpus": 0.0}
 
@@ -47,17 +47,27 @@ class InProcessSession:
     def recover(self, meta: dict[str, Any], callbacks: RunCallbacks) -> None:
         """Nothing to recover: the ledger holds every result this executor finished."""
 
-    def run(self, jobs: list[PlannedJob], callbacks: RunCallbacks, run_id: str) -> RunSummary:
+    def run(
+        self, jobs: list[PlannedJob], callbacks: RunCallbacks, run_id: str, feed: JobFeed | None = None
+    ) -> RunSummary:
         from workers.entry import run_job
 
         started = time.perf_counter()
-        for index, job in enumerate(jobs):
+        jobs = list(jobs)
+        index = 0
+        while index < len(jobs) or (feed is not None and not feed.exhausted()):
+            if index == len(jobs):
+                jobs += feed.take()
+                if index == len(jobs):
+                    break  # a feed that is not exhausted yet gave nothing to wait for
+            job = jobs[index]
+            index += 1
             if callbacks.should_stop():
-                for waiting in jobs[index:]:
+                for waiting in jobs[index - 1 :]:
                     cancelled = planned_outcome(waiting, "cancelled", "cancelled: runjobs cancel", {})
                     cancelled.record["timings"]["total_s"] = 0.0
                     callbacks.on_record(cancelled, False)
-                interrupted = RunInterrupted(0, len(jobs) - index, requested=True)
+                interrupted = RunInterrupted(0, len(jobs) - index + 1, requested=True)
                 return RunSummary(CLUSTER, {"jobs_s": time.perf_counter() - started}, interrupted)
             callbacks.on_start(job.id, False)
             submitted_at = time.time()

@@ -15,7 +15,7 @@ from typing import Any
 from jobs.plan.planning import PlannedJob, resolve_for_cluster
 from jobs.run import cluster as clusters
 from jobs.run.driver import RunInterrupted, run_jobs
-from jobs.run.executor import RunCallbacks, RunSummary
+from jobs.run.executor import JobFeed, RunCallbacks, RunSummary
 
 
 class RayClusterExecutor:
@@ -52,7 +52,9 @@ class RayClusterSession:
     def recover(self, meta: dict[str, Any], callbacks: RunCallbacks) -> None:
         """Nothing to recover: a local run's ledger already holds every result it finished."""
 
-    def run(self, jobs: list[PlannedJob], callbacks: RunCallbacks, run_id: str) -> RunSummary:
+    def run(
+        self, jobs: list[PlannedJob], callbacks: RunCallbacks, run_id: str, feed: JobFeed | None = None
+    ) -> RunSummary:
         started = time.perf_counter()
         interrupted = None
         try:
@@ -62,6 +64,7 @@ class RayClusterSession:
                 lambda job_id: callbacks.on_start(job_id, False),
                 self.max_concurrent,
                 callbacks.should_stop,
+                feed,
             )
         except RunInterrupted as interruption:
             interrupted = interruption

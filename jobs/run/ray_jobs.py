@@ -33,7 +33,7 @@ from jobs.record.records import JobOutcome
 from jobs.run.authentication import choose_mode_for
 from jobs.run.cluster import ClusterUnreachableError, wait_until_reachable
 from jobs.run.driver import CANCEL_POLL_S, RunInterrupted
-from jobs.run.executor import Detached, RunCallbacks, RunSummary
+from jobs.run.executor import Detached, JobFeed, RunCallbacks, RunSummary
 from jobs.run.remote_protocol import (
     PLAN_MARKER,
     RECORD_MARKER,
@@ -143,7 +143,11 @@ class RayJobsSession:
         follower = Follower(callbacks.on_start, callbacks.on_record, callbacks.say)
         follower.replay(complete_lines(self.client.get_job_logs(job_id)))
 
-    def run(self, jobs: list[PlannedJob], callbacks: RunCallbacks, run_id: str) -> RunSummary | Detached:
+    def run(
+        self, jobs: list[PlannedJob], callbacks: RunCallbacks, run_id: str, feed: JobFeed | None = None
+    ) -> RunSummary | Detached:
+        if feed is not None:  # the pipeline refuses an adaptive search over Ray Jobs before connecting
+            raise RuntimeError("a Ray Jobs run takes its jobs planned in full")
         with staged(jobs, run_id, self.max_concurrent) as directory:
             job_id = _submit_job(
                 self.client,

@@ -187,6 +187,15 @@ class Scheduler:
         # kept here, so memory stays flat however many jobs a sweep has.
         self.kept_statuses: dict[str, str] = {}
 
+    def add(self, jobs: list[PlannedJob]) -> None:
+        """Jobs that arrived while the run goes on (a search's next trials), queued behind the others."""
+        for job in jobs:
+            self.jobs.append(job)
+            if takes(job.spec):
+                self.pool.add(job)
+            else:
+                self.queue.append(job)
+
     # Queries.
 
     def has_work(self) -> bool:

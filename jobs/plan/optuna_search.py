@@ -1,0 +1,297 @@
+"""Adaptive search: an Optuna study, kept in the run directory in step with the ledger.
+
+    sample: {framework: {choice: [tensorflow, torch]}, lr: {loguniform: [0.001, 0.3]}}
+    search: {algorithm: optuna, metric: loss.final, direction: minimize, trials: 64, parallel: 2}
+    sample_seed: 0                       # the sampler's seed (TPE)
+
+The driver asks the study for a trial, plans it as a job (the spec file's `defaults`,
+then the trial's values, then `--set`), runs it, and tells the study the job's metric
+once the ledger has kept its record. A trial's job id is the sweep id of its fields
+plus its trial number (`torch-1a2b3c4d-trial7`), so two trials that draw the same
+values stay two jobs.
+
+The study lives in DIR/study.sqlite (Optuna's own RDB storage) and the order of writes
+makes a driver killed at any moment lose nothing and run nothing twice:
+
+    ask     the study records trial N as running     -> the ledger adds trial N's job
+    end     the ledger keeps trial N's record        -> the study is told trial N's value
+
+A re-run first reconciles the two: a running trial whose job has a record is told now;
+one without a record (killed before it ended, or before its job reached the ledger)
+is planned again from its values, with the same job id. A failed job is told failed,
+as is one whose record lacks the metric; a job cancelled by an interrupt stays a
+running trial, run again by the next run. Raising `trials` continues a finished study;
+anything else that changes the search is refused, as a study cannot mean two searches.
+
+Optuna is imported only when a search runs (the `search` extra).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jobs.plan.fields import SpecError
+from jobs.plan.sampling import Distribution
+
+STUDY_FILE = "study.sqlite"
+ALGORITHMS = ("optuna",)
+DIRECTIONS = ("minimize", "maximize")
+SETTINGS = ("algorithm", "metric", "direction", "trials", "parallel")
+# The record's parts whose scalars a search may optimise (report.json's job entries).
+METRIC_SECTIONS = ("loss", "timings", "params", "reference", "model", "data")
+_METRIC_FORM = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
+_TRIAL_SUFFIX = re.compile(r"-trial(\d+)$")
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """A spec file's `search:` mapping."""
+
+    algorithm: str
+    metric: str
+    direction: str
+    trials: int
+    parallel: int
+
+    @classmethod
+    def parse(cls, where: str, value: Any) -> SearchSettings:
+        usage = "e.g. search: {algorithm: optuna, metric: loss.final, direction: minimize, trials: 32}"
+        if not isinstance(value, dict):
+            raise SpecError(f"{where}: search is a mapping, {usage}")
+        unknown = sorted(set(map(str, value)) - set(SETTINGS))
+        if unknown:
+            raise SpecError(f"{where}: unknown search key {unknown[0]!r}; the keys are {', '.join(SETTINGS)}")
+        algorithm = value.get("algorithm", "optuna")
+        if algorithm not in ALGORITHMS:
+            raise SpecError(
+                f"{where}: search.algorithm={algorithm!r}: choose {', '.join(ALGORITHMS)} "
+                "(for random search, give sample: and samples: without search:)"
+            )
+        metric = value.get("metric", "loss.final")
+        if (
+            not isinstance(metric, str)
+            or not _METRIC_FORM.match(metric)
+            or (metric.split(".")[0] not in METRIC_SECTIONS)
+        ):
+            raise SpecError(
+                f"{where}: search.metric={metric!r}: name a number in each job's record, e.g. loss.final, "
+                f"loss.r2_gap or timings.train_s (sections: {', '.join(METRIC_SECTIONS)})"
+            )
+        direction = value.get("direction", "minimize")
+        if direction not in DIRECTIONS:
+            raise SpecError(f"{where}: search.direction={direction!r}: choose {' or '.join(DIRECTIONS)}")
+        trials, parallel = value.get("trials"), value.get("parallel", 1)
+        for key, number in (("trials", trials), ("parallel", parallel)):
+            if not isinstance(number, int) or isinstance(number, bool) or not 1 <= number <= 1_000_000:
+                raise SpecError(f"{where}: search.{key}={number!r}: give a whole number from 1 to 1000000")
+        return cls(algorithm, metric, direction, trials, parallel)
+
+
+def metric_value(record: dict[str, Any], metric: str) -> float | None:
+    """The metric's finite value in a job's record, or None when the record has none."""
+    value: Any = record
+    for part in metric.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def trial_number(job_id: str) -> int | None:
+    """The trial number a search job's id ends with; None for any other job."""
+    match = _TRIAL_SUFFIX.search(job_id)
+    return int(match.group(1)) if match else None
+
+
+def optuna_distribution(distribution: Distribution):
+    """The Optuna distribution that draws what `distribution` draws.
+
+    A choice among values Optuna cannot store (lists, mappings: `hidden: [[32], [64, 64]]`)
+    becomes a choice among their JSON texts, decoded back by `decoded`.
+    """
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    if distribution.kind == "uniform":
+        return FloatDistribution(*distribution.arguments)
+    if distribution.kind == "loguniform":
+        return FloatDistribution(*distribution.arguments, log=True)
+    if distribution.kind == "randint":
+        return IntDistribution(*distribution.arguments)
+    return CategoricalDistribution([_storable(choice) for choice in distribution.arguments])
+
+
+def decoded(distribution: Distribution, value: Any) -> Any:
+    """A trial's stored value as the field's value (a JSON text back to its list)."""
+    if distribution.kind == "choice" and any(not _plain(choice) for choice in distribution.arguments):
+        return json.loads(value)
+    return value
+
+
+def _plain(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def _storable(value: Any) -> Any:
+    return value if _plain(value) else json.dumps(value, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """What a spec file asks a search for: the fixed fields, the distributions, the settings."""
+
+    name: str
+    defaults: dict[str, Any]
+    distributions: dict[str, Distribution]
+    settings: SearchSettings
+    seed: int
+
+    def described(self) -> dict[str, Any]:
+        """The search as the ledger keeps it for the report: its settings and the fields it varies."""
+        return {
+            "algorithm": self.settings.algorithm,
+            "metric": self.settings.metric,
+            "direction": self.settings.direction,
+            "trials": self.settings.trials,
+            "parallel": self.settings.parallel,
+            "seed": self.seed,
+            "fields": list(self.distributions),
+        }
+
+    def digest(self, overrides: dict[str, Any]) -> str:
+        """What makes two runs one search: all but `trials` (raising it continues) and `parallel`."""
+        described = {
+            "defaults": self.defaults,
+            "distributions": {name: [d.kind, list(d.arguments)] for name, d in self.distributions.items()},
+            "metric": self.settings.metric,
+            "direction": self.settings.direction,
+            "seed": self.seed,
+            "overrides": overrides,
+        }
+        return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Study:
+    """The run directory's Optuna study: ask for trials, tell it their records.
+
+    Opened with `open`, which creates DIR/study.sqlite or loads it and refuses a study of
+    another search (see the module's docstring for the order of writes that keeps it in
+    step with the ledger).
+    """
+
+    def __init__(self, spec: SearchSpec, output_dir: Path, overrides_record: dict[str, Any]) -> None:
+        self.spec = spec
+        self.path = output_dir / STUDY_FILE
+        self.identity = spec.digest(overrides_record)
+        self.study = None
+        self.distributions: dict[str, Any] = {}
+
+    def open(self) -> Study:
+        optuna = import_optuna()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.distributions = {name: optuna_distribution(d) for name, d in self.spec.distributions.items()}
+        existed = self.path.exists()
+        self.study = optuna.create_study(
+            storage=f"sqlite:///{self.path.resolve()}",
+            study_name=self.spec.name,
+            direction=self.spec.settings.direction,
+            sampler=optuna.samplers.TPESampler(seed=self.spec.seed),
+            load_if_exists=True,
+        )
+        # Optuna keeps no sampler state in its storage: a study loaded again would draw its
+        # random start-up trials from the seed's first draws again, repeating earlier trials.
+        # Seeded by how many trials it already holds, an uninterrupted search draws exactly
+        # what `sample_seed` gives, and a continued one draws anew.
+        held = len(self.study.get_trials(deepcopy=False))
+        if held:
+            self.study.sampler = optuna.samplers.TPESampler(seed=(self.spec.seed + held) % 2**32)
+        kept = self.study.user_attrs.get("runjobs_search")
+        if kept is None and not existed:
+            self.study.set_user_attr("runjobs_search", self.identity)
+        elif kept != self.identity:
+            raise SpecError(
+                f"{self.path.parent} holds a study of another search (its defaults, distributions, metric, "
+                "direction, seed or --set differ); run this search into a new --output directory"
+            )
+        return self
+
+    def close(self) -> None:
+        """Let go of the storage's connections (Optuna keeps a SQLAlchemy engine per storage)."""
+        storage = getattr(self.study, "_storage", None)
+        engine = getattr(getattr(storage, "_backend", storage), "engine", None)
+        if engine is not None:
+            engine.dispose()
+
+    # What the study holds.
+
+    def trials(self) -> list[Any]:
+        return self.study.get_trials(deepcopy=False)
+
+    def remaining(self) -> int:
+        """Trials still to ask for: `trials` less every trial the study holds, running ones included."""
+        return max(self.spec.settings.trials - len(self.trials()), 0)
+
+    def fields_of(self, trial) -> dict[str, Any]:
+        """The job fields a trial's values give (its own values over the file's defaults)."""
+        values = {
+            name: decoded(self.spec.distributions[name], value)
+            for name, value in trial.params.items()
+            if name in self.spec.distributions
+        }
+        return {**self.spec.defaults, **values}
+
+    def running(self) -> list[Any]:
+        from optuna.trial import TrialState
+
+        return [trial for trial in self.trials() if trial.state is TrialState.RUNNING]
+
+    # Asking and telling.
+
+    def ask(self):
+        """A new trial, recorded in the study as running before its job exists anywhere else."""
+        return self.study.ask(self.distributions)
+
+    def tell(self, number: int, record: dict[str, Any]) -> str:
+        """Tell trial `number` its job's record; what it was told ("complete", "failed", or "" for nothing).
+
+        A cancelled job (an interrupt) is left running: the next run runs it again.
+        """
+        from optuna.trial import TrialState
+
+        trial = self.study.get_trials(deepcopy=False)[number] if number < len(self.trials()) else None
+        if trial is None or trial.state is not TrialState.RUNNING:
+            return ""
+        status = record.get("status")
+        if status == "cancelled" and not str(record.get("error") or "").startswith("timed out"):
+            return ""
+        value = metric_value(record, self.spec.settings.metric) if status == "succeeded" else None
+        if value is None:
+            self.study.tell(number, state=TrialState.FAIL)
+            return "failed"
+        self.study.tell(number, value)
+        return "complete"
+
+    def best(self) -> dict[str, Any] | None:
+        """The best finished trial: its number, value and values; None before any finished."""
+        from optuna.trial import TrialState
+
+        finished = [trial for trial in self.trials() if trial.state is TrialState.COMPLETE]
+        if not finished:
+            return None
+        best = self.study.best_trial
+        return {"trial": best.number, "value": best.value, "params": dict(best.params)}
+
+
+def import_optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise SpecError("search: {algorithm: optuna} needs Optuna: pip install 'runjobs[search]'") from None
+    return optuna
