@@ -33,6 +33,7 @@ from jobs.plan.planning import (
     plan_jobs,
     search_of,
     should_run,
+    stopping_of,
 )
 from jobs.record.ledger import Ledger, is_ledger_directory
 from jobs.record.output import check_usable
@@ -130,6 +131,7 @@ def submit(
     """
     progress = progress or LineProgress()
     search = search_of(request) if planned is None else None
+    stopping = stopping_of(request)
     if search is not None:
         trials = plan_search(request, search)
         planned = []
@@ -187,7 +189,9 @@ def submit(
             if study is not None:
                 feed = SearchFeed(study, trials, session, ledger, progress, in_flight=len(to_run))
                 callbacks = feed.telling(callbacks)
-            summary = _run(session, to_run, resolved, run_id, ledger, callbacks, output_dir, progress, feed)
+            summary = _run(
+                session, to_run, resolved, run_id, ledger, callbacks, output_dir, progress, feed, stopping
+            )
         if summary is None:  # what an earlier remote run finished was all there was to do
             executor.closed()
             return _nothing_to_run(output_dir, ledger, _wanted(planned, ledger, study), progress)
@@ -311,7 +315,9 @@ def _wanted(planned: list[PlannedJob], ledger: Ledger, study: Study | None) -> s
     return {job.id for job in ledger.jobs() if trial_number(job.id) is not None}
 
 
-def _run(session, to_run, resolved, run_id, ledger, callbacks, output_dir, progress, feed=None):
+def _run(
+    session, to_run, resolved, run_id, ledger, callbacks, output_dir, progress, feed=None, stopping=None
+):
     """Hand the jobs to the connected session; None when there is nothing to run."""
     if not to_run and (feed is None or feed.exhausted()):
         return None
@@ -330,11 +336,17 @@ def _run(session, to_run, resolved, run_id, ledger, callbacks, output_dir, progr
             f"a search of {settings.trials} trial(s), {len(to_run) + remaining} to run, "
             f"{settings.parallel} at a time, {settings.direction} {settings.metric}"
         )
+    if stopping is not None:
+        what += f"; stopping rule {stopping.rule}, reports every {stopping.every} epoch(s)"
+        ledger.set_meta(stopping=stopping.described())
     progress.say(f"run {run_id}: {what} on {_describe(session.cluster)}; output {output_dir}")
+    # Only what this run uses is passed: an executor without searches or stopping rules
+    # (a test's) keeps the plain signature.
+    extra = {"feed": feed} if feed is not None else {}
+    if stopping is not None:
+        extra["stopping"] = stopping
     try:
-        if feed is None:
-            return session.run(to_run, callbacks, run_id)
-        return session.run(to_run, callbacks, run_id, feed)
+        return session.run(to_run, callbacks, run_id, **extra)
     except BaseException:
         # The cluster went away or the driver failed: what finished is kept, and the
         # report files say so before the error is reported.
@@ -400,7 +412,13 @@ def keeping_callbacks(
         if not quiet:
             progress.ended(outcome.record)
 
-    return RunCallbacks(on_start, on_record, ledger.cancel_requested, progress.say, ledger.set_meta)
+    def on_progress(latest: dict[str, list[float]]) -> None:
+        ledger.set_meta(progress=latest)  # for `runjobs status` while the run goes on
+        progress.reported(latest)
+
+    return RunCallbacks(
+        on_start, on_record, ledger.cancel_requested, progress.say, ledger.set_meta, on_progress
+    )
 
 
 def _finish(
@@ -418,7 +436,7 @@ def _finish(
             f"{interrupted.pending} pending job(s) recorded cancelled"
         )
     timings = dict(summary.timings)
-    ledger.set_meta(finished_at=time.time(), cluster=summary.cluster, driver_timings=timings)
+    ledger.set_meta(finished_at=time.time(), cluster=summary.cluster, driver_timings=timings, progress={})
     records = [record for record in ledger.records() if record["id"] in wanted]
     report = reports.build_report(run_id, summary.cluster, records, timings, ledger.meta().get("search"))
     if write_report_files:

@@ -33,13 +33,23 @@ from workers.reference import (
     mean_squared_error,
     r2_gap,
 )
+from workers.reporting import TrainingMonitor
 from workers.training import Scaling, TrainingData, TrainingJob
 
 
 def run_job(
-    spec: TrainingJob, dataset: Dataset, submitted_at: float, context: WorkerContext = SINGLE_WORKER
+    spec: TrainingJob,
+    dataset: Dataset,
+    submitted_at: float,
+    context: WorkerContext = SINGLE_WORKER,
+    *,
+    monitor: TrainingMonitor | None = None,
 ) -> dict[str, Any]:
     """Train `spec` on `dataset` as worker `context` and return its result (without id and status).
+
+    With a `monitor` and `spec.report_every`, a single-device job reports its loss every
+    `report_every` epochs and ends early when the monitor says stop; its result then
+    says `stopped` and every field of it comes from the epochs it trained.
 
     The job's stdout and stderr come back as `logs`; when the job raises, they ride on
     the exception as `runjobs_logs`, with the traceback at the end of stderr.
@@ -52,7 +62,7 @@ def run_job(
                 f"on {socket.gethostname()} (pid {os.getpid()})",
                 flush=True,
             )
-            result, trained = _train(spec, dataset, submitted_at, context, entered_at)
+            result, trained = _train(spec, dataset, submitted_at, context, entered_at, monitor)
             print(f"runjobs: {result['convergence']}, final loss {result['loss']['final']:.6g}", flush=True)
             # --save-models: every rank learned the same parameters, so rank 0 exports.
             if spec.save_models and context.rank == 0:
@@ -86,7 +96,12 @@ class TrainedModel:
 
 
 def _train(
-    spec, dataset: Dataset, submitted_at: float, context: WorkerContext, entered_at: float
+    spec,
+    dataset: Dataset,
+    submitted_at: float,
+    context: WorkerContext,
+    entered_at: float,
+    monitor: TrainingMonitor | None,
 ) -> tuple[dict[str, Any], TrainedModel]:
     process_started_at = _process_start_time()
     gpu_ids = ray_gpu_ids()
@@ -100,9 +115,20 @@ def _train(
     plan = models.plan(spec, dataset.feature_count)
     scaling = Scaling.standardise(dataset) if spec.normalize else Scaling.identity(dataset.feature_count)
     prediction_inputs = np.asarray(spec.predict, dtype=np.float64).reshape(-1, dataset.feature_count)
+    # Only a single-device job reports: the replicas or ranks of a multi-device job would
+    # each have to hear the same answer at the same epoch (one more collective), so those
+    # train every epoch whatever the monitor would say.
+    monitor = monitor if spec.variant == "single" else None
     outcome = framework.train(
-        spec, plan, TrainingData.prepare(dataset, scaling, prediction_inputs, spec.dtype), device, context
+        spec,
+        plan,
+        TrainingData.prepare(dataset, scaling, prediction_inputs, spec.dtype),
+        device,
+        context,
+        monitor=monitor,
     )
+    if outcome.stopped_at_epoch is not None:
+        print(f"runjobs: stopped early after epoch {outcome.stopped_at_epoch} of {spec.epochs}", flush=True)
 
     predictions = scaling.original_target(outcome.predictions)
     reference = least_squares(dataset)
@@ -159,6 +185,13 @@ def _train(
             **({"digest": plan.user.digest} if plan.user is not None else {}),
         },
         "params": params,
+        # Told to stop early: the epochs trained of those asked for. Every other field is
+        # computed from the epochs trained.
+        **(
+            {"stopped": {"epochs": outcome.stopped_at_epoch, "of": spec.epochs}}
+            if outcome.stopped_at_epoch is not None
+            else {}
+        ),
         # The best straight line: the exact optimum of the linear model, a yardstick for others.
         "reference": {"weights": reference.weights.tolist(), "bias": reference.bias, "loss": reference.loss},
         "loss": {

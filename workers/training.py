@@ -49,6 +49,9 @@ class TrainingJob:
     allow_cpu_fallback: bool = False
     loop: str = "fast"
     save_models: bool = False
+    # Epochs between loss reports to the job's monitor (workers/reporting.py), which may
+    # answer stop; None: no reports, and the loop runs whole. Only single-device jobs report.
+    report_every: int | None = None
 
 
 @dataclass(frozen=True)
@@ -155,9 +158,11 @@ class TrainerOutcome:
 
     # Every learned parameter in the canonical layout (workers/models/__init__.py), float64.
     parameters: list[np.ndarray]
+    # One entry per epoch trained: all of the job's epochs, or fewer when it was stopped
+    # early. An epoch's seconds are its computation, not the reports between chunks.
     loss_history: list[float]
     epoch_seconds: list[float]
-    # (epochs, P): each epoch's parameters at its end, flattened in layout order, for the
+    # (epochs trained, P): each epoch's parameters at its end, flattened in layout order, for the
     # linear model ([w_1..w_K, b]); None for larger models, whose history would be too big.
     parameter_history: np.ndarray | None
     predictions: np.ndarray  # at the job's prediction inputs, training units
@@ -174,6 +179,9 @@ class TrainerOutcome:
     # Which update rule trained the parameters: runjobs' own (the same arithmetic in every
     # framework, loop=fast) or the framework's stock optimizer (loop=article).
     update_rule: str = ""
+    # The epochs actually trained when the job's monitor stopped it early (the histories
+    # then hold that many epochs); None when it trained every epoch it was given.
+    stopped_at_epoch: int | None = None
 
     @property
     def weights(self) -> np.ndarray:

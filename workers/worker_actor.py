@@ -12,14 +12,22 @@ from typing import Any
 from workers.data import Dataset
 from workers.distributed import WorkerContext, reserve_address
 from workers.entry import run_job
+from workers.reporting import TrainingMonitor
 
 
 class DistributedWorker:
     def address(self) -> str:
         return reserve_address()
 
-    def run(self, spec, dataset: Dataset, submitted_at: float, context: WorkerContext) -> dict[str, Any]:
-        return run_job(spec, dataset, submitted_at, context)
+    def run(
+        self,
+        spec,
+        dataset: Dataset,
+        submitted_at: float,
+        context: WorkerContext,
+        monitor: TrainingMonitor | None = None,
+    ) -> dict[str, Any]:
+        return run_job(spec, dataset, submitted_at, context, monitor=monitor)
 
 
 class WarmWorker:
@@ -30,5 +38,7 @@ class WarmWorker:
     first job's start-up includes them; the later jobs' start-up is near zero.
     """
 
-    def run(self, spec, dataset: Dataset, submitted_at: float) -> dict[str, Any]:
-        return run_job(spec, dataset, submitted_at)
+    def run(
+        self, spec, dataset: Dataset, submitted_at: float, monitor: TrainingMonitor | None = None
+    ) -> dict[str, Any]:
+        return run_job(spec, dataset, submitted_at, monitor=monitor)

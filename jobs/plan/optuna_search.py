@@ -271,6 +271,9 @@ class Study:
         status = record.get("status")
         if status == "cancelled" and not str(record.get("error") or "").startswith("timed out"):
             return ""
+        if status == "stopped":  # the stopping rule ended it: Optuna's word for that is pruned
+            self.study.tell(number, state=TrialState.PRUNED)
+            return "pruned"
         value = metric_value(record, self.spec.settings.metric) if status == "succeeded" else None
         if value is None:
             self.study.tell(number, state=TrialState.FAIL)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from jobs.plan.optuna_search import SearchSpec
 from jobs.plan.spec import JobSpec, Overrides, SpecError, build_job_specs, job_ids
+from jobs.plan.stopping_rule import StoppingRule
 from jobs.plan.sweep import SweepSpec, trial_job
 from workers import models
 from workers.data import ARTICLE_PREDICTION_SQFT, Dataset, load_dataset
@@ -45,6 +46,7 @@ class SubmitRequest:
     max_concurrent: int | None = None
     wait_for_nodes: int | None = None  # start once the cluster has this many nodes alive
     run_id: str | None = None  # a new run's id; default: a fresh one (a directory keeps its own)
+    stopping: StoppingRule | None = None  # default: the spec file's `stopping:`, if any
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,13 @@ def plan_jobs(request: SubmitRequest) -> list[PlannedJob]:
         dataset = datasets[key]
         planned.append(PlannedJob(job_id, resolve_for_data(spec, dataset), dataset))
     return planned
+
+
+def stopping_of(request: SubmitRequest) -> StoppingRule | None:
+    """The early-stopping rule of the request, or of its spec file; None without one."""
+    if request.stopping is not None or request.spec_file is None:
+        return request.stopping
+    return SweepSpec.load(request.spec_file).stopping
 
 
 def search_of(request: SubmitRequest) -> SearchSpec | None:

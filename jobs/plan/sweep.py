@@ -10,6 +10,7 @@
     sample_seed: 0
     search: {algorithm: optuna, trials: 32, metric: loss.final}  # optional adaptive search
                                          # over sample: (jobs/plan/optuna_search.py)
+    stopping: {rule: median, every: 10}  # optional early stopping (jobs/plan/stopping_rule.py)
 
 Keys are job fields, the submit flags' names in snake_case. A grid point whose variant
 does not belong to its framework is skipped, as `--variant` does on the command line;
@@ -49,8 +50,20 @@ from jobs.plan.spec import (
     known_field,
     make_spec,
 )
+from jobs.plan.stopping_rule import StoppingRule
 
-SPEC_KEYS = ("name", "defaults", "grid", "jobs", "repeat", "sample", "samples", "sample_seed", "search")
+SPEC_KEYS = (
+    "name",
+    "defaults",
+    "grid",
+    "jobs",
+    "repeat",
+    "sample",
+    "samples",
+    "sample_seed",
+    "search",
+    "stopping",
+)
 
 # A hand-written sweep is a few hundred bytes, and a grid names any number of jobs in a
 # few lines. PyYAML builds its Python objects at about 5 s and 120 MB per MB of YAML, so
@@ -81,6 +94,7 @@ class SweepSpec:
     samples: int = 1
     sample_seed: int = 0
     search: SearchSettings | None = None
+    stopping: StoppingRule | None = None
 
     @classmethod
     def load(cls, path: Path) -> SweepSpec:
@@ -145,8 +159,20 @@ class SweepSpec:
             samples = None
         elif sample is not None and samples is None:
             raise SpecError(f"{path}: samples=None: give how many configs to draw, a whole number >= 1")
+        stopping = None
+        if document.get("stopping") is not None:
+            stopping = StoppingRule.parse(str(path), document["stopping"])
         return cls(
-            str(name or path.stem), defaults, grid, jobs, repeat, sample, samples or 1, sample_seed, search
+            str(name or path.stem),
+            defaults,
+            grid,
+            jobs,
+            repeat,
+            sample,
+            samples or 1,
+            sample_seed,
+            search,
+            stopping,
         )
 
     def search_spec(self) -> SearchSpec | None:

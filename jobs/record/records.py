@@ -12,8 +12,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-STATES = ("pending", "running", "succeeded", "failed", "cancelled")
-FINAL_STATES = ("succeeded", "failed", "cancelled")
+STATES = ("pending", "running", "succeeded", "stopped", "failed", "cancelled")
+# `stopped`: ended early by the run's stopping rule (jobs/run/stopping.py), with its
+# partial history: what the rule asked for, not a failure.
+FINAL_STATES = ("succeeded", "stopped", "failed", "cancelled")
+# The states a run may end with and still exit 0.
+GOOD_STATES = ("succeeded", "stopped")
 
 
 def empty_record(job_id: str, config: dict[str, Any], status: str, error: str | None) -> dict[str, Any]:
@@ -54,8 +58,9 @@ def finite_only(value: Any) -> Any:
 
 
 def exit_code_for(report: dict[str, Any]) -> int:
-    """0 when every job of a report succeeded, 1 when any did not."""
-    return 0 if report["summary"]["succeeded"] == len(report["jobs"]) else 1
+    """0 when every job of a report succeeded or was stopped by its rule, 1 when any did not."""
+    summary = report["summary"]
+    return 0 if summary["succeeded"] + summary.get("stopped", 0) == len(report["jobs"]) else 1
 
 
 @dataclass

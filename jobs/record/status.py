@@ -36,6 +36,10 @@ def run_status(directory: Path) -> dict[str, Any]:
         "finished": finished is not None,
         "elapsed_s": (finished or time.time()) - started,
         "eta_s": eta,
+        # Under a stopping rule: each running job's latest reported [epoch, loss].
+        "progress": {
+            job_id: report for job_id, report in (meta.get("progress") or {}).items() if job_id in running
+        },
     }
 
 

@@ -44,6 +44,7 @@ def build_report(
         "summary": {
             "jobs": len(records),
             "succeeded": sum(record["status"] == "succeeded" for record in records),
+            "stopped": sum(record["status"] == "stopped" for record in records),
             "failed": sum(record["status"] == "failed" for record in records),
             "cancelled": sum(record["status"] == "cancelled" for record in records),
         },
@@ -594,15 +595,17 @@ def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     header = ["job", "result", "w", "b", "R2 gap", predict_header, "startup", "train"]
     rows = []
     for job in jobs:
-        if job["status"] != "succeeded":
+        if job["status"] not in ("succeeded", "stopped") or not job.get("params"):
             rows.append([job["id"], job["status"], "-", "-", "-", "-", "-", "-"])
             continue
         params = job["params"]
         linear = "weights" in params
+        stopped = job.get("stopped") or {}
         rows.append(
             [
                 job["id"],
-                job["convergence"],
+                # A stopped job's values are those of the epochs it trained.
+                f"stopped at {stopped.get('epochs')}" if job["status"] == "stopped" else job["convergence"],
                 # A larger model: its name and size in place of w and b, its gap to the
                 # noise floor (marked "floor") in place of the gap to the optimum.
                 _first_weight(params["weights"]) if linear else (job.get("model") or {}).get("name", "?"),

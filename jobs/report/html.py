@@ -176,7 +176,8 @@ def _header(report: dict[str, Any]) -> str:
     if summary:
         lines.append(
             f'<p class="meta">{summary.get("jobs", 0)} job(s): {summary.get("succeeded", 0)} succeeded, '
-            f"{summary.get('failed', 0)} failed, {summary.get('cancelled', 0)} cancelled</p>"
+            + (f"{summary['stopped']} stopped early, " if summary.get("stopped") else "")
+            + f"{summary.get('failed', 0)} failed, {summary.get('cancelled', 0)} cancelled</p>"
         )
     if driver:
         parts = [

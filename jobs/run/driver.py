@@ -16,6 +16,7 @@ the moment its job ends, so the caller can persist it before waiting for the res
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from jobs.run.scheduler import (
     Stop,
     TrainGang,
 )
+from jobs.run.stopping import StoppingPolicy, StoppingRule
 from workers.data import Dataset
 
 __all__ = [
@@ -111,6 +113,8 @@ class Driver:
         on_start: Callable[[str], None] | None = None,
         max_concurrent: int | None = None,
         should_stop: Callable[[], bool] | None = None,
+        stopping: StoppingRule | None = None,
+        on_progress: Callable[[dict[str, list[float]]], None] | None = None,
     ) -> None:
         import ray
 
@@ -137,6 +141,14 @@ class Driver:
         self.by_job: dict[str, Execution] = {}  # job id -> its execution, while it runs
         self.delivering: JobOutcome | None = None  # a record on its way to on_record
         self.scheduler: Scheduler | None = None
+        # Early stopping (jobs/run/stopping.py): the run's board, an actor the jobs report
+        # to, and the policy that reads it here; each running job's latest report.
+        self.stopping = stopping
+        self.policy = StoppingPolicy(stopping) if stopping is not None else None
+        self.board = None
+        self.stop_reasons: dict[str, str] = {}
+        self.latest: dict[str, list[float]] = {}
+        self.on_progress = on_progress
 
     def run(self, jobs: list[PlannedJob], feed: JobFeed | None = None) -> list[str]:
         """Run every job, and the feed's as they come; return each job's final status, in the order run."""
@@ -145,6 +157,15 @@ class Driver:
         self.scheduler = Scheduler(
             jobs, cluster_cpus=_cluster_cpus, clock=time.time, max_concurrent=self.max_concurrent
         )
+        if self.stopping is not None:
+            from workers.reporting import StoppingBoard
+
+            # No CPU of its own: it only keeps reports, and must not take a job's place.
+            self.board = (
+                ray.remote(StoppingBoard)
+                .options(num_cpus=0, max_restarts=0, name=f"runjobs:stopping:{uuid.uuid4().hex[:8]}")
+                .remote()
+            )
         try:
             while self.scheduler.has_work() or (feed is not None and not feed.exhausted()):
                 self._check_cancel_request()
@@ -159,6 +180,7 @@ class Driver:
                 ready, _ = ray.wait(list(self.executions), num_returns=1, timeout=self._wait_timeout())
                 for reference in ready:
                     self._collect(reference)
+                self._apply_stopping_rule()
                 self._carry_out(self.scheduler.check_deadlines())
         except KeyboardInterrupt:
             raise self._stop_all("cancelled: the run was interrupted", requested=False) from None
@@ -172,7 +194,54 @@ class Driver:
                 self._abandon(execution)
             for worker in list(self.warm_workers):
                 self._retire_warm_worker(worker)
+            if self.board is not None:
+                ray.kill(self.board, no_restart=True)
+                self.board = None
         return self.scheduler.statuses()
+
+    def _apply_stopping_rule(self) -> None:
+        """Read the jobs' reports from the board, judge each by the rule, mark the jobs to stop."""
+        if self.board is None:
+            return
+        import ray
+
+        reports = ray.get(self.board.drain.remote())
+        to_stop = []
+        for job_id, epoch, loss in reports:
+            if job_id not in self.by_job or job_id in self.stop_reasons:
+                continue  # ended meanwhile, or already told
+            self.latest[job_id] = [epoch, loss]
+            reason = self.policy.observe(job_id, epoch, loss)
+            if reason is not None:
+                self.stop_reasons[job_id] = reason
+                to_stop.append(job_id)
+        if to_stop:
+            self.board.stop.remote(to_stop)
+        if reports and self.on_progress is not None:
+            self.on_progress(dict(self.latest))
+
+    def _ended_for_stopping(self, job_id: str, result: dict[str, Any] | None) -> None:
+        """A job ended: its history joins the rule's comparisons, its board marks go."""
+        if self.board is None:
+            return
+        self.latest.pop(job_id, None)
+        reason = self.stop_reasons.pop(job_id, None)
+        loss = (result or {}).get("loss") or {}
+        self.policy.ended(job_id, loss.get("history"))
+        if result is not None and result.get("stopped"):
+            result["stopped"]["reason"] = reason or "stopped by the stopping rule"
+            result["stopped"]["rule"] = self.stopping.described()
+        self.board.forget.remote(job_id)
+
+    def _monitor_for(self, run: Run) -> tuple[Any, dict[str, Any]]:
+        """The job as its worker gets it, and the monitor argument when it reports to the board."""
+        job = run.job.spec.for_worker()
+        if self.board is None or run.job.spec.variant != "single":
+            return job, {}
+        from workers.reporting import BoardMonitor
+
+        job = dataclasses.replace(job, report_every=self.stopping.every)
+        return job, {"monitor": BoardMonitor(self.board, run.job.id)}
 
     def _stop_all(self, reason: str, requested: bool) -> RunInterrupted:
         """Stop what is still running, record it and what never started as cancelled, keep what finished.
@@ -196,10 +265,10 @@ class Driver:
             raise _CancelRequested()
 
     def _wait_timeout(self) -> float | None:
-        """How long to wait for a job to end: until the next deadline, and the next cancel check."""
+        """How long to wait for a job to end: until the next deadline, cancel check or look at the reports."""
         timeouts = [
             self.scheduler.seconds_to_next_deadline(),
-            CANCEL_POLL_S if self.should_stop is not None else None,
+            CANCEL_POLL_S if self.should_stop is not None or self.board is not None else None,
         ]
         timeouts = [timeout for timeout in timeouts if timeout is not None]
         return min(timeouts) if timeouts else None
@@ -217,6 +286,7 @@ class Driver:
                 # None when an interrupt came between the decision to start and the start.
                 if execution is not None:
                     self._abandon(execution)
+                self._ended_for_stopping(decision.run.job.id, None)
             elif isinstance(decision, RetireWarmWorker):
                 self._retire_warm_worker(decision.worker)
             elif isinstance(decision, Record):
@@ -239,16 +309,20 @@ class Driver:
         self.by_job[job.id] = execution
         if run.placement.on_warm_worker:
             worker = self.warm_workers[run.warm_worker]
-            reference = worker.run.remote(spec.for_worker(), self._dataset(job.dataset), run.submitted_at)
+            training_job, monitor = self._monitor_for(run)
+            reference = worker.run.remote(
+                training_job, self._dataset(job.dataset), run.submitted_at, **monitor
+            )
             self._wait_on(execution, [reference])
         elif run.placement is Placement.FRESH_PROCESS:
+            training_job, monitor = self._monitor_for(run)
             reference = self.fresh_train_task.options(
                 num_cpus=1,
                 num_gpus=spec.gpus_per_job or 0,
                 # A dead worker fails the job rather than silently training it twice.
                 max_retries=0,
                 name=f"runjobs:{job.id}",
-            ).remote(spec.for_worker(), self._dataset(job.dataset), run.submitted_at)
+            ).remote(training_job, self._dataset(job.dataset), run.submitted_at, **monitor)
             self._wait_on(execution, [reference])
         else:
             self._start_gang(execution)
@@ -355,6 +429,7 @@ class Driver:
             rank = execution.waiting.index(reference)
             logs = getattr(getattr(error, "cause", None), "runjobs_logs", None)
             result = {"logs": [{"rank": rank, **logs}]} if logs else None
+            self._ended_for_stopping(job_id, None)
             self._carry_out(self.scheduler.job_failed(job_id, describe_error(error), failure, rank, result))
             return
         if len(execution.results) < len(execution.waiting):
@@ -365,7 +440,9 @@ class Driver:
             return
         execution.release()
         self.by_job.pop(job_id, None)
-        self._carry_out(self.scheduler.job_succeeded(job_id, merge_worker_results(results)))
+        merged = merge_worker_results(results)
+        self._ended_for_stopping(job_id, merged)
+        self._carry_out(self.scheduler.job_succeeded(job_id, merged))
 
     def _dataset(self, dataset: Dataset) -> Any:
         import ray
@@ -389,13 +466,15 @@ def run_jobs(
     max_concurrent: int | None = None,
     should_stop: Callable[[], bool] | None = None,
     feed: JobFeed | None = None,
+    stopping: StoppingRule | None = None,
+    on_progress: Callable[[dict[str, list[float]]], None] | None = None,
 ) -> list[str]:
     """Run every job on Ray, and the feed's, handing each record to on_record as it ends; return the statuses.
 
     `should_stop` is asked a few times a second; once it answers true, the run stops as
     on Ctrl-C and RunInterrupted(requested=True) is raised.
     """
-    return Driver(on_record, on_start, max_concurrent, should_stop).run(jobs, feed)
+    return Driver(on_record, on_start, max_concurrent, should_stop, stopping, on_progress).run(jobs, feed)
 
 
 def merge_worker_results(results: list[dict[str, Any]]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from jobs.plan.planning import PlannedJob
+from jobs.plan.stopping_rule import StoppingRule
 from jobs.record.records import JobOutcome
 
 
@@ -38,6 +39,8 @@ class RunCallbacks:
     should_stop: Callable[[], bool]  # `runjobs cancel` asked the run to stop
     say: Callable[[str], None]  # a progress line
     keep_meta: Callable[..., None]  # run-level facts for the ledger (a remote run's Ray job id)
+    # Running jobs' latest reported [epoch, loss] under a stopping rule, by job id.
+    on_progress: Callable[[dict[str, list[float]]], None] | None = None
 
 
 class RunListener(Protocol):
@@ -96,10 +99,16 @@ class Session(Protocol):
         (`meta` is the ledger's); refuse when that run still goes."""
 
     def run(
-        self, jobs: list[PlannedJob], callbacks: RunCallbacks, run_id: str, feed: JobFeed | None = None
+        self,
+        jobs: list[PlannedJob],
+        callbacks: RunCallbacks,
+        run_id: str,
+        feed: JobFeed | None = None,
+        stopping: StoppingRule | None = None,
     ) -> RunSummary | Detached:
         """Run the jobs, and the feed's as they come, calling back as each starts and ends; an
-        interrupt ends it early (RunSummary)."""
+        interrupt ends it early (RunSummary). With `stopping`, single-device jobs report their
+        loss as they train and the rule may stop them (jobs/run/stopping.py)."""
 
 
 class Executor(Protocol):

@@ -10,17 +10,33 @@ this very process.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from jobs.plan.planning import PlannedJob, resolve_for_cluster
+from jobs.plan.stopping_rule import StoppingRule
 from jobs.run.cluster import ResourceRequestError
 from jobs.run.driver import RunInterrupted, describe_error, merge_worker_results, planned_outcome
 from jobs.run.executor import JobFeed, RunCallbacks, RunSummary
+from jobs.run.stopping import StoppingPolicy
 
 CLUSTER = {"address": "in-process", "embedded": True, "nodes": 1, "cpus": 1.0, "gpus": 0.0}
+
+
+class PolicyMonitor:
+    """A job's reports judged at once by the run's stopping policy: one process needs no board."""
+
+    def __init__(self, policy: StoppingPolicy, job_id: str) -> None:
+        self.policy = policy
+        self.job_id = job_id
+        self.reason: str | None = None
+
+    def report(self, epochs_done: int, loss: float) -> bool:
+        self.reason = self.reason or self.policy.observe(self.job_id, epochs_done, loss)
+        return self.reason is not None
 
 
 class InProcessExecutor:
@@ -48,10 +64,16 @@ class InProcessSession:
         """Nothing to recover: the ledger holds every result this executor finished."""
 
     def run(
-        self, jobs: list[PlannedJob], callbacks: RunCallbacks, run_id: str, feed: JobFeed | None = None
+        self,
+        jobs: list[PlannedJob],
+        callbacks: RunCallbacks,
+        run_id: str,
+        feed: JobFeed | None = None,
+        stopping: StoppingRule | None = None,
     ) -> RunSummary:
         from workers.entry import run_job
 
+        policy = StoppingPolicy(stopping) if stopping is not None else None
         started = time.perf_counter()
         jobs = list(jobs)
         index = 0
@@ -71,13 +93,25 @@ class InProcessSession:
                 return RunSummary(CLUSTER, {"jobs_s": time.perf_counter() - started}, interrupted)
             callbacks.on_start(job.id, False)
             submitted_at = time.time()
+            training_job, monitor = job.spec.for_worker(), None
+            if policy is not None and job.spec.variant == "single":
+                training_job = dataclasses.replace(training_job, report_every=stopping.every)
+                monitor = PolicyMonitor(policy, job.id)
             try:
-                result = merge_worker_results([run_job(job.spec.for_worker(), job.dataset, submitted_at)])
-                outcome = planned_outcome(job, "succeeded", None, result)
+                result = merge_worker_results(
+                    [run_job(training_job, job.dataset, submitted_at, monitor=monitor)]
+                )
+                if result.get("stopped"):
+                    result["stopped"].update(reason=monitor.reason, rule=stopping.described())
+                outcome = planned_outcome(
+                    job, "stopped" if result.get("stopped") else "succeeded", None, result
+                )
             except Exception as error:
                 logs = getattr(error, "runjobs_logs", None)
                 extra = {"logs": [{"rank": 0, **logs}]} if logs else {}
                 outcome = planned_outcome(job, "failed", describe_error(error), extra)
             outcome.record["timings"]["total_s"] = time.time() - submitted_at
+            if policy is not None:
+                policy.ended(job.id, (outcome.record.get("loss") or {}).get("history"))
             callbacks.on_record(outcome, False)
         return RunSummary(CLUSTER, {"jobs_s": time.perf_counter() - started})

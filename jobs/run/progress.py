@@ -18,7 +18,7 @@ class LineProgress:
 
     def __init__(self) -> None:
         self.total = 0
-        self.counts = {"succeeded": 0, "failed": 0, "cancelled": 0}
+        self.counts = {"succeeded": 0, "stopped": 0, "failed": 0, "cancelled": 0}
 
     def __enter__(self) -> LineProgress:
         return self
@@ -35,14 +35,17 @@ class LineProgress:
     def started(self, job_id: str) -> None:
         pass
 
+    def reported(self, latest: dict[str, list[float]]) -> None:
+        """Running jobs' latest [epoch, loss] under a stopping rule: no line each, a log would flood."""
+
     def ended(self, record: dict[str, Any]) -> None:
         self.counts[record["status"]] += 1
         self.say(f"[{self._done_text()}] {describe_end(record)}")
 
     def _done_text(self) -> str:
-        """`3/5 done, 1 failed, 1 cancelled`: a cancelled job did not fail, so it is counted apart."""
+        """`3/5 done, 1 stopped, 1 failed`: stopped and cancelled jobs did not fail: each is counted apart."""
         text = f"{sum(self.counts.values())}/{self.total} done"
-        for status in ("failed", "cancelled"):
+        for status in ("stopped", "failed", "cancelled"):
             if self.counts[status]:
                 text += f", {self.counts[status]} {status}"
         return text
@@ -71,14 +74,17 @@ class LiveProgress(LineProgress):
             MofNCompleteColumn(),
             TextColumn(
                 "running {task.fields[running]}, failed {task.fields[failed]}, "
-                "cancelled {task.fields[cancelled]}"
+                "cancelled {task.fields[cancelled]}{task.fields[losses]}"
             ),
             TimeElapsedColumn(),
             TextColumn("ETA {task.fields[eta]}"),
             console=console or Console(stderr=True),
             transient=False,
         )
-        self.task = self.display.add_task("jobs", total=None, running=0, failed=0, cancelled=0, eta="-")
+        self.task = self.display.add_task(
+            "jobs", total=None, running=0, failed=0, cancelled=0, eta="-", losses=""
+        )
+        self.latest: dict[str, list[float]] = {}
 
     def __enter__(self) -> LiveProgress:
         self.display.start()
@@ -100,8 +106,13 @@ class LiveProgress(LineProgress):
 
     def ended(self, record: dict[str, Any]) -> None:
         self.running.discard(record["id"])
+        self.latest.pop(record["id"], None)
         self.counts[record["status"]] += 1
         self.say(describe_end(record))
+        self._refresh()
+
+    def reported(self, latest: dict[str, list[float]]) -> None:
+        self.latest = {job_id: report for job_id, report in latest.items() if job_id in self.running}
         self._refresh()
 
     def _refresh(self) -> None:
@@ -113,11 +124,24 @@ class LiveProgress(LineProgress):
             failed=self.counts["failed"],
             cancelled=self.counts["cancelled"],
             eta=format_eta(time.monotonic() - self.started_at, done, self.total),
+            losses=self._losses(),
         )
+
+    def _losses(self) -> str:
+        """`, stopped 2, best running loss 0.0123 (epoch 40)` under a stopping rule."""
+        text = f", stopped {self.counts['stopped']}" if self.counts["stopped"] else ""
+        if self.latest:
+            epoch, loss = min(self.latest.values(), key=lambda report: report[1])
+            text += f", best running loss {loss:.4g} (epoch {int(epoch)})"
+        return text
 
 
 def describe_end(record: dict[str, Any]) -> str:
-    detail = record["convergence"] if record["status"] == "succeeded" else record["error"]
+    if record["status"] == "stopped":
+        stopped = record.get("stopped") or {}
+        detail = f"after {stopped.get('epochs')} of {stopped.get('of')} epochs: {stopped.get('reason')}"
+    else:
+        detail = record["convergence"] if record["status"] == "succeeded" else record["error"]
     return f"{record['id']} {record['status']} ({detail}) in {record['timings']['total_s']:.1f}s"
 
 

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from jobs.plan.planning import PlannedJob, resolve_for_cluster
+from jobs.plan.stopping_rule import StoppingRule
 from jobs.run import cluster as clusters
 from jobs.run.driver import RunInterrupted, run_jobs
 from jobs.run.executor import JobFeed, RunCallbacks, RunSummary
@@ -53,7 +54,12 @@ class RayClusterSession:
         """Nothing to recover: a local run's ledger already holds every result it finished."""
 
     def run(
-        self, jobs: list[PlannedJob], callbacks: RunCallbacks, run_id: str, feed: JobFeed | None = None
+        self,
+        jobs: list[PlannedJob],
+        callbacks: RunCallbacks,
+        run_id: str,
+        feed: JobFeed | None = None,
+        stopping: StoppingRule | None = None,
     ) -> RunSummary:
         started = time.perf_counter()
         interrupted = None
@@ -65,6 +71,8 @@ class RayClusterSession:
                 self.max_concurrent,
                 callbacks.should_stop,
                 feed,
+                stopping,
+                callbacks.on_progress,
             )
         except RunInterrupted as interruption:
             interrupted = interruption

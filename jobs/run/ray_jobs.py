@@ -17,6 +17,7 @@ The same marked lines let `runjobs status --address ADDR JOBID` and `runjobs rep
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import secrets
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.plan.planning import PlannedJob
+from jobs.plan.stopping_rule import StoppingRule
 from jobs.record.records import JobOutcome
 from jobs.run.authentication import choose_mode_for
 from jobs.run.cluster import ClusterUnreachableError, wait_until_reachable
@@ -144,11 +146,16 @@ class RayJobsSession:
         follower.replay(complete_lines(self.client.get_job_logs(job_id)))
 
     def run(
-        self, jobs: list[PlannedJob], callbacks: RunCallbacks, run_id: str, feed: JobFeed | None = None
+        self,
+        jobs: list[PlannedJob],
+        callbacks: RunCallbacks,
+        run_id: str,
+        feed: JobFeed | None = None,
+        stopping: StoppingRule | None = None,
     ) -> RunSummary | Detached:
         if feed is not None:  # the pipeline refuses an adaptive search over Ray Jobs before connecting
             raise RuntimeError("a Ray Jobs run takes its jobs planned in full")
-        with staged(jobs, run_id, self.max_concurrent) as directory:
+        with staged(jobs, run_id, self.max_concurrent, stopping) as directory:
             job_id = _submit_job(
                 self.client,
                 entrypoint=ENTRYPOINT,
@@ -222,7 +229,7 @@ def remote_status(address: str, job_id: str) -> dict[str, Any]:
     """A remote run's state from its Ray job: counts by state, read from the job's logs."""
     client = jobs_client(address)
     status = _job_status(client, job_id)
-    counts = {"succeeded": 0, "failed": 0, "cancelled": 0}
+    counts = {"succeeded": 0, "stopped": 0, "failed": 0, "cancelled": 0}
     total = None
     reader = MarkedLines()
     for line in complete_lines(client.get_job_logs(job_id)):
@@ -349,7 +356,9 @@ def _job_status(client, job_id: str) -> str:
 
 
 @contextmanager
-def staged(planned, run_id: str, max_concurrent: int | None) -> Iterator[Path]:
+def staged(
+    planned, run_id: str, max_concurrent: int | None, stopping: StoppingRule | None = None
+) -> Iterator[Path]:
     """The job's working_dir: runjobs' code, the planned jobs, their CSV files and user models' code."""
     import jobs
     import workers
@@ -389,6 +398,8 @@ def staged(planned, run_id: str, max_concurrent: int | None) -> Iterator[Path]:
                 entry["model_filename"] = model.filename  # what tracebacks name
             plan_jobs_list.append(entry)
         plan = {"run_id": run_id, "max_concurrent": max_concurrent, "jobs": plan_jobs_list}
+        if stopping is not None:  # the head's driver applies the rule
+            plan["stopping"] = dataclasses.asdict(stopping)
         (directory / PLAN_FILE).write_text(json.dumps(plan))
         yield directory
 

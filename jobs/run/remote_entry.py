@@ -22,6 +22,7 @@ from pathlib import Path
 from jobs.pipeline import submit
 from jobs.plan.planning import PlannedJob, SubmitRequest
 from jobs.plan.spec import JobSpec
+from jobs.plan.stopping_rule import StoppingRule
 from jobs.run.progress import MessagesOnly
 from jobs.run.remote_protocol import (
     END_MARKER,
@@ -78,6 +79,7 @@ def main(plan_path: str) -> int:
         run_id=plan["run_id"],  # the client's run id, in the driver's messages too
         rerun="all",
         max_concurrent=plan.get("max_concurrent"),
+        stopping=StoppingRule(**plan["stopping"]) if plan.get("stopping") else None,
     )
     try:
         # The client shows each job's end from its record: here only the run's messages.

@@ -253,7 +253,9 @@ class Scheduler:
         if run.warm_worker is not None:
             self.pool.observe(kind_of(run.job.spec), result.get("timings") or {})
             self.pool.give_back(run.warm_worker)
-        return [Record(run.job, "succeeded", None, self._elapsed(run), result)]
+        # Ended early by the run's stopping rule: its own status, not a failure.
+        status = "stopped" if result.get("stopped") else "succeeded"
+        return [Record(run.job, status, None, self._elapsed(run), result)]
 
     def job_failed(
         self,

@@ -3,7 +3,8 @@
 A job's task body (workers/entry.py) asks the registry for the job's framework and calls,
 in order, `initialise` (once per job: the device for Ray's GPU assignment, and the
 framework's runtime start, which counts as start-up), then `train` (which refuses a
-variant the registry does not list for the framework, then calls `train_variant`).
+variant the registry does not list for the framework, then calls `train_variant`, with
+the job's monitor when the framework reports to one: workers/reporting.py).
 With `--save-models`, rank 0 then calls `export_model` on the learned parameters;
 `runjobs predict` calls `load_model` on one of the framework's formats.
 
@@ -26,6 +27,7 @@ import numpy as np
 
 from workers.distributed import SINGLE_WORKER, WorkerContext
 from workers.models import ModelPlan
+from workers.reporting import TrainingMonitor
 from workers.training import Device, TrainerOutcome, TrainingData
 
 if TYPE_CHECKING:
@@ -66,6 +68,8 @@ class JobSettings(Protocol):
     def shared_start(self) -> bool: ...
     @property
     def dtype(self) -> str: ...
+    @property
+    def report_every(self) -> int | None: ...
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,10 @@ class Framework(ABC):
     """
 
     trained_variants: ClassVar[tuple[str, ...]] = ()
+    # Whether `train_variant` takes a `monitor` and, when the job sets `report_every`,
+    # reports its loss to it between chunks of epochs and stops when told to. A framework
+    # that does not trains every job whole: its jobs are never stopped early.
+    reports_progress: ClassVar[bool] = False
 
     def __init__(self, description: FrameworkDescription) -> None:
         unsupported = [name for name in description.variant_names if name not in self.trained_variants]
@@ -149,24 +157,41 @@ class Framework(ABC):
         data: TrainingData,
         device: Device,
         context: WorkerContext = SINGLE_WORKER,
+        monitor: TrainingMonitor | None = None,
     ) -> TrainerOutcome:
-        """Train `model` as `spec` says on `data` as worker `context`; refuses a variant it lacks."""
+        """Train `model` as `spec` says on `data` as worker `context`; refuses a variant it lacks.
+
+        With a `monitor`, a framework that `reports_progress` reports to it every
+        `spec.report_every` epochs; others ignore it.
+        """
         if spec.variant not in self.description.variant_names:
             raise ValueError(
                 f"variant={spec.variant!r} is not a {self.name} variant; choose one of "
                 f"{', '.join(self.description.variant_names)}"
             )
+        if monitor is not None and self.reports_progress:
+            return self.train_variant(spec, model, data, device, context, monitor=monitor)
         return self.train_variant(spec, model, data, device, context)
 
     @abstractmethod
     def train_variant(
-        self, spec: JobSettings, model: ModelPlan, data: TrainingData, device: Device, context: WorkerContext
+        self,
+        spec: JobSettings,
+        model: ModelPlan,
+        data: TrainingData,
+        device: Device,
+        context: WorkerContext,
+        monitor: TrainingMonitor | None = None,
     ) -> TrainerOutcome:
         """Train a job of `spec.variant` (one of `trained_variants`), in training units.
 
         The outcome's parameters are in the canonical layout (workers/models/__init__.py);
         with `spec.shared_start` the model starts from workers.models.shared_start's draw;
         under `loop=fast` the update is workers/update_rules.py's, written in the framework.
+        A framework that `reports_progress` trains in the chunks of
+        workers.reporting.ReportSchedule when `monitor` and `spec.report_every` are set,
+        reports after each, and stops when the monitor says so (`stopped_at_epoch`); the
+        chunks compute what the whole run computes.
         """
 
     @abstractmethod

@@ -18,7 +18,8 @@ lowered and compiled in set-up, so `train_s` is the run alone. `fast` updates wi
 runjobs' own rule (workers/update_rules.py, the same arithmetic and order as the other
 frameworks); JAX has no stock fit, so `article` runs the same loop with optax's
 optimizers, JAX's idiomatic stock ones. A warm worker keeps the compiled function for the
-next job of the same shape (see `_loop_key`).
+next job of the same shape (see `_loop_key`). A job that reports its loss
+(workers/reporting.py) calls the same compiled function once per chunk of epochs.
 
 Precision: float64 needs JAX's x64 mode, a process-wide switch, which this module turns on
 at import. Every array runjobs hands JAX carries its dtype explicitly, so a float32 job
@@ -62,6 +63,7 @@ from workers.frameworks.base import EXPORT_SETTINGS, Framework, JobSettings, Mod
 from workers.models import ModelPlan  # noqa: E402
 from workers.models import user as user_models  # noqa: E402
 from workers.models.shared_start import describe_layout, draw  # noqa: E402
+from workers.reporting import ReportSchedule, TrainingMonitor  # noqa: E402
 from workers.training import Device, TrainerOutcome, TrainingData, batch_size_for  # noqa: E402
 from workers.update_rules import OWN_RULE, stock_rule  # noqa: E402
 
@@ -91,6 +93,7 @@ class JaxFramework(Framework):
     """JAX behind the framework interface; one instance per process keeps the compiled loops."""
 
     trained_variants = ("single",)
+    reports_progress = True
 
     def __init__(self, description: FrameworkDescription) -> None:
         super().__init__(description)
@@ -127,9 +130,16 @@ class JaxFramework(Framework):
         return device
 
     def train_variant(
-        self, spec: JobSettings, plan: ModelPlan, data: TrainingData, device: Device, context: WorkerContext
+        self,
+        spec: JobSettings,
+        plan: ModelPlan,
+        data: TrainingData,
+        device: Device,
+        context: WorkerContext,
+        monitor: TrainingMonitor | None = None,
     ) -> TrainerOutcome:
         setup_started = time.perf_counter()
+        schedule = ReportSchedule.for_job(spec, monitor)
         if context.is_distributed:
             raise ValueError("JAX trains the single variant only (one device)")
         target_device = _jax_device(device)
@@ -141,10 +151,12 @@ class JaxFramework(Framework):
         state = jax.tree_util.tree_map(put, rule.initial_state(spec, parameters))
         features, target = put(data.features), put(data.target)
         prediction_inputs = put(data.prediction_inputs)
-        epochs = put(np.asarray(spec.epochs, np.int32))
         seed = put(np.asarray(spec.seed, np.int64))
 
-        arguments = (parameters, state, features, target, epochs, seed)
+        def epoch(number: int):
+            return put(np.asarray(number, np.int32))
+
+        arguments = (parameters, state, features, target, epoch(0), epoch(spec.epochs), seed)
         key = _loop_key(spec, plan, data, device)
         loop = self._loops.get(key)
         if loop is None or loop.capacity < spec.epochs:
@@ -157,9 +169,28 @@ class JaxFramework(Framework):
         setup_s = time.perf_counter() - setup_started
 
         train_started = time.perf_counter()
-        learned, _, losses, history = loop.run(*arguments)
-        losses = np.asarray(losses)[: spec.epochs]
-        history = np.asarray(history)[: spec.epochs] if plan.is_linear else None
+        learned = parameters
+        loss_parts, history_parts, epoch_seconds = [], [], []
+        # One call for the whole run, or one per chunk of a job that reports: the chunk
+        # takes up the parameters and the rule's state where the last one left them, and
+        # its epochs keep their numbers (the shuffle's key), so the chunks compute what
+        # the whole run computes.
+        for first, last in schedule.chunks():
+            chunk_started = time.perf_counter()
+            learned, state, losses, history = loop.run(
+                learned, state, features, target, epoch(first), epoch(last), seed
+            )
+            loss_parts.append(np.asarray(losses)[first:last])
+            if plan.is_linear:
+                history_parts.append(np.asarray(history)[first:last])
+            # The compiled loop keeps no per-epoch clock (a host callback per epoch would
+            # cost more than a small epoch), so each epoch of a chunk is credited an even
+            # share of the chunk.
+            epoch_seconds += [(time.perf_counter() - chunk_started) / (last - first)] * (last - first)
+            if schedule.stop_after(last, loss_parts[-1][-1]):
+                break
+        losses = np.concatenate(loss_parts)
+        history = np.concatenate(history_parts) if plan.is_linear else None
         train_s = time.perf_counter() - train_started
 
         predict_started = time.perf_counter()
@@ -176,10 +207,7 @@ class JaxFramework(Framework):
         return TrainerOutcome(
             parameters=[np.asarray(values, dtype=np.float64) for values in learned],
             loss_history=[float(value) for value in losses],
-            # The compiled loop runs every epoch in one call and keeps no per-epoch clock
-            # (a host callback per epoch would cost more than a small epoch), so each epoch
-            # is credited an even share of the run.
-            epoch_seconds=[train_s / spec.epochs] * spec.epochs,
+            epoch_seconds=epoch_seconds,
             parameter_history=None if history is None else history.astype(np.float64),
             predictions=predictions,
             setup_s=setup_s,
@@ -188,6 +216,7 @@ class JaxFramework(Framework):
             fitted=fitted,
             parameter_names=[name for name, _ in model.layout],
             update_rule=rule.name,
+            stopped_at_epoch=schedule.stopped_at_epoch,
         )
 
     def export_model(self, plan: ModelPlan, parameters: list[np.ndarray], directory: Path) -> dict[str, str]:
@@ -428,7 +457,9 @@ class _CompiledLoop:
     """A job's compiled functions, kept for the next job of the same shape."""
 
     capacity: int  # the most epochs `run` records; a longer job compiles again
-    run: Any  # (parameters, state, features, target, epochs, seed) -> (parameters, state, losses, history)
+    # (parameters, state, features, target, first epoch, end epoch, seed) -> (parameters, state,
+    # losses, history): trains epochs first .. end - 1, recorded at those places of losses and history.
+    run: Any
     predict: Any  # (parameters, prediction inputs) -> outputs
     fit: Any  # (parameters, features) -> outputs, or None for the linear model
 
@@ -460,7 +491,7 @@ def _capacity(epochs: int) -> int:
 def _compile(spec, plan, data, model: JaxModel, rule, arguments: tuple, prediction_inputs) -> _CompiledLoop:
     """Lower and compile the run and the predictions for these arguments' shapes: set-up, not training.
 
-    `arguments` are the run's: (parameters, state, features, target, epochs, seed).
+    `arguments` are the run's: (parameters, state, features, target, first epoch, end epoch, seed).
     """
     parameters, features = arguments[0], arguments[2]
     rows = data.rows
@@ -485,7 +516,7 @@ def _compile(spec, plan, data, model: JaxModel, rule, arguments: tuple, predicti
         parameters, state = rule.apply(parameters, gradients, state)
         return parameters, state, total + squared_error
 
-    def run(parameters, state, features, target, epochs, seed):
+    def run(parameters, state, features, target, first_epoch, end_epoch, seed):
         key = jax.random.key(seed)
 
         def epoch_body(epoch, carry):
@@ -515,7 +546,7 @@ def _compile(spec, plan, data, model: JaxModel, rule, arguments: tuple, predicti
         width = sum(math.prod(shape) for _, shape in model.layout) if keep_history else 0
         losses = jnp.zeros(capacity, dtype)
         history = jnp.zeros((capacity if keep_history else 0, width), dtype)
-        return jax.lax.fori_loop(0, epochs, epoch_body, (parameters, state, losses, history))
+        return jax.lax.fori_loop(first_epoch, end_epoch, epoch_body, (parameters, state, losses, history))
 
     def outputs(parameters, inputs):
         return jnp.reshape(apply(parameters, inputs), (-1,))

@@ -8,7 +8,9 @@ context. Two loops: `fast` runs every epoch inside one compiled tf.function (aut
 turns the epoch loop into a tf.while_loop, so 500 epochs are one graph call) and updates
 with runjobs' own rule (workers/update_rules.py, the same arithmetic as the other
 frameworks); `article` calls Keras `model.fit` with Keras's optimizer, as the source
-article does (single only).
+article does (single only). A job that reports its loss (workers/reporting.py) calls the
+same compiled loop once per chunk of epochs, or, under `article`, reports from a Keras
+callback that ends `fit` when told to stop.
 
 A warm worker keeps its `TensorFlowFramework` (the registry holds one per process), and
 with it the last traced single-device loop, which the next job of the same shape reuses.
@@ -45,6 +47,7 @@ from workers.frameworks.onnx_format import ONNX_OPSET, one_line, write_checked  
 from workers.models import ModelPlan  # noqa: E402
 from workers.models import user as user_models  # noqa: E402
 from workers.models.shared_start import describe_layout, draw  # noqa: E402
+from workers.reporting import ReportSchedule, TrainingMonitor  # noqa: E402
 from workers.training import Device, TrainerOutcome, TrainingData, batch_size_for  # noqa: E402
 from workers.update_rules import OWN_RULE, stock_rule  # noqa: E402
 
@@ -168,7 +171,7 @@ class _CompiledLoop:
     key: tuple
     model: Any
     rule: OwnUpdateRule
-    run: Any  # ConcreteFunction: (epochs, seed) -> (losses, parameters, stamps)
+    run: Any  # ConcreteFunction: (epochs, seed, first epoch) -> (losses, parameters, stamps)
 
     def reset(self, spec: JobSettings, initial_model) -> None:
         """Start a new job: its own initial parameters, a fresh optimizer state, its learning rate."""
@@ -181,6 +184,7 @@ class TensorFlowFramework(Framework):
     """TensorFlow behind the framework interface; one instance per process keeps the traced loop."""
 
     trained_variants = tuple(VARIANT_STRATEGIES)
+    reports_progress = True
 
     def __init__(self, description: FrameworkDescription) -> None:
         super().__init__(description)
@@ -250,9 +254,16 @@ class TensorFlowFramework(Framework):
         return device
 
     def train_variant(
-        self, spec: JobSettings, plan: ModelPlan, data: TrainingData, device: Device, context: WorkerContext
+        self,
+        spec: JobSettings,
+        plan: ModelPlan,
+        data: TrainingData,
+        device: Device,
+        context: WorkerContext,
+        monitor: TrainingMonitor | None = None,
     ) -> TrainerOutcome:
         setup_started = time.perf_counter()
+        schedule = ReportSchedule.for_job(spec, monitor)
         variant_strategy = VARIANT_STRATEGIES[spec.variant]
         strategy = variant_strategy.create(device, context)
         pinned = (
@@ -272,11 +283,12 @@ class TensorFlowFramework(Framework):
                 user_models.check_output_shape(plan.user, "tensorflow", shape, len(probe))
             initialise_parameters(spec, plan, model)
             if spec.loop == "article":
-                outcome = _fit_loop(spec, plan, data, model, setup_started)
+                outcome = _fit_loop(spec, plan, data, model, schedule, setup_started)
             else:
                 outcome = self._compiled_loop(
-                    spec, plan, data, model, strategy, device, variant_strategy, setup_started
+                    spec, plan, data, model, strategy, device, variant_strategy, schedule, setup_started
                 )
+        outcome.stopped_at_epoch = schedule.stopped_at_epoch
         if variant_strategy.strategy_name is not None:
             outcome.distribution = {
                 "strategy": variant_strategy.strategy_name,
@@ -285,7 +297,16 @@ class TensorFlowFramework(Framework):
         return outcome
 
     def _compiled_loop(
-        self, spec, plan, data, model, strategy, device, variant_strategy: VariantStrategy, setup_started
+        self,
+        spec,
+        plan,
+        data,
+        model,
+        strategy,
+        device,
+        variant_strategy: VariantStrategy,
+        schedule: ReportSchedule,
+        setup_started,
     ) -> TrainerOutcome:
         reusable = variant_strategy.reuses_traced_loop
         key = _loop_key(spec, plan, data, device) if reusable else None
@@ -302,8 +323,21 @@ class TensorFlowFramework(Framework):
         setup_s = time.perf_counter() - setup_started
 
         train_started = time.perf_counter()
-        losses, parameters, stamps = loop.run(tf.constant(spec.epochs), tf.constant(spec.seed, tf.int64))
-        losses, parameters, stamps = losses.numpy(), parameters.numpy(), stamps.numpy()
+        seed = tf.constant(spec.seed, tf.int64)
+        loss_parts, parameter_parts, second_parts = [], [], []
+        # One call for the whole run, or one per chunk of a job that reports: the rule's
+        # state lives in variables and the shuffle is keyed by the absolute epoch, so the
+        # chunks compute what the whole run computes.
+        for first, last in schedule.chunks():
+            losses, parameters, stamps = loop.run(tf.constant(last - first), seed, tf.constant(first))
+            loss_parts.append(losses.numpy())
+            parameter_parts.append(parameters.numpy())
+            second_parts.append(np.diff(stamps.numpy()))
+            if schedule.stop_after(last, loss_parts[-1][-1]):
+                break
+        losses, parameters, seconds = (
+            np.concatenate(parts) for parts in (loss_parts, parameter_parts, second_parts)
+        )
         train_s = time.perf_counter() - train_started
 
         predictions, predict_s = _predict(loop.model, data.prediction_inputs, use_keras_predict=False)
@@ -313,7 +347,7 @@ class TensorFlowFramework(Framework):
             loop.model,
             losses.tolist(),
             parameters if plan.is_linear else None,
-            np.diff(stamps).tolist(),
+            seconds.tolist(),
             predictions,
             setup_s,
             train_s,
@@ -461,7 +495,10 @@ def _loop_key(spec: JobSettings, plan: ModelPlan, data: TrainingData, device: De
 
 
 def _trace(spec, plan, data, model, rule: OwnUpdateRule, strategy, one_device: bool):
-    """The whole run as one compiled function of (epochs, seed); tracing it is set-up, not training.
+    """The whole run as one compiled function of (epochs, seed, first epoch); tracing it is set-up.
+
+    It trains `epochs` epochs numbered from `first epoch` (0 for a whole run; a chunk of a
+    job that reports starts where the last chunk ended), so one traced loop serves both.
 
     On one device the step applies its gradients directly; under a distribution strategy
     each replica's gradients are summed through the strategy first. The arithmetic is the
@@ -541,7 +578,7 @@ def _trace(spec, plan, data, model, rule: OwnUpdateRule, strategy, one_device: b
         return update(strategy.run(replica_step, args=(indices,)))
 
     @tf.function
-    def run(epochs, seed):
+    def run(epochs, seed, first_epoch):
         losses = tf.TensorArray(dtype, size=epochs)
         parameters = tf.TensorArray(
             dtype, size=epochs if keep_history else 0, element_shape=[history_width if keep_history else 0]
@@ -555,8 +592,9 @@ def _trace(spec, plan, data, model, rule: OwnUpdateRule, strategy, one_device: b
             else:
                 # Keras fit's meaning of an epoch: every row once, in a fresh order. A
                 # stateless shuffle gives every worker (and the single-device twin) the
-                # same order for the same seed and epoch.
-                epoch_seed = tf.stack([seed, tf.cast(epoch, tf.int64)])
+                # same order for the same seed and epoch, counted from the job's first
+                # epoch, so a run in chunks shuffles as the whole run does.
+                epoch_seed = tf.stack([seed, tf.cast(first_epoch + epoch, tf.int64)])
                 order = tf.random.experimental.stateless_shuffle(all_rows, seed=epoch_seed)
                 total = tf.constant(0.0, dtype)
                 for start in tf.range(0, rows, batch):
@@ -569,13 +607,18 @@ def _trace(spec, plan, data, model, rule: OwnUpdateRule, strategy, one_device: b
             stamps = stamps.write(epoch + 1, tf.timestamp())
         return losses.stack(), parameters.stack(), stamps.stack()
 
-    return run.get_concrete_function(tf.constant(spec.epochs), tf.constant(spec.seed, tf.int64))
+    return run.get_concrete_function(
+        tf.constant(spec.epochs), tf.constant(spec.seed, tf.int64), tf.constant(0)
+    )
 
 
-def _fit_loop(spec, plan, data, model, setup_started) -> TrainerOutcome:
+def _fit_loop(spec, plan, data, model, schedule: ReportSchedule, setup_started) -> TrainerOutcome:
     model.compile(optimizer=_stock_optimizer(spec), loss="mse")
     epoch_seconds: list[float] = []
     parameters: list[np.ndarray] = []
+    # One fit for every chunk: a fit per chunk would draw fit's shuffles from another
+    # point of the seeded generator. The callback reports where each chunk ends instead.
+    chunk_ends = {last for _, last in schedule.chunks()}
 
     class EpochRecorder(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
@@ -586,6 +629,9 @@ def _fit_loop(spec, plan, data, model, setup_started) -> TrainerOutcome:
             if plan.is_linear:
                 kernel, bias = model.layers[0].get_weights()
                 parameters.append(np.concatenate([kernel.reshape(-1), bias]))
+            if epoch + 1 in chunk_ends and schedule.stop_after(epoch + 1, logs["loss"]):
+                # fit ends after this epoch; its history holds the epochs trained.
+                model.stop_training = True
 
     setup_s = time.perf_counter() - setup_started
     train_started = time.perf_counter()

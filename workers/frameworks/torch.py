@@ -7,6 +7,8 @@ leaves the group at the end. PyTorch's quickest path for these small models is i
 plain eager loop (torch.compile costs seconds that 500 tiny steps never win back).
 `fast` updates the parameters with runjobs' own rule (workers/update_rules.py, the same
 arithmetic as the other frameworks); `article` with torch.optim, as the article did.
+A job that reports its loss (workers/reporting.py) runs the same epochs in chunks and
+reports after each.
 
 Exports TorchScript (code and tensors, no pickled Python objects), a state_dict, and
 ONNX when its converter is installed; reads TorchScript and state_dicts back without
@@ -33,6 +35,7 @@ from workers.frameworks.onnx_format import ONNX_OPSET, one_line, write_checked
 from workers.models import ModelPlan
 from workers.models import user as user_models
 from workers.models.shared_start import describe_layout, draw
+from workers.reporting import ReportSchedule, TrainingMonitor
 from workers.training import Device, TrainerOutcome, TrainingData, batch_size_for
 from workers.update_rules import OWN_RULE, bias_corrections, stock_rule
 
@@ -42,6 +45,7 @@ class TorchFramework(Framework):
 
     # ddp is the same training function as single, with a world size above 1.
     trained_variants = ("single", "ddp")
+    reports_progress = True
 
     def initialise(
         self,
@@ -67,16 +71,23 @@ class TorchFramework(Framework):
         return device
 
     def train_variant(
-        self, spec: JobSettings, model: ModelPlan, data: TrainingData, device: Device, context: WorkerContext
+        self,
+        spec: JobSettings,
+        model: ModelPlan,
+        data: TrainingData,
+        device: Device,
+        context: WorkerContext,
+        monitor: TrainingMonitor | None = None,
     ) -> TrainerOutcome:
         setup_started = time.perf_counter()
+        schedule = ReportSchedule.for_job(spec, monitor)
         target_device = torch.device(device.name)
         with _process_group(context, target_device) as backend:
             # The DDP wrapper lives only inside _train_on_rank: it is gone before the group is
             # destroyed. A DistributedDataParallel (its Reducer) that outlives
             # destroy_process_group() holds the last reference to the gloo group, and the
             # group's destructor can then hang joining its threads.
-            outcome = _train_on_rank(spec, model, data, target_device, context, setup_started)
+            outcome = _train_on_rank(spec, model, data, target_device, context, schedule, setup_started)
         if context.is_distributed:
             outcome.distribution = {"backend": backend, "devices": [device.name]}
         return outcome
@@ -236,7 +247,9 @@ def _optimizer(spec: JobSettings, parameters) -> tuple[object, str]:
     return optimizer, stock_rule("torch", "adam")
 
 
-def _train_on_rank(spec, plan, data, target_device, context, setup_started) -> TrainerOutcome:
+def _train_on_rank(
+    spec, plan, data, target_device, context, schedule: ReportSchedule, setup_started
+) -> TrainerOutcome:
     torch.manual_seed(spec.seed)
     model = build_model(spec, plan)
     initialise_parameters(spec, plan, model)
@@ -285,21 +298,26 @@ def _train_on_rank(spec, plan, data, target_device, context, setup_started) -> T
     epoch_parameters = []
     epoch_seconds = []
     train_started = time.perf_counter()
-    for _ in range(spec.epochs):
-        epoch_started = time.perf_counter()
-        if batch >= rows:
-            total = apply_step(shard_features, shard_target, rows)
-        else:
-            order = torch.randperm(rows, generator=shuffler).to(target_device)
-            total = torch.zeros((), device=target_device, dtype=features.dtype)
-            for start in range(0, rows, batch):
-                total += step(order[start : start + batch])
-        epoch_errors.append(total)
-        if keep_history:
-            # A device-side copy per epoch; moved to the host once, with the losses.
-            epoch_parameters.append(torch.cat([model.weight.detach().reshape(-1), model.bias.detach()]))
-        synchronise()
-        epoch_seconds.append(time.perf_counter() - epoch_started)
+    # The whole run, or the chunks of a job that reports: the same epochs one after another.
+    for first, last in schedule.chunks():
+        for _ in range(first, last):
+            epoch_started = time.perf_counter()
+            if batch >= rows:
+                total = apply_step(shard_features, shard_target, rows)
+            else:
+                order = torch.randperm(rows, generator=shuffler).to(target_device)
+                total = torch.zeros((), device=target_device, dtype=features.dtype)
+                for start in range(0, rows, batch):
+                    total += step(order[start : start + batch])
+            epoch_errors.append(total)
+            if keep_history:
+                # A device-side copy per epoch; moved to the host once, with the losses.
+                epoch_parameters.append(torch.cat([model.weight.detach().reshape(-1), model.bias.detach()]))
+            synchronise()
+            epoch_seconds.append(time.perf_counter() - epoch_started)
+        # The same division as the history's below, so the report is its value exactly.
+        if schedule.stop_after(last, epoch_errors[-1] / rows):
+            break
     # One transfer (and, with DDP, one all-reduce) for the whole loss history instead
     # of a sync every epoch.
     errors = torch.stack(epoch_errors) if epoch_errors else torch.zeros(0, device=target_device)
@@ -337,6 +355,7 @@ def _train_on_rank(spec, plan, data, target_device, context, setup_started) -> T
         fitted=fitted,
         parameter_names=[name for name, _ in model.named_parameters()],
         update_rule=update_rule,
+        stopped_at_epoch=schedule.stopped_at_epoch,
     )
 
 
