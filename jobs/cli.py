@@ -461,7 +461,10 @@ def status(directory, address, json_output) -> None:
         + (f", about {state['eta_s']:.0f}s left" if state["eta_s"] else "")
     )
     for job_id in state["running"]:
-        click.echo(f"running: {job_id}")
+        report = state["progress"].get(job_id)
+        click.echo(
+            f"running: {job_id}" + (f" (epoch {report[0]:.0f}, loss {report[1]:.6g})" if report else "")
+        )
 
 
 @cli.command(name="list")
@@ -517,6 +520,72 @@ def report(directory, address, output) -> None:
     rebuilt = _input(lambda: rebuild_report(directory))
     click.echo(render_table(rebuilt), nl=False)
     click.echo(f"report: {directory / 'report.json'} (also report.html, report.csv, report.md)")
+
+
+@cli.command()
+@click.argument("directory", type=RUN_DIRECTORY)
+@click.option(
+    "--mlflow",
+    "mlflow_uri",
+    is_flag=False,
+    flag_value="",
+    metavar="[URI]",
+    help="The MLflow tracking URI to log to (bare --mlflow: MLFLOW_TRACKING_URI).",
+)
+def export(directory, mlflow_uri) -> None:
+    """Log a run's jobs and report to MLflow from its ledger, as submit --mlflow does.
+
+    One parent run per runjobs run, with the report files; a child run per ended job,
+    with its config, loss per epoch, timings, logs and saved model. Running it again adds
+    nothing twice: a job logged with the same record is skipped, one run again since
+    replaces its child run. Exit code 0 once logged, 2 when DIRECTORY holds no run or
+    --mlflow is missing or unusable, 3 when MLflow cannot be reached.
+    """
+    from jobs.report.mlflow_tracking import MlflowTrackingError, MlflowUnreachableError, export_run, shown
+
+    if mlflow_uri is None:
+        raise InputError("name where to log the run: --mlflow URI (a bare --mlflow uses MLFLOW_TRACKING_URI)")
+    uri = _mlflow_uri(mlflow_uri)
+    try:
+        exported = export_run(directory, uri)
+    except MlflowUnreachableError as error:
+        raise ClusterError(str(error)) from None
+    except MlflowTrackingError as error:
+        raise InputError(str(error)) from None
+    except (ValueError, RuntimeError) as error:
+        _raise_as_user_error(error)
+    jobs = exported.jobs
+    click.echo(
+        f"run {exported.run_id} in MLflow at {shown(uri)}, experiment {exported.experiment!r}: "
+        f"{jobs['logged']} job(s) logged, {jobs['replaced']} replaced, {jobs['unchanged']} already there"
+        + (f"; {exported.without_result} not ended yet" if exported.without_result else "")
+    )
+    if exported.url:
+        click.echo(f"view: {exported.url}")
+
+
+def _mlflow_uri(given: str | None) -> str | None:
+    """The tracking URI of --mlflow [URI] (None when not given); one it cannot be is bad input."""
+    if given is None:
+        return None
+    from jobs.report.mlflow_tracking import MlflowTrackingError, tracking_uri
+
+    try:
+        return tracking_uri(given)
+    except MlflowTrackingError as error:
+        raise InputError(str(error)) from None
+
+
+def _mlflow_tracker(uri: str | None, progress):
+    """submit's MLflow tracker (None without --mlflow); if it gives up, it says so on the run's progress."""
+    if uri is None:
+        return None
+    from jobs.report.mlflow_tracking import MlflowTracker, MlflowTrackingError
+
+    try:
+        return MlflowTracker(uri, say=progress.say)
+    except MlflowTrackingError as error:
+        raise InputError(str(error)) from None
 
 
 @cli.command()
