@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+import shutil
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -130,10 +131,10 @@ def submit(
     the run is handed to the cluster. `tracker` hears of each job once it is kept, and of the report.
     """
     progress = progress or LineProgress()
-    search = search_of(request) if planned is None else None
+    search = (request.search or search_of(request)) if planned is None else None
     stopping = stopping_of(request)
     if search is not None:
-        trials = plan_search(request, search)
+        trials = plan_search(request, search, wait)
         planned = []
     else:
         planned = plan_jobs(request) if planned is None else planned
@@ -154,6 +155,9 @@ def submit(
     try:
         if search is not None:
             try:
+                if request.study_from is not None and not (output_dir / STUDY_FILE).exists():
+                    # A remote run's driver continues the study its client shipped.
+                    shutil.copyfile(request.study_from, output_dir / STUDY_FILE)
                 study = Study(search, output_dir, request.overrides.to_record()).open()
             except BaseException:
                 if new_directory is not None:
@@ -181,14 +185,16 @@ def submit(
                 raise
             run_id = ledger.meta().get("run_id") or new_id
             callbacks = keeping_callbacks(output_dir, ledger, progress, listener, tracker)
+            if study is not None:
+                callbacks = _in_step_with(study, ledger, callbacks)
             session.recover(ledger.meta(), callbacks)
             ledger.add_jobs([(job.id, job.spec.to_record()) for job in resolved])
             statuses = {job.id: job.status for job in ledger.jobs()}
             to_run = [job for job in resolved if should_run(statuses[job.id], request.rerun)]
             feed = None
             if study is not None:
-                feed = SearchFeed(study, trials, session, ledger, progress, in_flight=len(to_run))
-                callbacks = feed.telling(callbacks)
+                feed = SearchFeed(study, trials, session, ledger, progress, len(to_run), listener)
+                callbacks = feed.counting(callbacks)
             summary = _run(
                 session, to_run, resolved, run_id, ledger, callbacks, output_dir, progress, feed, stopping
             )
@@ -217,7 +223,7 @@ def submit(
             ledger.close()
 
 
-def plan_search(request: SubmitRequest, search: SearchSpec) -> TrialPlanner:
+def plan_search(request: SubmitRequest, search: SearchSpec, wait: bool = True) -> TrialPlanner:
     """An adaptive search's checks before anything starts: its trials' fields, data and options."""
     from jobs.run.ray_jobs import is_jobs_address
 
@@ -227,13 +233,15 @@ def plan_search(request: SubmitRequest, search: SearchSpec) -> TrialPlanner:
             f"--rerun {request.rerun}: a search's finished trials are told to its study and stay; "
             "run the search into a new --output directory to start it again"
         )
-    if is_jobs_address(request.address):
+    if not wait:
         raise SpecError(
-            "an adaptive search is driven from where runjobs runs: give the cluster's Ray address "
-            "(--address HEAD:6379) rather than its Ray Jobs address"
+            "--no-wait: a search's study is kept in step with its records as they come; "
+            "run it without --no-wait (it goes on on the head if this process is stopped)"
         )
     trials = TrialPlanner(search, request.overrides)
     trials.check()
+    if is_jobs_address(request.address):
+        trials.check_shippable()
     import_optuna()
     return trials
 
@@ -256,20 +264,44 @@ def reconcile(study: Study, ledger: Ledger, trials: TrialPlanner) -> list[Planne
     return to_run
 
 
+def _in_step_with(study: Study, ledger: Ledger, callbacks: RunCallbacks) -> RunCallbacks:
+    """The callbacks, with the study told each trial's record once the ledger has kept it, and
+    with a remote driver's trials (`on_trial`) asked here too, each with its job in the ledger."""
+    keep = callbacks.on_record
+
+    def on_record(outcome: JobOutcome, quiet: bool) -> None:
+        keep(outcome, quiet)
+        number = trial_number(outcome.id)
+        if number is not None:
+            study.tell(number, outcome.record)
+
+    def on_trial(event: dict[str, Any]) -> None:
+        if event.get("event") == "asked":
+            study.mirror_asked(event["number"], event["params"])
+            ledger.add_jobs([(event["job"]["id"], event["job"]["config"])])
+        elif event.get("event") == "told":  # a trial whose values no job could take
+            study.mirror_asked(event["number"], event["params"])
+            study.tell(event["number"], {"status": "failed"})
+
+    return dataclasses.replace(callbacks, on_record=on_record, on_trial=on_trial)
+
+
 class SearchFeed:
     """An adaptive search's trials as a run's job feed: asked for while fewer than `parallel` run.
 
     Each new trial is in the study before its job is in the ledger, and each record is in
-    the ledger before the study is told (jobs/plan/optuna_search.py says why).
+    the ledger before the study is told (jobs/plan/optuna_search.py says why). A remote
+    driver's `listener` hears of each trial asked, so its client's study keeps in step.
     """
 
-    def __init__(self, study, trials, session, ledger, progress, in_flight: int) -> None:
+    def __init__(self, study, trials, session, ledger, progress, in_flight: int, listener=None) -> None:
         self.study = study
         self.trials = trials
         self.session = session
         self.ledger = ledger
         self.progress = progress
         self.in_flight = in_flight
+        self.listener = listener if hasattr(listener, "trial") else None
         self.asked = 0
 
     def take(self) -> list[PlannedJob]:
@@ -283,9 +315,16 @@ class SearchFeed:
                 # before the run, so rare): the study learns they fail, and the search goes on.
                 self.study.tell(trial.number, {"status": "failed"})
                 self.progress.say(f"trial {trial.number}: not run, told failed: {error}")
+                if self.listener is not None:
+                    self.listener.trial({"event": "told", "number": trial.number, "params": trial.params})
                 continue
             self.ledger.add_jobs([(job.id, job.spec.to_record())])
             self.ledger.mark(job.id, "pending")
+            if self.listener is not None:
+                job_entry = {"id": job.id, "config": job.spec.to_record()}
+                self.listener.trial(
+                    {"event": "asked", "number": trial.number, "params": trial.params, "job": job_entry}
+                )
             self.in_flight += 1
             self.asked += 1
             jobs.append(job)
@@ -294,18 +333,24 @@ class SearchFeed:
     def exhausted(self) -> bool:
         return self.study.remaining() == 0
 
-    def telling(self, callbacks: RunCallbacks) -> RunCallbacks:
-        """The callbacks, with the study told each trial's record once the ledger has kept it."""
+    def counting(self, callbacks: RunCallbacks) -> RunCallbacks:
+        """The callbacks, counting each trial's end: another may be asked for."""
         keep = callbacks.on_record
 
         def on_record(outcome: JobOutcome, quiet: bool) -> None:
             keep(outcome, quiet)
-            number = trial_number(outcome.id)
-            if number is not None:
-                self.study.tell(number, outcome.record)
+            if trial_number(outcome.id) is not None:
                 self.in_flight -= 1
 
         return dataclasses.replace(callbacks, on_record=on_record)
+
+    def remote_plan(self) -> dict[str, Any]:
+        """What a remote driver needs to run this search: its spec, --set and the study so far."""
+        return {
+            "spec": self.study.spec.to_record(),
+            "overrides": self.trials.overrides.to_record(),
+            "study": self.study.snapshot(),
+        }
 
 
 def _wanted(planned: list[PlannedJob], ledger: Ledger, study: Study | None) -> set[str]:

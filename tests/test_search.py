@@ -113,14 +113,20 @@ def test_dry_run_shows_the_search_its_space_and_what_stays_fixed(tmp_path):
     assert as_json["search"]["trials"] == 12 and as_json["sample"]["seed"] == {"randint": [0, 1000]}
 
 
-def test_a_search_refuses_rerun_options_and_a_ray_jobs_address(tmp_path):
+def test_a_search_refuses_rerun_no_wait_and_files_the_head_cannot_see(tmp_path):
     spec = write_search(tmp_path)
     rerun = run_cli(["submit", str(spec), "--rerun", "failed", "--output", str(tmp_path / "a")])
     assert rerun.exit_code == 2 and "new --output directory" in rerun.stderr
-    remote = run_cli(
-        ["submit", str(spec), "--address", "http://127.0.0.1:8265", "--output", str(tmp_path / "b")]
-    )
-    assert remote.exit_code == 2 and "--address HEAD:6379" in remote.stderr
+    address = ["--address", "http://127.0.0.1:8265", "--output", str(tmp_path / "b")]
+    no_wait = run_cli(["submit", str(spec), *address, "--no-wait"])
+    assert no_wait.exit_code == 2 and "without --no-wait" in no_wait.stderr
+    csv = tmp_path / "houses.csv"
+    csv.write_text("size,price\n1,2\n2,4\n3,6\n")
+    remote_csv = write_search(tmp_path, extra="", name="csv.yaml")
+    remote_csv.write_text(remote_csv.read_text().replace("epochs: 30", f"epochs: 30, data: {csv}"))
+    refused = run_cli(["submit", str(remote_csv), *address])
+    assert refused.exit_code == 2 and "--address HEAD:6379" in refused.stderr
+    assert not (tmp_path / "b").exists()
 
 
 # Real searches in this process.
@@ -274,3 +280,44 @@ def test_a_search_whose_driver_is_killed_continues_with_no_trial_lost_or_run_twi
     report = load_strict_json(output / "report.json")
     assert report["search"]["best"]["trial"] == study.best_trial.number
     assert report["search"]["best"]["value"] == pytest.approx(study.best_value)
+
+
+# Over Ray Jobs: the search runs on the head, its study comes home line by line.
+
+
+@pytest.mark.slow
+def test_a_search_over_ray_jobs_brings_its_study_home_and_a_rerun_continues_it(tmp_path):
+    from tests.test_remote import start_head_with_jobs_api
+
+    head, jobs_address = start_head_with_jobs_api(tmp_path)
+    try:
+        output = tmp_path / "run"
+        spec = write_search(tmp_path, trials=4, parallel=2)
+        result = run_cli(["submit", str(spec), "--address", jobs_address, "--output", str(output), "--json"])
+        assert result.exit_code == 0, result.stderr
+        study, trials = study_trials(output)
+        report = load_strict_json(output / "report.json")
+        assert len(trials) == 4 and all(trial.state.name == "COMPLETE" for trial in trials)
+        assert sorted(trial_number(job["id"]) for job in report["jobs"]) == [0, 1, 2, 3]
+        for job in report["jobs"]:
+            trial = trials[trial_number(job["id"])]
+            assert job["config"]["lr"] == trial.params["lr"]
+            assert job["loss"]["final"] == pytest.approx(trial.value)
+        assert report["search"]["best"]["trial"] == study.best_trial.number
+        assert report["cluster"]["embedded"] is False
+
+        # More trials, from the client again: the head continues the study that came home.
+        more = write_search(tmp_path, trials=6, parallel=2)
+        again = run_cli(["submit", str(more), "--address", jobs_address, "--output", str(output)])
+        assert again.exit_code == 0, again.stderr
+        _, continued = study_trials(output)
+        assert len(continued) == 6 and all(trial.state.name == "COMPLETE" for trial in continued)
+        assert [trial.params for trial in continued[:4]] == [trial.params for trial in trials]
+        with Ledger.open(output, for_writing=False) as ledger:
+            rows = ledger.jobs()
+        assert sorted(trial_number(row.id) for row in rows) == list(range(6))
+        assert all(row.status == "succeeded" and row.attempts == 1 for row in rows), [
+            (row.id, row.status, row.attempts) for row in rows
+        ]
+    finally:
+        head.stop()

@@ -28,6 +28,7 @@ Optuna is imported only when a search runs (the `search` extra).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -152,6 +153,26 @@ class SearchSpec:
     distributions: dict[str, Distribution]
     settings: SearchSettings
     seed: int
+
+    def to_record(self) -> dict[str, Any]:
+        """JSON-ready, for a remote driver (`from_record` reads it back)."""
+        return {
+            "name": self.name,
+            "defaults": self.defaults,
+            "sample": {name: {d.kind: list(d.arguments)} for name, d in self.distributions.items()},
+            "settings": dataclasses.asdict(self.settings),
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> SearchSpec:
+        distributions = {
+            name: Distribution(kind, tuple(arguments))
+            for name, value in record["sample"].items()
+            for kind, arguments in value.items()
+        }
+        settings = SearchSettings(**record["settings"])
+        return cls(record["name"], record["defaults"], distributions, settings, record["seed"])
 
     def described(self) -> dict[str, Any]:
         """The search as the ledger keeps it for the report: its settings and the fields it varies."""
@@ -280,6 +301,43 @@ class Study:
             return "failed"
         self.study.tell(number, value)
         return "complete"
+
+    def mirror_asked(self, number: int, params: dict[str, Any]) -> None:
+        """A trial a remote driver asked its copy of this study for: the same trial here, running.
+
+        Both studies held the same trials when the run was handed over, so a trial asked
+        there takes the same number here; one already here (a log read again) is left.
+        """
+        from optuna.trial import TrialState, create_trial
+
+        held = len(self.trials())
+        if number < held:
+            return
+        if number > held:
+            raise RuntimeError(
+                f"trial {number} came from the remote driver while this study holds {held} trial(s): "
+                "the studies went apart; run the search again into a new --output directory"
+            )
+        distributions = {name: self.distributions[name] for name in params}
+        self.study.add_trial(
+            create_trial(state=TrialState.RUNNING, params=params, distributions=distributions)
+        )
+
+    def snapshot(self) -> bytes:
+        """The study's database as it is now, whole (SQLite's backup), for a remote driver to continue."""
+        import sqlite3
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="runjobs-study-") as scratch:
+            copy = Path(scratch) / STUDY_FILE
+            source = sqlite3.connect(self.path)
+            target = sqlite3.connect(copy)
+            try:
+                source.backup(target)
+            finally:
+                target.close()
+                source.close()
+            return copy.read_bytes()
 
     def best(self) -> dict[str, Any] | None:
         """The best finished trial: its number, value and values; None before any finished."""

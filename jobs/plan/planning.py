@@ -47,6 +47,8 @@ class SubmitRequest:
     wait_for_nodes: int | None = None  # start once the cluster has this many nodes alive
     run_id: str | None = None  # a new run's id; default: a fresh one (a directory keeps its own)
     stopping: StoppingRule | None = None  # default: the spec file's `stopping:`, if any
+    search: SearchSpec | None = None  # default: the spec file's `search:`, if any (a remote driver's)
+    study_from: Path | None = None  # the study a remote driver continues, shipped by its client
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,24 @@ class TrialPlanner:
                 job_id, spec = trial_job({**self.search.defaults, **first, **end}, self.overrides, 0)
                 check_user_models([(job_id, spec)])
                 self.dataset_for(spec)
+
+    def check_shippable(self) -> None:
+        """Refuse what a remote driver could not find on the head: CSV files and user models' code."""
+        values = [self.search.defaults] + [
+            {name: value} for name, d in self.search.distributions.items() for value in d.arguments
+        ]
+        for fields in values:
+            data, model = fields.get("data", "article"), fields.get("model", "linear")
+            if isinstance(data, str) and not (data == "article" or data.startswith("synthetic")):
+                raise SpecError(
+                    f"data={data}: a search over Ray Jobs draws its trials on the head, which does not "
+                    "have this file; search it with the cluster's Ray address (--address HEAD:6379)"
+                )
+            if isinstance(model, str) and not models.is_built_in(model):
+                raise SpecError(
+                    f"model={model}: a search over Ray Jobs draws its trials on the head, which does not "
+                    "have this model's code; search it with the cluster's Ray address (--address HEAD:6379)"
+                )
 
     def job(self, fields: dict, number: int) -> PlannedJob:
         job_id, spec = trial_job(fields, self.overrides, number)  # its id covers a user model's code

@@ -41,6 +41,9 @@ class RunCallbacks:
     keep_meta: Callable[..., None]  # run-level facts for the ledger (a remote run's Ray job id)
     # Running jobs' latest reported [epoch, loss] under a stopping rule, by job id.
     on_progress: Callable[[dict[str, list[float]]], None] | None = None
+    # A remote driver asked its study for a trial (or told one failed): the search's own
+    # study does the same, so it stays in step (jobs/pipeline.py, _in_step_with).
+    on_trial: Callable[[dict[str, Any]], None] | None = None
 
 
 class RunListener(Protocol):

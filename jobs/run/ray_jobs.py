@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from jobs.plan.optuna_search import STUDY_FILE
 from jobs.plan.planning import PlannedJob
 from jobs.plan.stopping_rule import StoppingRule
 from jobs.record.records import JobOutcome
@@ -43,6 +44,7 @@ from jobs.run.remote_protocol import (
     MarkedLines,
     complete_lines,
     decode_outcome,
+    ended_in,
     plan_from,
 )
 
@@ -142,8 +144,18 @@ class RayJobsSession:
                 f"`runjobs report --address {self.address} {job_id} --output {self.output_dir}`, or stop "
                 f"it with `ray job stop --address {self.address} {job_id}`"
             )
-        follower = Follower(callbacks.on_start, callbacks.on_record, callbacks.say)
-        follower.replay(complete_lines(self.client.get_job_logs(job_id)))
+        lines = complete_lines(self.client.get_job_logs(job_id))
+        # A job the log shows ended was seen starting when that run was followed: its start,
+        # replayed, would count an attempt twice. (A run that ended leaves nothing to do
+        # here unless a search goes on, which brings the same directory back to the head.)
+        ended = ended_in(lines)
+
+        def on_start(job: str, quiet: bool) -> None:
+            if job not in ended:
+                callbacks.on_start(job, quiet)
+
+        follower = Follower(on_start, callbacks.on_record, callbacks.say, callbacks.on_trial)
+        follower.replay(lines)
 
     def run(
         self,
@@ -153,9 +165,10 @@ class RayJobsSession:
         feed: JobFeed | None = None,
         stopping: StoppingRule | None = None,
     ) -> RunSummary | Detached:
-        if feed is not None:  # the pipeline refuses an adaptive search over Ray Jobs before connecting
-            raise RuntimeError("a Ray Jobs run takes its jobs planned in full")
-        with staged(jobs, run_id, self.max_concurrent, stopping) as directory:
+        # An adaptive search runs on the head, from the study as it is here; its trials and
+        # records come back as lines, so this directory's study and ledger keep in step.
+        search = feed.remote_plan() if feed is not None else None
+        with staged(jobs, run_id, self.max_concurrent, stopping, search) as directory:
             job_id = _submit_job(
                 self.client,
                 entrypoint=ENTRYPOINT,
@@ -178,7 +191,7 @@ class RayJobsSession:
             callbacks.on_record(outcome, quiet)
             ended.add(outcome.id)
 
-        follower = Follower(on_start, on_record, callbacks.say)
+        follower = Follower(on_start, on_record, callbacks.say, callbacks.on_trial)
         interrupted = None
         try:
             follow(self.client, job_id, follower, should_stop=callbacks.should_stop)
@@ -357,7 +370,11 @@ def _job_status(client, job_id: str) -> str:
 
 @contextmanager
 def staged(
-    planned, run_id: str, max_concurrent: int | None, stopping: StoppingRule | None = None
+    planned,
+    run_id: str,
+    max_concurrent: int | None,
+    stopping: StoppingRule | None = None,
+    search: dict[str, Any] | None = None,
 ) -> Iterator[Path]:
     """The job's working_dir: runjobs' code, the planned jobs, their CSV files and user models' code."""
     import jobs
@@ -400,6 +417,9 @@ def staged(
         plan = {"run_id": run_id, "max_concurrent": max_concurrent, "jobs": plan_jobs_list}
         if stopping is not None:  # the head's driver applies the rule
             plan["stopping"] = dataclasses.asdict(stopping)
+        if search is not None:  # the head's driver asks the shipped study for the trials
+            (directory / STUDY_FILE).write_bytes(search["study"])
+            plan["search"] = {"spec": search["spec"], "overrides": search["overrides"], "study": STUDY_FILE}
         (directory / PLAN_FILE).write_text(json.dumps(plan))
         yield directory
 

@@ -20,15 +20,18 @@ import tempfile
 from pathlib import Path
 
 from jobs.pipeline import submit
+from jobs.plan.optuna_search import SearchSpec
 from jobs.plan.planning import PlannedJob, SubmitRequest
-from jobs.plan.spec import JobSpec
+from jobs.plan.spec import JobSpec, Overrides
 from jobs.plan.stopping_rule import StoppingRule
+from jobs.plan.sweep import field_value
 from jobs.run.progress import MessagesOnly
 from jobs.run.remote_protocol import (
     END_MARKER,
     PLAN_MARKER,
     RECORD_MARKER,
     STARTED_MARKER,
+    TRIAL_MARKER,
     encode_outcome,
     marked_text,
 )
@@ -50,6 +53,10 @@ class ClientForwarder:
 
     def ended(self, outcome) -> None:
         emit(RECORD_MARKER, encode_outcome(outcome))
+
+    def trial(self, event: dict) -> None:
+        """An adaptive search asked for a trial: the client's study asks for the same one."""
+        emit(TRIAL_MARKER, json.dumps(event))
 
 
 def main(plan_path: str) -> int:
@@ -81,6 +88,25 @@ def main(plan_path: str) -> int:
         max_concurrent=plan.get("max_concurrent"),
         stopping=StoppingRule(**plan["stopping"]) if plan.get("stopping") else None,
     )
+    search = plan.get("search")
+    if search is not None:
+        # An adaptive search: this driver asks the study its client shipped for the trials,
+        # and runs again the trials that study still has running.
+        overrides = search["overrides"]
+        request = dataclasses.replace(
+            request,
+            rerun=None,
+            search=SearchSpec.from_record(search["spec"]),
+            study_from=Path(search["study"]).resolve(),
+            overrides=Overrides(
+                {key: field_value(key, value) for key, value in overrides["common"].items()},
+                {
+                    framework: {key: field_value(key, value) for key, value in values.items()}
+                    for framework, values in overrides["per_framework"].items()
+                },
+            ),
+        )
+        planned = None
     try:
         # The client shows each job's end from its record: here only the run's messages.
         outcome = submit(

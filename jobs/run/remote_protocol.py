@@ -24,6 +24,8 @@ PLAN_MARKER = "runjobs-plan "
 STARTED_MARKER = "runjobs-started "
 RECORD_MARKER = "runjobs-record "
 END_MARKER = "runjobs-end "
+# An adaptive search's trial, asked on the head: its number, values and job.
+TRIAL_MARKER = "runjobs-trial "
 # A payload longer than LINE_LIMIT goes out as PART lines followed by its marked line
 # (the rest): Ray's log stream is a websocket whose messages aiohttp caps at 4 MiB.
 PART_MARKER = "runjobs-part "
@@ -41,7 +43,7 @@ def marked_text(marker: str, payload: str) -> str:
 class MarkedLines:
     """Reassembles marked payloads from a job's log lines: feed lines, get (marker, payload)."""
 
-    MARKERS = (PLAN_MARKER, STARTED_MARKER, RECORD_MARKER, END_MARKER)
+    MARKERS = (PLAN_MARKER, STARTED_MARKER, RECORD_MARKER, END_MARKER, TRIAL_MARKER)
 
     def __init__(self) -> None:
         self.parts: list[str] = []
@@ -77,8 +79,10 @@ class Follower:
         on_start: Callable[[str, bool], None],
         on_record: Callable[[JobOutcome, bool], None],
         say: Callable[[str], None],
+        on_trial: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.on_start = on_start
+        self.on_trial = on_trial
         self.on_record = on_record
         self.say = say
         self.partial = ""
@@ -127,6 +131,9 @@ class Follower:
                 self._started(payload.strip())
             elif marker == END_MARKER:
                 self.end = json.loads(payload)
+            elif marker == TRIAL_MARKER:
+                if self.on_trial is not None:
+                    self.on_trial(json.loads(payload))
             elif marker == "" and payload.strip() and not RAY_LOG_LINE.match(payload) and not self.quiet:
                 self.say(f"cluster: {payload}")
         except (ValueError, KeyError, binascii.Error) as error:
@@ -145,6 +152,20 @@ class Follower:
         if job_id in self.ended or not self.count_starts:
             return
         self.on_start(job_id, self.quiet)
+
+
+def ended_in(lines: list[str]) -> set[str]:
+    """The ids of the jobs whose record a log holds."""
+    reader = MarkedLines()
+    ended = set()
+    for line in lines:
+        marked = reader.feed(line)
+        if marked and marked[0] == RECORD_MARKER:
+            try:
+                ended.add(json.loads(marked[1])["record"]["id"])
+            except (ValueError, KeyError):
+                continue  # unreadable: the Follower says so when it reads it
+    return ended
 
 
 def plan_from(lines: list[str]) -> dict[str, Any] | None:
