@@ -51,6 +51,7 @@ bench: install ## Run the benchmarks and print their tables (see docs/BENCHMARKS
 	$(BIN)/python bench/bench_sweep.py
 	$(BIN)/python bench/bench_overhead.py
 	$(BIN)/python bench/bench_remote.py
+	$(BIN)/python bench/bench_search.py
 
 chaos: install ## Run the fault harness: 100 rounds of faults on a two-node local cluster (see docs/RELIABILITY.md).
 	$(BIN)/python bench/chaos.py --rounds 100

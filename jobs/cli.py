@@ -1,6 +1,7 @@
 """The `runjobs` command line: parses options, prints, and maps errors to exit codes.
 
-Exit codes: 0 every job succeeded; 1 a job failed or was cancelled; 2 a usage, spec or
+Exit codes: 0 every job succeeded (or was stopped by an early-stopping rule); 1 a job
+failed or was cancelled; 2 a usage, spec or
 data error, an output directory that cannot be used, or a cluster that cannot meet the
 request (nothing was started); 3 the cluster cannot be reached; 130 interrupted.
 """
@@ -90,7 +91,8 @@ class ClusterError(click.ClickException):
 def cli() -> None:
     """Run TensorFlow and PyTorch training jobs as Ray tasks and compare them in one report.
 
-    Exit codes: 0 all jobs succeeded, 1 a job failed or was cancelled, 2 bad input or a
+    Exit codes: 0 all jobs succeeded (or were stopped early by the spec's rule), 1 a job
+    failed or was cancelled, 2 bad input or a
     request the cluster cannot meet (nothing started), 3 the cluster cannot be reached,
     130 interrupted.
     """
@@ -233,8 +235,13 @@ def submit(
     --framework jax adds JAX. Fields are layered: defaults, then --preset, then the
     options, then --set.
 
+    A spec file may also search (sample:, or search: with Optuna) and stop jobs early
+    (stopping:); see the README's "Searching and tracking". --mlflow logs each job to
+    MLflow as it ends.
+
     Writes report.json, .csv, .md and .html to the output directory and exits 0 when
-    every job succeeded, 1 when any failed or was cancelled, 2 on bad input (nothing
+    every job succeeded or was stopped by the spec's stopping rule, 1 when any failed or
+    was cancelled, 2 on bad input (nothing
     started), 3 when the cluster cannot be reached or goes away (finished jobs are kept),
     130 when interrupted (with --json, the summary is still printed).
     """

@@ -177,6 +177,8 @@ def submit(
             try:
                 session = connection.enter_context(executor.connect())
                 resolved = [session.resolve(job) for job in planned]
+                for probe in trials.probes if search is not None else []:
+                    session.resolve(probe)  # a space this cluster cannot hold is refused now
             except BaseException:
                 if new_directory is not None:
                     ledger.close()
@@ -332,6 +334,9 @@ class SearchFeed:
 
     def exhausted(self) -> bool:
         return self.study.remaining() == 0
+
+    def remaining(self) -> int:
+        return self.study.remaining()
 
     def counting(self, callbacks: RunCallbacks) -> RunCallbacks:
         """The callbacks, counting each trial's end: another may be asked for."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 
@@ -17,10 +18,11 @@ from jobs.pipeline import submit
 from jobs.plan.planning import SubmitRequest
 from jobs.plan.stopping_rule import StoppingRule
 from jobs.record.ledger import Ledger
+from jobs.record.status import run_status
 from jobs.run.in_process import InProcessExecutor
 from jobs.run.progress import LineProgress
 from jobs.run.stopping import StoppingPolicy
-from tests.helpers import load_strict_json, run_cli
+from tests.helpers import load_strict_json, run_cli, start_cli_in_background
 
 
 class Quiet(LineProgress):
@@ -150,25 +152,33 @@ def test_a_search_tells_optuna_its_stopped_trials_as_pruned(tmp_path):
 
 
 @pytest.mark.slow
-def test_on_ray_the_driver_stops_a_running_job_from_its_reports(tmp_path, ray_session):
+def test_on_ray_the_driver_stops_a_running_job_from_its_reports_shown_by_status(tmp_path, ray_session):
     # Three short good jobs first (one at a time), then a long bad one: it reports every
     # 100 epochs and is stopped by the driver while it trains, long before its end.
-    spec = write_sweep(
-        tmp_path,
-        epochs=2000,
-        rates="[0.1, 0.08, 0.06]",
-        stopping="{rule: median, every: 100, grace: 200, min_jobs: 2}",
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(
+        "defaults: {framework: torch, epochs: 2000}\n"
+        "grid: {lr: [0.1, 0.08, 0.06]}\n"
+        "jobs: [{lr: 0.0001, epochs: 200000}]\n"
+        "stopping: {rule: median, every: 100, grace: 200, min_jobs: 2}\n"
     )
-    document = spec.read_text().replace(
-        "grid: {lr: [0.1, 0.08, 0.06]}", "grid: {lr: [0.1, 0.08, 0.06]}\njobs: [{lr: 0.0001, epochs: 200000}]"
-    )
-    spec.write_text(document)
     output = tmp_path / "out"
-    result = run_cli(["submit", str(spec), "--output", str(output), "--max-concurrent", "1", "--json"])
+    runner, results = start_cli_in_background(
+        ["submit", str(spec), "--max-concurrent", "1", "--json"], output
+    )
+    seen = []  # `runjobs status` while the jobs run: their latest epoch and loss
+    while runner.is_alive():
+        if (output / "ledger.sqlite").exists():
+            state = run_status(output)  # what `runjobs status` prints (CliRunner is busy on the thread)
+            seen += [report for job, report in state["progress"].items() if job in state["running"]]
+        time.sleep(0.05)
+    runner.join()
+    result = results["run"]
     assert result.exit_code == 0, result.stderr
-    summary = json.loads(result.stdout)
+    assert json.loads(result.stdout)["exit_code"] == 0
+    assert seen and all(epoch % 100 == 0 and loss > 0 for epoch, loss in seen), seen
     report = load_strict_json(output / "report.json")
     (slow,) = [job for job in report["jobs"] if job["config"]["lr"] == 0.0001]
     assert slow["status"] == "stopped" and 200 <= slow["stopped"]["epochs"] < 200000
     assert len(slow["loss"]["history"]) == slow["stopped"]["epochs"]
-    assert summary["exit_code"] == 0
+    assert json.loads(run_cli(["status", str(output), "--json"]).stdout)["progress"] == {}

@@ -320,6 +320,30 @@ def test_a_framework_with_nothing_left_to_run_retires_its_idle_workers():
     assert layer.warm_frameworks() == ["torch"]
 
 
+def test_while_a_search_may_ask_for_more_an_idle_worker_waits_for_its_frameworks_next_trial():
+    layer = FakeRayLayer([planned("tensorflow", "tensorflow"), planned("torch-0")])
+    layer.scheduler.more_to_come = 10  # a search with 10 trials still to ask for
+    layer.step()
+    layer.succeed("tensorflow")
+    layer.succeed("torch-0")
+    # Nothing queued, but trials will come: both workers stay rather than import again.
+    assert layer.step() == [] and layer.warm_frameworks() == ["tensorflow", "torch"]
+    layer.scheduler.add([planned("torch-1", seed=1)])
+    (start,) = layer.step()
+    assert start.run.placement is Placement.IDLE_WARM_WORKER
+    # Two trials at once, one of each framework: each goes to its framework's idle worker.
+    layer.succeed("torch-1")
+    layer.scheduler.add([planned("tensorflow-1", "tensorflow", seed=1), planned("torch-2", seed=2)])
+    assert {run.placement for run in (decision.run for decision in layer.step())} == {
+        Placement.IDLE_WARM_WORKER
+    }
+    layer.succeed("tensorflow-1")
+    layer.succeed("torch-2")
+    layer.scheduler.more_to_come = 0  # the search has asked for its last trial
+    assert {type(decision) for decision in layer.step()} == {RetireWarmWorker}
+    assert layer.warm_workers == {}
+
+
 def test_a_gang_waiting_for_its_cpus_keeps_the_pool_small_and_gets_them_as_idle_workers_retire():
     jobs = [
         planned("torch-ddp", variant="ddp", workers=2),

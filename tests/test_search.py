@@ -22,6 +22,7 @@ from jobs.plan.planning import SubmitRequest, TrialPlanner, search_of
 from jobs.plan.spec import Overrides
 from jobs.record.ledger import Ledger
 from jobs.record.store import keep_record
+from jobs.run.cluster import ResourceRequestError
 from jobs.run.driver import merge_worker_results, planned_outcome
 from jobs.run.in_process import InProcessExecutor
 from jobs.run.progress import LineProgress
@@ -127,6 +128,15 @@ def test_a_search_refuses_rerun_no_wait_and_files_the_head_cannot_see(tmp_path):
     refused = run_cli(["submit", str(remote_csv), *address])
     assert refused.exit_code == 2 and "--address HEAD:6379" in refused.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_a_search_space_the_cluster_cannot_hold_is_refused_before_any_trial(tmp_path):
+    spec = write_search(tmp_path)
+    spec.write_text(spec.read_text().replace("epochs: 30", "epochs: 30, gpus_per_job: 1"))
+    output = tmp_path / "out"
+    with pytest.raises(ResourceRequestError, match="single-device CPU jobs only"):
+        run_search(spec, output)
+    assert not output.exists()
 
 
 # Real searches in this process.
@@ -295,6 +305,7 @@ def test_a_search_over_ray_jobs_brings_its_study_home_and_a_rerun_continues_it(t
         spec = write_search(tmp_path, trials=4, parallel=2)
         result = run_cli(["submit", str(spec), "--address", jobs_address, "--output", str(output), "--json"])
         assert result.exit_code == 0, result.stderr
+        assert json.loads(result.stdout)["search"]["best"]["trial"] in range(4)
         study, trials = study_trials(output)
         report = load_strict_json(output / "report.json")
         assert len(trials) == 4 and all(trial.state.name == "COMPLETE" for trial in trials)

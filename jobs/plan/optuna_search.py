@@ -230,7 +230,15 @@ class Study:
         # random start-up trials from the seed's first draws again, repeating earlier trials.
         # Seeded by how many trials it already holds, an uninterrupted search draws exactly
         # what `sample_seed` gives, and a continued one draws anew.
-        held = len(self.study.get_trials(deepcopy=False))
+        from optuna.trial import TrialState
+
+        trials = self.study.get_trials(deepcopy=False)
+        # Kept here rather than read back for every question: the driver holds the run
+        # directory's lock, so this process is the study's only writer, and Optuna reads
+        # every trial from SQLite each time it is asked (tens of ms per call at 64 trials).
+        self.held = len(trials)
+        self.running_numbers = {trial.number for trial in trials if trial.state is TrialState.RUNNING}
+        held = self.held
         if held:
             self.study.sampler = optuna.samplers.TPESampler(seed=(self.spec.seed + held) % 2**32)
         kept = self.study.user_attrs.get("runjobs_search")
@@ -257,7 +265,7 @@ class Study:
 
     def remaining(self) -> int:
         """Trials still to ask for: `trials` less every trial the study holds, running ones included."""
-        return max(self.spec.settings.trials - len(self.trials()), 0)
+        return max(self.spec.settings.trials - self.held, 0)
 
     def fields_of(self, trial) -> dict[str, Any]:
         """The job fields a trial's values give (its own values over the file's defaults)."""
@@ -277,7 +285,10 @@ class Study:
 
     def ask(self):
         """A new trial, recorded in the study as running before its job exists anywhere else."""
-        return self.study.ask(self.distributions)
+        trial = self.study.ask(self.distributions)
+        self.held += 1
+        self.running_numbers.add(trial.number)
+        return trial
 
     def tell(self, number: int, record: dict[str, Any]) -> str:
         """Tell trial `number` its job's record; what it was told ("complete", "failed", or "" for nothing).
@@ -286,12 +297,12 @@ class Study:
         """
         from optuna.trial import TrialState
 
-        trial = self.study.get_trials(deepcopy=False)[number] if number < len(self.trials()) else None
-        if trial is None or trial.state is not TrialState.RUNNING:
+        if number not in self.running_numbers:
             return ""
         status = record.get("status")
         if status == "cancelled" and not str(record.get("error") or "").startswith("timed out"):
             return ""
+        self.running_numbers.discard(number)
         if status == "stopped":  # the stopping rule ended it: Optuna's word for that is pruned
             self.study.tell(number, state=TrialState.PRUNED)
             return "pruned"
@@ -310,7 +321,7 @@ class Study:
         """
         from optuna.trial import TrialState, create_trial
 
-        held = len(self.trials())
+        held = self.held
         if number < held:
             return
         if number > held:
@@ -322,6 +333,8 @@ class Study:
         self.study.add_trial(
             create_trial(state=TrialState.RUNNING, params=params, distributions=distributions)
         )
+        self.held += 1
+        self.running_numbers.add(number)
 
     def snapshot(self) -> bytes:
         """The study's database as it is now, whole (SQLite's backup), for a remote driver to continue."""

@@ -148,6 +148,9 @@ class TrialPlanner:
         self.search = search
         self.overrides = overrides
         self.datasets: dict[tuple, Dataset] = {}
+        # The jobs `check` planned: the executor resolves them once connected, so a space
+        # the cluster cannot hold (GPUs it lacks) is refused before any trial runs.
+        self.probes: list[PlannedJob] = []
 
     def check(self) -> None:
         """Refuse at plan time what a trial could draw and not run: each choice, each range's ends."""
@@ -162,7 +165,8 @@ class TrialPlanner:
             for end in ends:
                 job_id, spec = trial_job({**self.search.defaults, **first, **end}, self.overrides, 0)
                 check_user_models([(job_id, spec)])
-                self.dataset_for(spec)
+                dataset = self.dataset_for(spec)
+                self.probes.append(PlannedJob(job_id, resolve_for_data(spec, dataset), dataset))
 
     def check_shippable(self) -> None:
         """Refuse what a remote driver could not find on the head: CSV files and user models' code."""

@@ -98,6 +98,8 @@ def summary(report: dict[str, Any], output_dir, exit_code: int) -> dict[str, Any
             for job in report["jobs"]
         ],
         "warnings": report.get("warnings", []),
+        # An adaptive search's settings and best trial, for a script that reads only this.
+        **({"search": report["search"]} if report.get("search") else {}),
     }
 
 

@@ -171,6 +171,7 @@ class Driver:
                 self._check_cancel_request()
                 if feed is not None:
                     self.scheduler.add(feed.take())
+                    self.scheduler.more_to_come = feed.remaining()
                     if not self.scheduler.has_work():
                         break  # a feed that is not exhausted yet gave nothing to wait for
 

@@ -68,6 +68,9 @@ class JobFeed(Protocol):
     def exhausted(self) -> bool:
         """Whether no job will come any more."""
 
+    def remaining(self) -> int:
+        """How many jobs may still come (an estimate the warm-worker pool plans with)."""
+
 
 @dataclass
 class RunSummary:

@@ -183,6 +183,8 @@ class Scheduler:
             if takes(job.spec):
                 self.pool.add(job)
         self.running: dict[str, Run] = {}  # job id -> its attempt now running
+        # How many more jobs may still arrive (a search's feed): idle warm workers wait for them.
+        self.more_to_come = 0
         # Only each kept record's status: records go to the driver's on_record and are not
         # kept here, so memory stays flat however many jobs a sweep has.
         self.kept_statuses: dict[str, str] = {}
@@ -224,8 +226,9 @@ class Scheduler:
         while self.queue and self._free_slots() != 0:
             decisions += self._start(self.queue.popleft(), attempt=1)
         capacity = self._warm_capacity()
-        decisions += [RetireWarmWorker(worker) for worker in self.pool.retire_unneeded(capacity)]
-        for assignment in self.pool.assign(capacity, self._free_slots()):
+        retired = self.pool.retire_unneeded(capacity, self.more_to_come)
+        decisions += [RetireWarmWorker(worker) for worker in retired]
+        for assignment in self.pool.assign(capacity, self._free_slots(), self.more_to_come):
             placement = Placement.NEW_WARM_WORKER if assignment.new_worker else Placement.IDLE_WARM_WORKER
             run = Run(assignment.job, assignment.attempt, placement, warm_worker=assignment.worker)
             self.running[run.job.id] = run

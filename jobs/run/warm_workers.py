@@ -65,10 +65,15 @@ class WarmWorkerPool:
         # Measured per framework: a new worker's start-up (import, runtime) and a warm job's time.
         self.startup_s: dict[str, float] = {}
         self.job_s: dict[str, float] = {}
+        self.added: Counter[str] = Counter()  # jobs queued so far per framework: its share of a search
+        self.more_to_come = 0  # jobs a search may still ask for (set by each `assign`)
 
     def add(self, job, attempt: int = 1) -> None:
         """Queue a job; a retried job goes to the front of its framework's queue."""
-        queue = self.pending[kind_of(job.spec)]
+        kind = kind_of(job.spec)
+        queue = self.pending[kind]
+        if attempt == 1:
+            self.added[kind] += 1
         if attempt > 1:
             queue.appendleft((job, attempt))
         else:
@@ -81,14 +86,31 @@ class WarmWorkerPool:
         """Forget every queued job: the run was cancelled and they are recorded so."""
         self.pending.clear()
 
-    def retire_unneeded(self, capacity: int) -> list[int]:
+    def retire_unneeded(self, capacity: int, more_to_come: int = 0) -> list[int]:
         """End idle workers with nothing to run, and idle ones beyond capacity (other jobs wait for CPUs).
 
+        `more_to_come`: jobs a search may still ask for. Its trials come one or two
+        at a time, so an idle worker is kept for the next one (retiring it would pay a new
+        worker's import for nearly every trial) unless a job of another kind waits for its CPU.
         Returns the workers ended, for the driver to stop.
         """
         retired = []
+        if more_to_come:
+            # Only a framework with no worker at all takes another's idle CPU: a job whose own
+            # worker is busy waits for it (a moment), and taking CPUs back and forth between
+            # the frameworks would pay an import for every few trials.
+            starved = sum(len(queue) for name, queue in self.pending.items() if queue and not self.live[name])
+            for framework, workers in self.idle.items():
+                while (
+                    workers
+                    and starved
+                    and not self.pending[framework]
+                    and sum(self.live.values()) >= capacity
+                ):
+                    retired.append(self._end(workers.pop()))
+                    starved -= 1
         for framework, workers in self.idle.items():
-            if not self.pending[framework]:
+            if not self.pending[framework] and not more_to_come:
                 while workers:
                     retired.append(self._end(workers.pop()))
         for workers in self.idle.values():
@@ -96,11 +118,13 @@ class WarmWorkerPool:
                 retired.append(self._end(workers.pop()))
         return retired
 
-    def assign(self, capacity: int, slots: int | None) -> list[Assignment]:
+    def assign(self, capacity: int, slots: int | None, more_to_come: int = 0) -> list[Assignment]:
         """The queued jobs to start now: on idle workers first, then on new ones up to capacity.
 
-        `slots` caps how many start (None: no cap, as without --max-concurrent).
+        `slots` caps how many start (None: no cap, as without --max-concurrent);
+        `more_to_come` counts jobs a search may still ask for (see _worth_adding).
         """
+        self.more_to_come = more_to_come
         assignments: list[Assignment] = []
         while slots is None or len(assignments) < slots:
             framework = next(
@@ -144,7 +168,12 @@ class WarmWorkerPool:
             return True
         if framework not in self.job_s:
             return False
-        queued_work_per_worker = len(self.pending[framework]) * self.job_s[framework] / self.live[framework]
+        queued = len(self.pending[framework])
+        if self.more_to_come:
+            # A search's trials arrive as earlier ones end: count those still to come at
+            # this framework's share of the trials so far.
+            queued += self.more_to_come * self.added[framework] / max(sum(self.added.values()), 1)
+        queued_work_per_worker = queued * self.job_s[framework] / self.live[framework]
         return queued_work_per_worker > self.startup_s.get(framework, 0.0)
 
     def give_back(self, worker: int) -> None:
