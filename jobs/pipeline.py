@@ -38,7 +38,7 @@ from jobs.plan.planning import (
 )
 from jobs.record.ledger import Ledger, is_ledger_directory
 from jobs.record.output import check_usable
-from jobs.record.records import JobOutcome, exit_code_for
+from jobs.record.records import JobOutcome, exit_code_for, finite_only
 from jobs.record.store import keep_record
 from jobs.report import combined as reports
 from jobs.report.files import rebuild_report, write_report_json, write_reports
@@ -167,6 +167,8 @@ def submit(
                 raise
             planned = reconcile(study, ledger, trials)
             ledger.set_meta(search=search.described())
+        elif ledger.meta().get("search"):
+            ledger.set_meta(search=None)  # a grid run into a search's directory reports as a grid
         if new_directory is None and not (
             _any_to_run(ledger, planned, request.rerun) or (study is not None and study.remaining() > 0)
         ):
@@ -230,6 +232,19 @@ def plan_search(request: SubmitRequest, search: SearchSpec, wait: bool = True) -
     from jobs.run.ray_jobs import is_jobs_address
 
     check_request(request)
+    if request.frameworks or request.variants or request.preset:
+        raise SpecError(
+            "with a search spec file, name frameworks and variants in it (defaults: or sample:), "
+            "not as options"
+        )
+    swept = sorted(set(search.distributions) & {*request.overrides.common, *(
+        name for values in request.overrides.per_framework.values() for name in values
+    )})  # fmt: skip
+    if swept:
+        raise SpecError(
+            f"--set {swept[0]}: the search samples {swept[0]}; a value set here would replace every "
+            "trial's draw. Fix it in the spec file's defaults: instead, or leave it to the search"
+        )
     if request.rerun is not None:
         raise SpecError(
             f"--rerun {request.rerun}: a search's finished trials are told to its study and stay; "
@@ -258,7 +273,16 @@ def reconcile(study: Study, ledger: Ledger, trials: TrialPlanner) -> list[Planne
     kept = {job.id: job for job in ledger.jobs()}
     to_run = []
     for trial in study.running():
-        job = trials.job(study.fields_of(trial), trial.number)
+        if set(trial.params) != set(study.spec.distributions):
+            # Stopped while Optuna wrote the trial's values one by one: no job ever had
+            # them, so the sampler draws the rest now and the trial runs as asked.
+            trial = study.complete(trial)
+        try:
+            job = trials.job(study.fields_of(trial), trial.number)
+        except (SpecError, ValueError):
+            # Values no job can take, as `take` found before it was stopped: failed, as there.
+            study.tell(trial.number, {"status": "failed"})
+            continue
         known = kept.get(job.id)
         if known is not None and known.record is not None and study.tell(trial.number, known.record):
             continue
@@ -463,7 +487,7 @@ def keeping_callbacks(
             progress.ended(outcome.record)
 
     def on_progress(latest: dict[str, list[float]]) -> None:
-        ledger.set_meta(progress=latest)  # for `runjobs status` while the run goes on
+        ledger.set_meta(progress=finite_only(latest))  # for `runjobs status` while the run goes on
         progress.reported(latest)
 
     return RunCallbacks(
@@ -515,6 +539,13 @@ def fetch_remote(address: str, job_id: str, output_dir: Path) -> tuple[SubmitOut
     from jobs.run.remote_protocol import Follower
 
     status, lines, plan = read_remote_run(address, job_id)
+    if plan.get("search"):
+        # Its trials' jobs reach a ledger only beside the study they were asked of.
+        raise SpecError(
+            f"Ray job {job_id} is an adaptive search: once it has ended, run the same `runjobs submit "
+            f"SPEC --address {address} --output DIR` again into its directory, which brings its trials "
+            "and records home into the study and the ledger together"
+        )
     if not is_ledger_directory(output_dir):
         check_usable(output_dir)
     with Ledger.open(output_dir, for_writing=True) as ledger:

@@ -68,6 +68,14 @@ def test_successive_halving_keeps_the_best_third_at_each_rung():
     assert policy.observe("b", 20, 0.9) is None  # between rungs nothing is judged
 
 
+def test_a_failed_jobs_reports_are_forgotten_so_its_retry_is_judged_afresh():
+    policy = StoppingPolicy(StoppingRule("halving", every=10, grace=10, reduction=2))
+    assert policy.observe("a", 10, 1.0) is None
+    assert policy.observe("b", 10, 5.0) is not None  # behind at the first rung
+    policy.forget("b")  # its worker died; the job is retried
+    assert policy.observe("b", 10, 0.5) is None  # judged on the retry's own loss
+
+
 @pytest.mark.parametrize(
     "stopping, message",
     [
@@ -76,6 +84,7 @@ def test_successive_halving_keeps_the_best_third_at_each_rung():
         ("{rule: halving, reduction: 1}", "stopping.reduction=1"),
         ("{rule: median, patience: 3}", "unknown stopping key 'patience'"),
         ("median", "stopping is a mapping"),
+        ("{rule: halving, every: 20, grace: 50}", "multiple of stopping.every"),
     ],
 )
 def test_a_stopping_rule_that_cannot_work_is_refused_before_anything_starts(tmp_path, stopping, message):

@@ -88,6 +88,16 @@ def study_trials(output):
             "unknown search key 'budget'",
         ),
         ("sample: {lr: {uniform: [0.01, 0.1]}}\nsearch: {trials: 3}\n", "name its framework"),
+        ("sample: {lr: {uniform: [0.01, 0.1]}}\nsearch: {trials: 3, metric: loss.finl}\n", "loss.finl"),
+        (
+            "sample: {lr: {uniform: [0.01, 0.1]}}\nsearch: {trials: 3, parallel: 5000}\n",
+            "search.parallel=5000",
+        ),
+        (
+            "defaults: {framework: torch}\nsample: {model_args: {choice: [{1: a, b: c}]}}\n"
+            "search: {trials: 3}\n",
+            "text keys",
+        ),
         (
             "defaults: {framework: torch}\nsample: {epochs: {randint: [0, 5]}}\nsearch: {trials: 3}\n",
             "epochs",
@@ -112,6 +122,27 @@ def test_dry_run_shows_the_search_its_space_and_what_stays_fixed(tmp_path):
     assert 'lr: {"loguniform": [0.001, 0.3]}' in result.stdout and '"epochs": 30' in result.stdout
     as_json = json.loads(run_cli(["submit", str(spec), "--dry-run", "--json"]).stdout)
     assert as_json["search"]["trials"] == 12 and as_json["sample"]["seed"] == {"randint": [0, 1000]}
+
+
+def test_a_search_refuses_options_that_would_silently_not_apply(tmp_path):
+    spec = write_search(tmp_path)
+    output = ["--output", str(tmp_path / "out")]
+    framework = run_cli(["submit", str(spec), "--framework", "jax", *output])
+    assert framework.exit_code == 2 and "not as options" in framework.stderr
+    swept = run_cli(["submit", str(spec), "--set", "lr=0.1", *output])
+    assert swept.exit_code == 2 and "the search samples lr" in swept.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_choice_mixing_plain_values_and_lists_comes_back_as_drawn():
+    from jobs.plan.optuna_search import decoded, optuna_distribution
+    from jobs.plan.sampling import Distribution
+
+    hidden = Distribution("choice", (32, [64, 64]))
+    stored = optuna_distribution(hidden).choices
+    assert [decoded(hidden, value) for value in stored] == [32, [64, 64]]
+    plain = Distribution("choice", ("tensorflow", "torch"))
+    assert [decoded(plain, value) for value in optuna_distribution(plain).choices] == ["tensorflow", "torch"]
 
 
 def test_a_search_refuses_rerun_no_wait_and_files_the_head_cannot_see(tmp_path):
@@ -211,7 +242,7 @@ def test_a_failed_trial_is_told_failed_and_two_equal_draws_stay_two_jobs(tmp_pat
 @pytest.mark.slow
 def test_a_rerun_tells_what_the_ledger_kept_and_runs_what_it_did_not(tmp_path):
     """The two moments a killed driver can leave the study and the ledger apart, made for real."""
-    spec = write_search(tmp_path, trials=3)
+    spec = write_search(tmp_path, trials=4)
     output = tmp_path / "out"
     run_search(write_search(tmp_path, trials=1), output)  # trial 0 done and told
     search = search_of(SubmitRequest(spec_file=spec))
@@ -219,7 +250,12 @@ def test_a_rerun_tells_what_the_ledger_kept_and_runs_what_it_did_not(tmp_path):
     study = Study(search, output, Overrides().to_record()).open()
     # Killed after asking: trial 1 is running in the study, its job nowhere else.
     asked = study.ask()
-    # Killed after keeping: trial 2's job has its record in the ledger, the study never heard.
+    assert asked.number == 1
+    # Killed while Optuna wrote a trial's values one by one: trial 2 has its lr, not its seed.
+    from optuna.distributions import FloatDistribution
+
+    half_written = study.study.ask({"lr": FloatDistribution(0.001, 0.3, log=True)})
+    # Killed after keeping: trial 3's job has its record in the ledger, the study never heard.
     kept = study.ask()
     kept_job = planner.job(study.fields_of(kept), kept.number)
     result = merge_worker_results([run_job(kept_job.spec.for_worker(), kept_job.dataset, time.time())])
@@ -231,14 +267,18 @@ def test_a_rerun_tells_what_the_ledger_kept_and_runs_what_it_did_not(tmp_path):
     study.close()
 
     outcome = run_search(spec, output)
-    assert outcome.ran == 1  # trial 1 only: trial 2 was told from the ledger, not run again
+    # Trials 1 and 2 run (2 with the rest of its values drawn now); trial 3 was told from the
+    # ledger, not run again.
+    assert outcome.ran == 2
     _, trials = study_trials(output)
-    assert [trial.state.name for trial in trials] == ["COMPLETE"] * 3
+    assert [trial.state.name for trial in trials] == ["COMPLETE"] * 4
+    assert half_written.number == 2 and trials[2].params["lr"] == half_written.params["lr"]
+    assert set(trials[2].params) == {"lr", "seed"}
     assert trials[kept.number].value == kept_outcome.record["loss"]["final"]
     with Ledger.open(output, for_writing=False) as ledger:
         rows = {row.id: row for row in ledger.jobs()}
-    assert len(rows) == 3 and rows[kept_job.id].attempts == 1
-    assert {trial_number(job_id) for job_id in rows} == {0, asked.number, kept.number}
+    assert len(rows) == 4 and rows[kept_job.id].attempts == 1
+    assert {trial_number(job_id) for job_id in rows} == {0, 1, 2, 3}
 
 
 # A driver killed mid-search, for real.

@@ -76,8 +76,15 @@ class BoardMonitor:
         if isinstance(self.board, StoppingBoard):
             return self.board.report(self.job_id, epochs_done, loss)
         import ray
+        from ray.exceptions import RayError
 
-        return bool(ray.get(self.board.report.remote(self.job_id, epochs_done, loss)))
+        try:
+            return bool(ray.get(self.board.report.remote(self.job_id, epochs_done, loss)))
+        except RayError:
+            # The board is lost (its node died): nobody can judge this job any more, so it
+            # trains to its end rather than fail for want of an answer.
+            self.board = StoppingBoard()
+            return False
 
 
 @dataclass

@@ -41,12 +41,24 @@ from jobs.plan.fields import SpecError
 from jobs.plan.sampling import Distribution
 
 STUDY_FILE = "study.sqlite"
+STUDY_NAME = "runjobs"
 ALGORITHMS = ("optuna",)
 DIRECTIONS = ("minimize", "maximize")
 SETTINGS = ("algorithm", "metric", "direction", "trials", "parallel")
-# The record's parts whose scalars a search may optimise (report.json's job entries).
-METRIC_SECTIONS = ("loss", "timings", "params", "reference", "model", "data")
-_METRIC_FORM = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
+# The numbers of a job's record a search may optimise (report.json's job entries): every
+# model's losses and timings. A misspelt one would have every trial told failed.
+METRICS = (
+    "loss.final",
+    "loss.r2_gap",
+    "loss.floor_gap",
+    "timings.train_s",
+    "timings.setup_s",
+    "timings.startup_s",
+    "timings.predict_s",
+    "timings.total_s",
+    "timings.epoch_s_median",
+)
+MAX_PARALLEL = 1024
 _TRIAL_SUFFIX = re.compile(r"-trial(\d+)$")
 
 
@@ -75,22 +87,19 @@ class SearchSettings:
                 "(for random search, give sample: and samples: without search:)"
             )
         metric = value.get("metric", "loss.final")
-        if (
-            not isinstance(metric, str)
-            or not _METRIC_FORM.match(metric)
-            or (metric.split(".")[0] not in METRIC_SECTIONS)
-        ):
-            raise SpecError(
-                f"{where}: search.metric={metric!r}: name a number in each job's record, e.g. loss.final, "
-                f"loss.r2_gap or timings.train_s (sections: {', '.join(METRIC_SECTIONS)})"
-            )
+        if metric not in METRICS:
+            raise SpecError(f"{where}: search.metric={metric!r}: choose one of {', '.join(METRICS)}")
         direction = value.get("direction", "minimize")
         if direction not in DIRECTIONS:
             raise SpecError(f"{where}: search.direction={direction!r}: choose {' or '.join(DIRECTIONS)}")
+        from jobs.plan.sweep import max_jobs  # here: sweep.py imports this module
+
         trials, parallel = value.get("trials"), value.get("parallel", 1)
-        for key, number in (("trials", trials), ("parallel", parallel)):
-            if not isinstance(number, int) or isinstance(number, bool) or not 1 <= number <= 1_000_000:
-                raise SpecError(f"{where}: search.{key}={number!r}: give a whole number from 1 to 1000000")
+        # Trials count as a sweep's jobs do (RUNJOBS_MAX_JOBS); more trials at once than
+        # MAX_PARALLEL would only queue, each asked of the study before any starts.
+        for key, number, highest in (("trials", trials, max_jobs()), ("parallel", parallel, MAX_PARALLEL)):
+            if not isinstance(number, int) or isinstance(number, bool) or not 1 <= number <= highest:
+                raise SpecError(f"{where}: search.{key}={number!r}: give a whole number from 1 to {highest}")
         return cls(algorithm, metric, direction, trials, parallel)
 
 
@@ -126,22 +135,40 @@ def optuna_distribution(distribution: Distribution):
         return FloatDistribution(*distribution.arguments, log=True)
     if distribution.kind == "randint":
         return IntDistribution(*distribution.arguments)
-    return CategoricalDistribution([_storable(choice) for choice in distribution.arguments])
+    if _as_text(distribution):
+        return CategoricalDistribution([_text(choice) for choice in distribution.arguments])
+    return CategoricalDistribution(list(distribution.arguments))
 
 
 def decoded(distribution: Distribution, value: Any) -> Any:
     """A trial's stored value as the field's value (a JSON text back to its list)."""
-    if distribution.kind == "choice" and any(not _plain(choice) for choice in distribution.arguments):
-        return json.loads(value)
-    return value
+    return json.loads(value) if _as_text(distribution) else value
+
+
+def _as_text(distribution: Distribution) -> bool:
+    """Whether a choice's values are kept as JSON texts: all of them, once any is a list or mapping."""
+    return distribution.kind == "choice" and any(not _plain(choice) for choice in distribution.arguments)
 
 
 def _plain(value: Any) -> bool:
     return value is None or isinstance(value, (str, int, float, bool))
 
 
-def _storable(value: Any) -> Any:
-    return value if _plain(value) else json.dumps(value, sort_keys=True)
+def _text(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def check_storable(where: str, distribution: Distribution) -> None:
+    """Refuse a choice Optuna cannot keep: a value with no JSON text (mixed key types, say)."""
+    if not _as_text(distribution):
+        return
+    for choice in distribution.arguments:
+        try:
+            _text(choice)
+        except (TypeError, ValueError):
+            raise SpecError(
+                f"{where}: the choice {choice!r} cannot be kept in the study; use text keys in mappings"
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -196,7 +223,14 @@ class SearchSpec:
             "seed": self.seed,
             "overrides": overrides,
         }
-        return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        try:
+            text = json.dumps(described, sort_keys=True, default=str)
+        except TypeError:  # a mapping whose keys mix text and numbers cannot be sorted
+            raise SpecError(
+                "a mapping in this search (defaults, model_args, --set) mixes text and number keys; "
+                "write every key as text"
+            ) from None
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class Study:
@@ -221,7 +255,9 @@ class Study:
         existed = self.path.exists()
         self.study = optuna.create_study(
             storage=f"sqlite:///{self.path.resolve()}",
-            study_name=self.spec.name,
+            # One study per run directory, whatever the spec file is called; what makes it
+            # this search is its identity, checked below.
+            study_name=STUDY_NAME,
             direction=self.spec.settings.direction,
             sampler=optuna.samplers.TPESampler(seed=self.spec.seed),
             load_if_exists=True,
@@ -242,7 +278,7 @@ class Study:
         if held:
             self.study.sampler = optuna.samplers.TPESampler(seed=(self.spec.seed + held) % 2**32)
         kept = self.study.user_attrs.get("runjobs_search")
-        if kept is None and not existed:
+        if kept is None and (not existed or not held):  # new, or stopped before its first trial
             self.study.set_user_attr("runjobs_search", self.identity)
         elif kept != self.identity:
             raise SpecError(
@@ -289,6 +325,27 @@ class Study:
         self.held += 1
         self.running_numbers.add(trial.number)
         return trial
+
+    def complete(self, trial):
+        """A running trial whose values were being written when the driver stopped, with the
+        sampler's draws for the rest (Optuna's `ask` writes a trial's values one at a time).
+
+        `optuna.trial.Trial(study, trial_id)` is how `ask` itself hands a trial out; its
+        suggest methods write the missing values to the same trial, keeping its number.
+        """
+        import optuna
+
+        live = optuna.trial.Trial(self.study, trial._trial_id)
+        for name, distribution in self.distributions.items():
+            if name in trial.params:
+                continue
+            if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+                live.suggest_categorical(name, distribution.choices)
+            elif isinstance(distribution, optuna.distributions.IntDistribution):
+                live.suggest_int(name, distribution.low, distribution.high)
+            else:
+                live.suggest_float(name, distribution.low, distribution.high, log=distribution.log)
+        return live
 
     def tell(self, number: int, record: dict[str, Any]) -> str:
         """Tell trial `number` its job's record; what it was told ("complete", "failed", or "" for nothing).

@@ -160,6 +160,7 @@ class TrialPlanner:
                 ends += [{name: value} for value in distribution.arguments]
             else:
                 ends += [{name: bound} for bound in distribution.arguments]
+        self.search.digest(self.overrides.to_record())  # refuses what a study could not be keyed by
         first = {name: d.arguments[0] for name, d in self.search.distributions.items()}
         with user_models.planning():
             for end in ends:
@@ -170,9 +171,8 @@ class TrialPlanner:
 
     def check_shippable(self) -> None:
         """Refuse what a remote driver could not find on the head: CSV files and user models' code."""
-        values = [self.search.defaults] + [
-            {name: value} for name, d in self.search.distributions.items() for value in d.arguments
-        ]
+        values = [self.search.defaults, self.overrides.common, *self.overrides.per_framework.values()]
+        values += [{name: value} for name, d in self.search.distributions.items() for value in d.arguments]
         for fields in values:
             data, model = fields.get("data", "article"), fields.get("model", "linear")
             if isinstance(data, str) and not (data == "article" or data.startswith("synthetic")):

@@ -45,6 +45,13 @@ class StoppingRule:
                 raise SpecError(
                     f"{where}: stopping.{key}={number!r}: give a whole number from {lowest[key]} to 10**9"
                 )
+        if rule == "halving" and numbers["grace"] % numbers["every"]:
+            # Rungs fall at grace x reduction^k: each must be an epoch jobs report at, or a
+            # running job would be judged on a later epoch than the jobs it is compared with.
+            raise SpecError(
+                f"{where}: stopping.grace={numbers['grace']} must be a multiple of stopping.every="
+                f"{numbers['every']} for the halving rule (its rungs are grace x reduction^k epochs)"
+            )
         return cls(rule, **numbers)
 
     def described(self) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.plan import sampling
-from jobs.plan.optuna_search import SearchSettings, SearchSpec
+from jobs.plan.optuna_search import SearchSettings, SearchSpec, check_storable
 from jobs.plan.spec import (
     DEFAULT_FRAMEWORKS,
     FIELDS,
@@ -81,6 +81,8 @@ MAX_SPEC_VALUES = 1_000_000
 # even with --dry-run. Counted before expanding; raise it with the variable.
 MAX_JOBS_VARIABLE = "RUNJOBS_MAX_JOBS"
 DEFAULT_MAX_JOBS = 100_000
+# SweepSpec.load's last file, by its path, inode, size and modification time.
+_LOADED: dict[tuple, SweepSpec] = {}
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,23 @@ class SweepSpec:
 
     @classmethod
     def load(cls, path: Path) -> SweepSpec:
+        """The spec file, read once per version of it: planning asks for it several times
+        (its jobs, its search, its stopping rule), and a large file costs seconds to parse."""
+        try:
+            status = path.stat()
+            version = (str(path.resolve()), status.st_ino, status.st_size, status.st_mtime_ns)
+        except OSError:
+            version = None  # _read_document says what is wrong with it
+        if version is not None and version in _LOADED:
+            return _LOADED[version]
+        spec = cls._parse(path)
+        if version is not None:
+            _LOADED.clear()  # one file at a time is all a process plans
+            _LOADED[version] = spec
+        return spec
+
+    @classmethod
+    def _parse(cls, path: Path) -> SweepSpec:
         document = _read_document(path)
         if not isinstance(document, dict):
             raise SpecError(f"{path}: a spec file is a mapping with keys {', '.join(SPEC_KEYS)}")
@@ -145,6 +164,8 @@ class SweepSpec:
         search = None
         if document.get("search") is not None:
             search = SearchSettings.parse(str(path), document["search"])
+            for field, distribution in (sample or {}).items():
+                check_storable(f"{path}: sample.{field}", distribution)
             if sample is None:
                 raise SpecError(f"{path}: search: needs sample: (the distributions it searches over)")
             if grid or jobs or repeat != 1 or samples is not None:

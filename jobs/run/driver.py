@@ -115,6 +115,7 @@ class Driver:
         should_stop: Callable[[], bool] | None = None,
         stopping: StoppingRule | None = None,
         on_progress: Callable[[dict[str, list[float]]], None] | None = None,
+        say: Callable[[str], None] | None = None,
     ) -> None:
         import ray
 
@@ -149,6 +150,7 @@ class Driver:
         self.stop_reasons: dict[str, str] = {}
         self.latest: dict[str, list[float]] = {}
         self.on_progress = on_progress
+        self.say = say or (lambda message: None)
 
     def run(self, jobs: list[PlannedJob], feed: JobFeed | None = None) -> list[str]:
         """Run every job, and the feed's as they come; return each job's final status, in the order run."""
@@ -158,12 +160,22 @@ class Driver:
             jobs, cluster_cpus=_cluster_cpus, clock=time.time, max_concurrent=self.max_concurrent
         )
         if self.stopping is not None:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
             from workers.reporting import StoppingBoard
 
-            # No CPU of its own: it only keeps reports, and must not take a job's place.
+            # No CPU of its own (it only keeps reports, and must not take a job's place), on
+            # the driver's node: the run goes on as long as the driver does, whichever worker
+            # node is lost.
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
             self.board = (
                 ray.remote(StoppingBoard)
-                .options(num_cpus=0, max_restarts=0, name=f"runjobs:stopping:{uuid.uuid4().hex[:8]}")
+                .options(
+                    num_cpus=0,
+                    max_restarts=0,
+                    scheduling_strategy=here,
+                    name=f"runjobs:stopping:{uuid.uuid4().hex[:8]}",
+                )
                 .remote()
             )
         try:
@@ -205,8 +217,17 @@ class Driver:
         if self.board is None:
             return
         import ray
+        from ray.exceptions import RayError
 
-        reports = ray.get(self.board.drain.remote())
+        try:
+            reports = ray.get(self.board.drain.remote())
+        except RayError as error:
+            # The board is lost (its node died, say): the jobs train on to their end (their
+            # monitors take a lost board as "go on"); the run itself is not the board's.
+            self.board = None
+            lost = describe_error(error)
+            self.say(f"early stopping is off for the rest of this run: its board was lost ({lost})")
+            return
         to_stop = []
         for job_id, epoch, loss in reports:
             if job_id not in self.by_job or job_id in self.stop_reasons:
@@ -222,9 +243,19 @@ class Driver:
             self.on_progress(dict(self.latest))
 
     def _ended_for_stopping(self, job_id: str, result: dict[str, Any] | None) -> None:
-        """A job ended: its history joins the rule's comparisons, its board marks go."""
+        """A job ended: its history joins the rule's comparisons, its board marks go.
+
+        Without a result (failed, timed out, cancelled) its reports still on the board are
+        read and dropped first, and the rule forgets it: a retry starts with a clean slate
+        rather than being judged on the first attempt's epochs.
+        """
         if self.board is None:
             return
+        if result is None:
+            self._apply_stopping_rule()  # the job is no longer running: its reports are dropped
+            if self.board is None:
+                return
+            self.policy.forget(job_id)
         self.latest.pop(job_id, None)
         reason = self.stop_reasons.pop(job_id, None)
         loss = (result or {}).get("loss") or {}
@@ -469,13 +500,15 @@ def run_jobs(
     feed: JobFeed | None = None,
     stopping: StoppingRule | None = None,
     on_progress: Callable[[dict[str, list[float]]], None] | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> list[str]:
     """Run every job on Ray, and the feed's, handing each record to on_record as it ends; return the statuses.
 
     `should_stop` is asked a few times a second; once it answers true, the run stops as
     on Ctrl-C and RunInterrupted(requested=True) is raised.
     """
-    return Driver(on_record, on_start, max_concurrent, should_stop, stopping, on_progress).run(jobs, feed)
+    driver = Driver(on_record, on_start, max_concurrent, should_stop, stopping, on_progress, say)
+    return driver.run(jobs, feed)
 
 
 def merge_worker_results(results: list[dict[str, Any]]) -> dict[str, Any]:

@@ -73,6 +73,7 @@ class RayClusterSession:
                 feed,
                 stopping,
                 callbacks.on_progress,
+                callbacks.say,
             )
         except RunInterrupted as interruption:
             interrupted = interruption

@@ -40,6 +40,7 @@ from jobs.run.executor import Detached, JobFeed, RunCallbacks, RunSummary
 from jobs.run.remote_protocol import (
     PLAN_MARKER,
     RECORD_MARKER,
+    TRIAL_MARKER,
     Follower,
     MarkedLines,
     complete_lines,
@@ -250,6 +251,8 @@ def remote_status(address: str, job_id: str) -> dict[str, Any]:
         try:
             if marked and marked[0] == PLAN_MARKER:
                 total = len(json.loads(marked[1])["jobs"])
+            elif marked and marked[0] == TRIAL_MARKER and json.loads(marked[1]).get("job"):
+                total = (total or 0) + 1  # a search's jobs are known as its trials are asked
             elif marked and marked[0] == RECORD_MARKER:
                 counts[decode_outcome(marked[1]).status] += 1
         except (ValueError, KeyError):

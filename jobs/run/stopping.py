@@ -56,6 +56,13 @@ class StoppingPolicy:
             return self._median(job_id, epoch)
         return self._halving(job_id, epoch)
 
+    def forget(self, job_id: str) -> None:
+        """Drop what a job reported: it failed or was cancelled, and a retry starts afresh."""
+        self.losses.pop(job_id, None)
+        self.judged.pop(job_id, None)
+        for at_rung in self.rung_losses.values():
+            at_rung.pop(job_id, None)
+
     def ended(self, job_id: str, loss_history: list[float] | None) -> None:
         """A job ended (any status): its per-epoch losses join the comparison base."""
         if not loss_history:
