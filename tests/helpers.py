@@ -141,6 +141,42 @@ def start_cli_in_background(args: list[str], output_dir: Path):
     return runner, results
 
 
+def sigkill_driver_once_succeeded(
+    command: list[str], output_dir: Path, succeeded: int, limit_s: float, poll_s: float = 0.1
+) -> dict[str, dict]:
+    """Start a driver (`runjobs submit ...` into output_dir), SIGKILL it once its ledger holds
+    `succeeded` succeeded jobs, and return the records those jobs had at that moment."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from jobs.record.ledger import Ledger
+
+    driver = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + limit_s
+        while True:
+            done = 0
+            if (output_dir / "ledger.sqlite").exists():
+                with Ledger.open(output_dir, for_writing=False) as ledger:
+                    done = ledger.counts()["succeeded"]
+            if done >= succeeded:
+                break
+            assert driver.poll() is None and time.monotonic() < deadline, "the run did not get going"
+            time.sleep(poll_s)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    with Ledger.open(output_dir, for_writing=False) as ledger:
+        return {job.id: job.record for job in ledger.jobs() if job.status == "succeeded"}
+
+
 def kill_actor_once_training(name: str, settle_s: float, limit_s: float = 120) -> None:
     """Wait for the named Ray actor, give it `settle_s` to get into training, kill it."""
     import time

@@ -9,8 +9,6 @@ Ray for a driver SIGKILLed mid-search and run again.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import time
 
@@ -26,7 +24,7 @@ from jobs.run.cluster import ResourceRequestError
 from jobs.run.driver import merge_worker_results, planned_outcome
 from jobs.run.in_process import InProcessExecutor
 from jobs.run.progress import LineProgress
-from tests.helpers import RUNJOBS, load_strict_json, run_cli
+from tests.helpers import RUNJOBS, load_strict_json, run_cli, sigkill_driver_once_succeeded
 from workers.entry import run_job
 
 optuna = pytest.importorskip("optuna")
@@ -289,28 +287,7 @@ def test_a_search_whose_driver_is_killed_continues_with_no_trial_lost_or_run_twi
     spec = write_search(tmp_path, trials=12, parallel=2)
     output = tmp_path / "run"
     command = [RUNJOBS, "submit", str(spec), "--output", str(output)]
-    driver = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            done = 0
-            if (output / "ledger.sqlite").exists():
-                with Ledger.open(output, for_writing=False) as ledger:
-                    done = ledger.counts()["succeeded"]
-            if done >= 4:
-                break
-            assert driver.poll() is None and time.monotonic() < deadline, "the search did not get going"
-            time.sleep(0.1)
-        os.kill(driver.pid, signal.SIGKILL)
-        driver.wait()
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
-    with Ledger.open(output, for_writing=False) as ledger:
-        finished_before = {job.id: job.record for job in ledger.jobs() if job.status == "succeeded"}
+    finished_before = sigkill_driver_once_succeeded(command, output, succeeded=4, limit_s=180)
     assert 4 <= len(finished_before) < 12
 
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)

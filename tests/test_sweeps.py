@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import statistics
 import subprocess
 import time
@@ -22,6 +20,7 @@ from tests.helpers import (
     ledger_state,
     ray_is_running,
     run_cli,
+    sigkill_driver_once_succeeded,
     start_cli_in_background,
     started_like_a_scheduler,
 )
@@ -171,30 +170,7 @@ def test_a_driver_killed_mid_sweep_loses_nothing_and_the_rerun_finishes_the_rest
     )
     command = [RUNJOBS, "submit", str(spec), "--output", str(output), "--max-concurrent", "1"]
     raylets_before = raylet_count()
-    driver = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            with (
-                Ledger.open(output, for_writing=False)
-                if (output / "ledger.sqlite").exists()
-                else _nothing() as ledger
-            ):
-                done = ledger.counts()["succeeded"] if ledger else 0
-            if done >= 2:
-                break
-            assert driver.poll() is None and time.monotonic() < deadline, "the sweep did not get going"
-            time.sleep(0.2)
-        os.kill(driver.pid, signal.SIGKILL)
-        driver.wait()
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
-    with Ledger.open(output, for_writing=False) as ledger:
-        finished_before = {job.id: job.record for job in ledger.jobs() if job.status == "succeeded"}
+    finished_before = sigkill_driver_once_succeeded(command, output, succeeded=2, limit_s=120, poll_s=0.2)
     assert len(finished_before) >= 2
 
     # Ray's reaper ends the killed driver's embedded Ray; wait for it before going on.
@@ -212,14 +188,6 @@ def test_a_driver_killed_mid_sweep_loses_nothing_and_the_rerun_finishes_the_rest
         if job.id in finished_before:
             assert job.attempts == 1 and job.record == finished_before[job.id], "a finished job ran again"
     assert ledger_state(output, jobs[-1].id) == "succeeded"
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc_info):
-        return False
 
 
 def wait_for_state(output, job_id, wanted, limit_s=120):

@@ -26,6 +26,17 @@ IN_ID_UNLESS_DEFAULT = "unless default"
 IN_ID_NEVER = "never"  # changes what a job keeps, not what it trains (save_models)
 
 
+def settings_mapping(where: str, name: str, value: Any, keys: tuple[str, ...], usage: str) -> dict:
+    """A spec file's settings mapping (`search:`, `stopping:`), refused in one line when it is not
+    a mapping or has a key outside `keys`."""
+    if not isinstance(value, dict):
+        raise SpecError(f"{where}: {name} is a mapping, {usage}")
+    unknown = sorted(set(map(str, value)) - set(keys))
+    if unknown:
+        raise SpecError(f"{where}: unknown {name} key {unknown[0]!r}; the keys are {', '.join(keys)}")
+    return value
+
+
 class SpecError(ValueError):
     """A job field has a value runjobs cannot use; the message names the field and the fix."""
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.plan.fields import SpecError
+from jobs.plan.fields import SpecError, settings_mapping
 from jobs.plan.sampling import Distribution
 
 STUDY_FILE = "study.sqlite"
@@ -75,11 +75,7 @@ class SearchSettings:
     @classmethod
     def parse(cls, where: str, value: Any) -> SearchSettings:
         usage = "e.g. search: {algorithm: optuna, metric: loss.final, direction: minimize, trials: 32}"
-        if not isinstance(value, dict):
-            raise SpecError(f"{where}: search is a mapping, {usage}")
-        unknown = sorted(set(map(str, value)) - set(SETTINGS))
-        if unknown:
-            raise SpecError(f"{where}: unknown search key {unknown[0]!r}; the keys are {', '.join(SETTINGS)}")
+        value = settings_mapping(where, "search", value, SETTINGS, usage)
         algorithm = value.get("algorithm", "optuna")
         if algorithm not in ALGORITHMS:
             raise SpecError(

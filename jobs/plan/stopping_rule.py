@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from jobs.plan.fields import SpecError
+from jobs.plan.fields import SpecError, settings_mapping
 
 RULES = ("median", "halving")
 SETTINGS = ("rule", "every", "grace", "min_jobs", "reduction")
@@ -28,13 +28,7 @@ class StoppingRule:
     @classmethod
     def parse(cls, where: str, value: Any) -> StoppingRule:
         usage = "e.g. stopping: {rule: median, every: 10, grace: 50}"
-        if not isinstance(value, dict):
-            raise SpecError(f"{where}: stopping is a mapping, {usage}")
-        unknown = sorted(set(map(str, value)) - set(SETTINGS))
-        if unknown:
-            raise SpecError(
-                f"{where}: unknown stopping key {unknown[0]!r}; the keys are {', '.join(SETTINGS)}"
-            )
+        value = settings_mapping(where, "stopping", value, SETTINGS, usage)
         rule = value.get("rule")
         if rule not in RULES:
             raise SpecError(f"{where}: stopping.rule={rule!r}: choose {' or '.join(RULES)}, {usage}")
