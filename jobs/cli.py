@@ -166,6 +166,13 @@ def _parse_points(context, parameter, texts) -> tuple[tuple[float, ...], ...]:
     "(Ray Jobs: the driver runs on the cluster, results come back here). Default: an embedded local Ray.",
 )
 @click.option(
+    "--keep-warm",
+    metavar="DURATION",
+    help="With a running cluster's --address: keep this run's warm workers, idle, for the next submit "
+    "(e.g. 90s, 10m, 1h; 0: end them with the run). Default: 10m for CPU workers; GPU workers end "
+    "with the run unless given. `runjobs pool status|stop` shows and ends them.",
+)
+@click.option(
     "--no-wait",
     is_flag=True,
     help="With an http:// (Ray Jobs) address: print the Ray job id and return; fetch results later "
@@ -224,6 +231,7 @@ def submit(
     no_wait,
     output,
     assignments,
+    keep_warm,
     mlflow_uri,
     **field_values,
 ) -> None:
@@ -237,7 +245,8 @@ def submit(
 
     A spec file may also search (sample:, or search: with Optuna) and stop jobs early
     (stopping:); see the README's "Searching and tracking". --mlflow logs each job to
-    MLflow as it ends.
+    MLflow as it ends. On a running cluster (--address), warm workers stay for the next
+    submit (--keep-warm; `runjobs pool`).
 
     Writes report.json, .csv, .md and .html to the output directory and exits 0 when
     every job succeeded or was stopped by the spec's stopping rule, 1 when any failed or
@@ -245,6 +254,7 @@ def submit(
     started), 3 when the cluster cannot be reached or goes away (finished jobs are kept),
     130 when interrupted (with --json, the summary is still printed).
     """
+    from jobs.plan.keep_warm import parse_keep_warm
     from jobs.plan.planning import SubmitRequest, plan_jobs
 
     try:
@@ -266,7 +276,13 @@ def submit(
             rerun,
             max_concurrent,
             wait_for_nodes,
+            keep_warm=parse_keep_warm(keep_warm) if keep_warm is not None else None,
         )
+        if keep_warm is not None and not address:
+            raise SpecError(
+                "--keep-warm keeps workers on a running cluster: give its --address (an embedded "
+                "Ray ends with the run, and its workers with it)"
+            )
         tracking_uri = _mlflow_uri(mlflow_uri)  # --dry-run checks its form too
         if dry_run:
             from jobs.pipeline import check_destination, plan_search
@@ -825,6 +841,95 @@ def predict(model, input_texts, model_format, json_output, trust_code, model_cod
     for prediction in outcome["predictions"]:
         output = prediction["output"]
         click.echo(f"{format_point(prediction['input'])} -> {'nan' if output is None else f'{output:.6g}'}")
+
+
+@cli.group()
+def pool() -> None:
+    """Show or end the warm workers kept on a running cluster between submits.
+
+    On a cluster runjobs did not start (submit --address), a run's warm workers stay
+    after it, idle, for --keep-warm (10 minutes for CPU workers by default), and the
+    next submit of the same runjobs code reuses them. Exit codes: 2 bad input, 3 the
+    cluster cannot be reached.
+    """
+
+
+POOL_ADDRESS = click.option(
+    "--address",
+    envvar="RAY_ADDRESS",
+    show_envvar=True,
+    required=True,
+    help="The running cluster: HOST:PORT (its GCS), ray://HOST:10001 or auto.",
+)
+
+
+@pool.command(name="status")
+@POOL_ADDRESS
+@click.option("--json", "json_output", is_flag=True, help="Print JSON.")
+def pool_status(address, json_output) -> None:
+    """The kept warm workers: kind, state, jobs run, idle time, time left, code version."""
+    from jobs.run import warm_pool
+
+    rows = _with_pool(address, warm_pool.describe)
+    if json_output:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo(f"no warm workers kept on {address}")
+        return
+    table = []
+    for row in rows:
+        ends = row.get("ends_in_s")
+        table.append(
+            [
+                row.get("kind", "?"),
+                row.get("state", "?"),
+                str(row.get("jobs", "?")),
+                f"{row['idle_s']:.0f}s" if row.get("idle_s") is not None else "",
+                "after its run" if ends is None else f"{ends:.0f}s",
+                str(row.get("pid", "")),
+                ",".join(row.get("gpu_ids") or []) or "-",
+                row.get("code", "?") + ("" if row.get("current_code", True) else " (other code)"),
+            ]
+        )
+    _echo_table(["kind", "state", "jobs", "idle", "ends in", "pid", "gpus", "code"], table)
+
+
+@pool.command(name="stop")
+@POOL_ADDRESS
+@click.option("--json", "json_output", is_flag=True, help="Print JSON.")
+def pool_stop(address, json_output) -> None:
+    """End the kept warm workers; one a running submit holds ends when that run is over."""
+    from jobs.run import warm_pool
+
+    ended = _with_pool(address, warm_pool.stop)
+    if json_output:
+        click.echo(json.dumps(ended, indent=2))
+        return
+    held = ended["ending_after_their_run"]
+    click.echo(
+        f"ended {ended['ended']} warm worker(s) on {address}"
+        + (f"; {held} held by a running submit end when it is over" if held else "")
+    )
+
+
+def _with_pool(address: str, action):
+    """`action()` while connected to the cluster at `address` (a Ray Jobs address is refused)."""
+    from jobs.run import cluster as clusters
+    from jobs.run.ray_jobs import is_jobs_address
+
+    def connected_action():
+        if is_jobs_address(address):
+            raise SpecError(
+                f"{address} is a Ray Jobs address; `runjobs pool` talks to the cluster itself: give its "
+                "GCS address (HOST:6379), ray://HOST:10001 or auto"
+            )
+        with clusters.connected(address) as cluster:
+            if not cluster.shared:
+                raise SpecError("runjobs pool needs a running cluster's --address")
+            return action()
+
+    return _input(connected_action)
 
 
 @cli.command()

@@ -106,10 +106,12 @@ def executor_for(request: SubmitRequest, output_dir: Path, wait: bool = True) ->
     from jobs.run.ray_jobs import RayJobsExecutor, is_jobs_address
 
     if is_jobs_address(request.address):
-        return RayJobsExecutor(request.address, output_dir, request.max_concurrent, wait)
+        return RayJobsExecutor(request.address, output_dir, request.max_concurrent, wait, request.keep_warm)
     from jobs.run.ray_cluster import RayClusterExecutor
 
-    return RayClusterExecutor(request.address, request.max_concurrent, request.wait_for_nodes)
+    return RayClusterExecutor(
+        request.address, request.max_concurrent, request.wait_for_nodes, request.keep_warm
+    )
 
 
 def submit(

@@ -8,6 +8,7 @@ only when asked, recording what it really used.
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
@@ -71,3 +72,42 @@ def test_gpus_per_job_zero_keeps_jobs_off_the_gpus(ray_head_with_declared_gpus, 
     assert result.returncode == 0, result.stderr
     for job in load_strict_json(tmp_path / "run" / "report.json")["jobs"]:
         assert job["placement"]["gpu_ids"] == [] and job["placement"]["cpu_fallback"] is False
+
+
+def test_one_gpu_jobs_run_on_warm_workers_that_hold_their_gpu(ray_head_with_declared_gpus, tmp_path):
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(
+        "defaults: {epochs: 20, gpus_per_job: 1, allow_cpu_fallback: true}\n"
+        "grid: {framework: [tensorflow, torch], seed: [0, 1, 2, 3, 4, 5, 6, 7]}\n"
+    )
+    address, output = ray_head_with_declared_gpus, str(tmp_path / "run")
+    result = subprocess.run(
+        [RUNJOBS, "submit", str(spec), "--address", address, "--output", output],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    jobs = load_strict_json(tmp_path / "run" / "report.json")["jobs"]
+    assert len(jobs) == 16 and all(job["status"] == "succeeded" for job in jobs)
+    processes: dict[str, dict[int, set[str]]] = {}
+    for job in jobs:
+        placement = job["placement"]
+        assert placement["worker"]["process"] == "warm"
+        assert len(placement["gpu_ids"]) == 1 and placement["gpu_ids"][0] in ("0", "1")
+        assert placement["cuda_visible_devices"] == placement["gpu_ids"][0], (
+            "Ray's assignment reaches the job"
+        )
+        processes.setdefault(job["framework"], {}).setdefault(placement["pid"], set()).add(
+            placement["gpu_ids"][0]
+        )
+    for framework, by_pid in processes.items():
+        assert len(by_pid) <= 2, f"{framework}: at most two worker processes, one a GPU ({by_pid})"
+        assert all(len(gpus) == 1 for gpus in by_pid.values()), (
+            f"a worker keeps its GPU for its life: {by_pid}"
+        )
+    # GPU workers are not kept after the run unless --keep-warm says so.
+    status = subprocess.run(
+        [RUNJOBS, "pool", "status", "--address", ray_head_with_declared_gpus, "--json"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert status.returncode == 0, status.stderr
+    assert [row for row in json.loads(status.stdout) if row.get("gpu_ids")] == []

@@ -44,11 +44,24 @@ class FakeClock:
 
 
 class FakeRayLayer:
-    def __init__(self, jobs: list[PlannedJob], cpus: int = 2, max_concurrent: int | None = None) -> None:
+    def __init__(
+        self,
+        jobs: list[PlannedJob],
+        cpus: int = 2,
+        max_concurrent: int | None = None,
+        gpus: float = 0.0,
+        keeps_idle: bool = False,
+    ) -> None:
         self.clock = FakeClock()
         self.cpus = cpus
+        self.gpus = gpus
         self.scheduler = Scheduler(
-            jobs, cluster_cpus=lambda: self.cpus, clock=self.clock, max_concurrent=max_concurrent
+            jobs,
+            cluster_cpus=lambda: self.cpus,
+            cluster_gpus=lambda: self.gpus,
+            clock=self.clock,
+            max_concurrent=max_concurrent,
+            keeps_idle=keeps_idle,
         )
         self.started: list[Run] = []  # every attempt handed to "Ray", in order
         self.warm_workers: dict[int, str] = {}  # each live warm worker's framework
@@ -89,8 +102,11 @@ class FakeRayLayer:
     def step(self):
         return self.carry_out(self.scheduler.decide())
 
-    def succeed(self, job_id: str, timings: dict[str, float] = QUICK_JOB_TIMINGS):
-        return self.carry_out(self.scheduler.job_succeeded(job_id, {"timings": dict(timings)}))
+    def succeed(self, job_id: str, timings: dict[str, float] = QUICK_JOB_TIMINGS, worker_report=None):
+        result = {"timings": dict(timings)}
+        if worker_report is not None:
+            result["placement"] = {"worker": worker_report}
+        return self.carry_out(self.scheduler.job_succeeded(job_id, result))
 
     def fail(
         self, job_id: str, failure: Failure, error: str = "ActorDiedError: the actor died", rank: int = 0
@@ -134,21 +150,22 @@ def test_each_kind_of_job_runs_where_it_must():
             planned("tensorflow-multiworker", "tensorflow", variant="multiworker", workers=2),
         ],
         cpus=8,
+        gpus=2,
     )
     layer.step()
     placements = {run.job.id: run.placement for run in layer.started}
     assert placements == {
-        "torch-gpu": Placement.FRESH_PROCESS,
+        "torch-gpu": Placement.NEW_WARM_WORKER,
         "tensorflow-mirrored": Placement.FRESH_PROCESS,
         "tensorflow-multiworker": Placement.GANG,
         "torch": Placement.NEW_WARM_WORKER,
     }
     # Jobs outside the warm pool go first, in the order given.
-    assert [run.job.id for run in layer.started][:3] == [
-        "torch-gpu",
-        "tensorflow-mirrored",
-        "tensorflow-multiworker",
-    ]
+    assert [run.job.id for run in layer.started][:2] == ["tensorflow-mirrored", "tensorflow-multiworker"]
+    # A GPU job's worker is of its own kind: a CPU job never lands on it, nor it on a CPU worker.
+    workers = {run.job.id: run.warm_worker for run in layer.started}
+    assert workers["torch"] != workers["torch-gpu"]
+    assert layer.scheduler.pool.kind_of_worker[workers["torch-gpu"]] == "torch gpu1"
 
 
 def test_a_gang_trains_only_once_every_worker_has_reported_its_address():
@@ -424,3 +441,108 @@ def test_without_max_concurrent_every_cpu_gets_a_job():
     layer = FakeRayLayer(jobs, cpus=4)
     layer.step()
     assert len(layer.running()) == 4 and len(layer.warm_workers) == 4
+
+
+# Warm GPU workers.
+
+
+def test_one_gpu_jobs_share_at_most_as_many_warm_workers_as_there_are_gpus():
+    jobs = [planned(f"{framework}-{index}", framework, gpus_per_job=1, seed=index)
+            for framework in ("torch", "tensorflow") for index in range(8)]  # fmt: skip
+    layer = FakeRayLayer(jobs, cpus=8, gpus=2)
+    gpus_held = []
+
+    def held():
+        gpus_held.append(len(layer.warm_workers))
+
+    while layer.scheduler.has_work():
+        layer.step()
+        held()
+        layer.succeed(layer.running()[0])
+    assert layer.scheduler.statuses() == ["succeeded"] * 16
+    assert max(gpus_held) <= 2, "never more one-GPU workers than GPUs"
+    per_framework: dict[str, set[int]] = {}
+    for run in layer.started:
+        per_framework.setdefault(run.job.spec.framework, set()).add(run.warm_worker)
+    assert all(len(workers) <= 2 for workers in per_framework.values()), per_framework
+
+
+def test_a_gpu_worker_whose_framework_holds_too_much_device_memory_is_replaced():
+    layer = FakeRayLayer([planned(f"tensorflow-{index}", "tensorflow", gpus_per_job=1, seed=index)
+                          for index in range(3)], cpus=4, gpus=1)  # fmt: skip
+    gib = 2**30
+    layer.step()
+    first = layer.started[0].warm_worker
+    # A stand-in for the worker's memory probe: 3 GiB held of a 16 GiB GPU, under the bound.
+    layer.succeed(
+        layer.running()[0],
+        worker_report={"device_ok": True, "device_memory": {"in_use": 3 * gib, "total": 16 * gib}},
+    )
+    layer.step()
+    assert layer.started[1].warm_worker == first, "under the bound: the worker takes the next job"
+    # 9 GiB of 16 is past half of its share: replaced before the next job.
+    decisions = layer.succeed(
+        layer.running()[0],
+        worker_report={"device_ok": True, "device_memory": {"in_use": 9 * gib, "total": 16 * gib}},
+    )
+    assert RetireWarmWorker(first) in decisions
+    layer.step()
+    assert layer.started[2].warm_worker != first
+    assert layer.started[2].placement is Placement.NEW_WARM_WORKER
+
+
+def test_a_gpu_worker_whose_device_failed_its_check_is_replaced():
+    layer = FakeRayLayer([planned(f"torch-{index}", gpus_per_job=0.5, seed=index) for index in range(2)],
+                         cpus=1, gpus=1)  # fmt: skip
+    layer.step()
+    first = layer.started[0].warm_worker
+    layer.succeed(
+        layer.running()[0],
+        worker_report={"device_ok": False, "device_error": "CUDA error: an illegal memory access"},
+    )
+    layer.step()
+    assert layer.started[1].warm_worker != first
+
+
+# A pool that outlives the run (jobs/run/warm_pool.py).
+
+
+def test_a_kept_pool_keeps_idle_workers_until_a_job_needs_their_cpus():
+    layer = FakeRayLayer([planned("torch-ddp", variant="ddp", workers=2)], cpus=2, keeps_idle=True)
+    adopted = [layer.scheduler.adopt("tensorflow"), layer.scheduler.adopt("torch")]
+    for worker, kind in zip(adopted, ["tensorflow", "torch"]):
+        layer.warm_workers[worker] = kind
+    decisions = layer.step()
+    # The gang waits for both CPUs: both idle workers give theirs back.
+    assert (
+        sorted(decision.worker for decision in decisions if isinstance(decision, RetireWarmWorker)) == adopted
+    )
+
+
+def test_a_kept_pool_keeps_an_idle_worker_of_a_framework_with_nothing_left():
+    layer = FakeRayLayer([planned("torch-1"), planned("tensorflow-1", "tensorflow")], cpus=4, keeps_idle=True)
+    layer.step()
+    layer.succeed("torch-1")
+    layer.step()
+    assert "torch" in layer.warm_frameworks(), "kept for the next run, not ended"
+    layer.succeed("tensorflow-1")
+    assert layer.warm_frameworks() == ["tensorflow", "torch"]
+
+
+def test_a_kept_pool_gives_an_idle_worker_to_a_framework_with_none():
+    layer = FakeRayLayer([planned("tensorflow-1", "tensorflow")], cpus=1, keeps_idle=True)
+    worker = layer.scheduler.adopt("torch")
+    layer.warm_workers[worker] = "torch"
+    layer.step()
+    assert layer.retired == [worker]
+    assert layer.started[0].placement is Placement.NEW_WARM_WORKER
+
+
+def test_a_kept_pool_gives_idle_cpu_workers_cpus_to_gpu_jobs():
+    layer = FakeRayLayer([planned("torch-gpu", gpus_per_job=1)], cpus=2, gpus=2, keeps_idle=True)
+    adopted = [layer.scheduler.adopt("tensorflow"), layer.scheduler.adopt("torch")]
+    for worker, kind in zip(adopted, ["tensorflow", "torch"]):
+        layer.warm_workers[worker] = kind
+    layer.step()
+    assert len(layer.retired) == 1 and layer.retired[0] in adopted, "one CPU freed for the GPU worker"
+    assert layer.running() == ["torch-gpu"]

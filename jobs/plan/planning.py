@@ -20,6 +20,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jobs.plan.keep_warm import KeepWarm
 from jobs.plan.optuna_search import SearchSpec
 from jobs.plan.spec import JobSpec, Overrides, SpecError, build_job_specs, job_ids
 from jobs.plan.stopping_rule import StoppingRule
@@ -45,6 +46,8 @@ class SubmitRequest:
     rerun: str | None = None  # None: only jobs without a result; "failed"; "all"
     max_concurrent: int | None = None
     wait_for_nodes: int | None = None  # start once the cluster has this many nodes alive
+    # --keep-warm: how long warm workers outlive the run on a running cluster (None: the default)
+    keep_warm: KeepWarm | None = None
     run_id: str | None = None  # a new run's id; default: a fresh one (a directory keeps its own)
     stopping: StoppingRule | None = None  # default: the spec file's `stopping:`, if any
     search: SearchSpec | None = None  # default: the spec file's `search:`, if any (a remote driver's)

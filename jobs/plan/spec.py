@@ -464,6 +464,11 @@ def build_job_specs(
         for variant in fitting:
             fields: dict[str, Any] = {"framework": framework}
             if preset is not None:
+                if framework not in PRESET_FIELDS[preset]:
+                    raise SpecError(
+                        f"--preset {preset} has settings for {' and '.join(PRESET_FIELDS[preset])} only "
+                        f"(the source article's frameworks), not {framework}; drop --preset or that framework"
+                    )
                 fields.update(PRESET_FIELDS[preset][framework])
             fields.update(overrides.common)
             fields.update(overrides.per_framework.get(framework, {}))

@@ -52,6 +52,9 @@ class ClusterInfo:
     cpus: float
     gpus: float
     largest_node_gpus: float
+    # A running cluster this run connected to by address (not embedded, not a caller's own
+    # connection): warm workers may outlive the run there (jobs/run/warm_pool.py).
+    shared: bool = False
 
     def to_record(self) -> dict:
         return {
@@ -143,7 +146,7 @@ def connected(
     try:
         if wait_for_nodes:
             wait_for_alive_nodes(address or "local", wait_for_nodes, connect_timeout_s())
-        yield describe_cluster(embedded=not address)
+        yield describe_cluster(embedded=not address, shared=bool(address))
         failed = False
     finally:
         if previous_handler is not None:
@@ -256,7 +259,7 @@ def wait_for_alive_nodes(address: str, wanted: int, timeout_s: float) -> None:
         time.sleep(0.25)
 
 
-def describe_cluster(embedded: bool) -> ClusterInfo:
+def describe_cluster(embedded: bool, shared: bool = False) -> ClusterInfo:
     import ray
 
     alive = [node for node in ray.nodes() if node.get("Alive")]
@@ -268,6 +271,7 @@ def describe_cluster(embedded: bool) -> ClusterInfo:
         cpus=float(resources.get("CPU", 0.0)),
         gpus=float(resources.get("GPU", 0.0)),
         largest_node_gpus=max((float(node["Resources"].get("GPU", 0.0)) for node in alive), default=0.0),
+        shared=shared,
     )
 
 

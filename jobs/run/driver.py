@@ -2,10 +2,12 @@
 
 jobs/run/scheduler.py decides which job starts next and where, retries, deadlines and
 cancel, without Ray; this module turns each of its decisions into Ray calls and each
-Ray outcome into one of its events. A single-device CPU job runs on a warm worker: an
-actor that keeps its framework imported across jobs (jobs/run/warm_workers.py holds the
-pool's policy; only the actors' creation and ray.kill are here). A GPU or mirrored job
-is one Ray task with the job's GPUs, in a fresh process. A multiworker or ddp job is
+Ray outcome into one of its events. A single-device job runs on a warm worker: an actor
+that keeps its framework imported (and its GPU share, if any) across jobs
+(jobs/run/warm_workers.py holds the pool's policy; only the actors' creation and ray.kill
+are here). On a cluster runjobs did not start, the warm workers outlive the run and the
+next run adopts them (jobs/run/warm_pool.py, `PoolLease`). A mirrored job is one Ray
+task with the job's GPUs, in a fresh process. A multiworker or ddp job is
 gang-scheduled: a placement group reserves all of its workers' bundles at once (so a
 job never holds part of its devices while waiting for the rest), one actor per bundle
 reports an address, and then every worker trains with its rank. A job that raises, or
@@ -40,6 +42,8 @@ from jobs.run.scheduler import (
     TrainGang,
 )
 from jobs.run.stopping import StoppingPolicy, StoppingRule
+from jobs.run.warm_pool import RENEW_S, SCAN_S, PoolLease
+from jobs.run.warm_workers import gpus_of
 from workers.data import Dataset
 
 __all__ = [
@@ -106,6 +110,19 @@ def _cluster_cpus() -> int:
     return int(ray.cluster_resources().get("CPU", 1))
 
 
+def _cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+# What a mirrored job's record says of its process (placement.worker).
+FRESH_PROCESS_WHY = (
+    "TensorFlow fixes a process's logical devices when its runtime starts, so each mirrored job "
+    "splits its devices in a process of its own"
+)
+
+
 class Driver:
     def __init__(
         self,
@@ -116,6 +133,7 @@ class Driver:
         stopping: StoppingRule | None = None,
         on_progress: Callable[[dict[str, list[float]]], None] | None = None,
         say: Callable[[str], None] | None = None,
+        pool: PoolLease | None = None,
     ) -> None:
         import ray
 
@@ -127,16 +145,18 @@ class Driver:
         self.max_concurrent = max_concurrent
         self.should_stop = should_stop
         self.next_stop_check = 0.0
-        # A GPU job, and a mirrored job that splits the CPU into logical devices, needs a
-        # fresh process (see jobs/run/scheduler.py). max_calls=1 ends each process after
-        # one job, and the runtime_env gives these tasks a worker pool of their own, so no
-        # process that ran another job is ever leased to one of them.
+        # A mirrored job needs a fresh process (see jobs/run/scheduler.py). max_calls=1
+        # ends each process after one job, and the runtime_env gives these tasks a worker
+        # pool of their own, so no process that ran another job is ever leased to one of them.
         self.fresh_train_task = ray.remote(
             max_calls=1, runtime_env={"env_vars": {"RUNJOBS_FRESH_PROCESS": "1"}}
         )(run_job)
         self.worker_actor = ray.remote(DistributedWorker)
-        self.warm_worker_actor = ray.remote(WarmWorker)
+        self.warm_worker_class = WarmWorker
         self.warm_workers: dict[int, Any] = {}  # the scheduler's warm worker number -> its actor
+        self.warm_kinds: dict[int, str] = {}  # the scheduler's warm worker number -> its kind
+        # On a cluster runjobs did not start: the warm pool that outlives the run.
+        self.pool = pool
         self.dataset_refs: dict[int, Any] = {}
         self.executions: dict[Any, Execution] = {}  # pending ObjectRef -> its job's execution
         self.by_job: dict[str, Execution] = {}  # job id -> its execution, while it runs
@@ -157,8 +177,15 @@ class Driver:
         import ray
 
         self.scheduler = Scheduler(
-            jobs, cluster_cpus=_cluster_cpus, clock=time.time, max_concurrent=self.max_concurrent
+            jobs,
+            cluster_cpus=_cluster_cpus,
+            cluster_gpus=_cluster_gpus,
+            clock=time.time,
+            max_concurrent=self.max_concurrent,
+            keeps_idle=self.pool is not None and self.pool.keep_warm.keeps_any(),
         )
+        if self.pool is not None:
+            self._adopt(self.pool.adopt())
         if self.stopping is not None:
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -190,27 +217,63 @@ class Driver:
                 # Ray starts each task or gang as resources allow; warm workers take jobs
                 # as they come free. --max-concurrent caps how many run at once.
                 self._carry_out(self.scheduler.decide())
-                ready, _ = ray.wait(list(self.executions), num_returns=1, timeout=self._wait_timeout())
+                if not self.executions:
+                    # Nothing runs: the queued jobs wait for warm workers another run holds
+                    # (jobs/run/warm_pool.py), which the pool looks for again in a moment.
+                    time.sleep(self._wait_timeout() or CANCEL_POLL_S)
+                    ready = []
+                else:
+                    ready, _ = ray.wait(list(self.executions), num_returns=1, timeout=self._wait_timeout())
                 for reference in ready:
                     self._collect(reference)
                 self._apply_stopping_rule()
                 self._carry_out(self.scheduler.check_deadlines())
+                self._tend_pool()
         except KeyboardInterrupt:
             raise self._stop_all("cancelled: the run was interrupted", requested=False) from None
         except _CancelRequested:
             raise self._stop_all("cancelled: runjobs cancel", requested=True) from None
         finally:
             # After an error (a full disk in on_record, say), free what still runs: its
-            # actors, placement groups and CPUs would otherwise outlive the run. The warm
-            # workers end with the run, busy or idle.
+            # actors, placement groups and CPUs would otherwise outlive the run. A warm
+            # worker still busy then ends; idle ones end too, or go back to the pool.
             for execution in list(self.by_job.values()):
+                if execution.run.warm_worker is not None:
+                    self._retire_warm_worker(execution.run.warm_worker)
                 self._abandon(execution)
-            for worker in list(self.warm_workers):
-                self._retire_warm_worker(worker)
+            self._end_warm_workers()
             if self.board is not None:
                 ray.kill(self.board, no_restart=True)
                 self.board = None
         return self.scheduler.statuses()
+
+    def _adopt(self, adopted: list[tuple[str, Any]]) -> None:
+        """Warm workers an earlier run left (jobs/run/warm_pool.py) join this run's pool, idle."""
+        for kind, actor in adopted:
+            worker = self.scheduler.adopt(kind)
+            self.warm_workers[worker] = actor
+            self.warm_kinds[worker] = kind
+
+    def _tend_pool(self) -> None:
+        """Renew the leases on the kept workers this run holds; while jobs wait, look for more."""
+        if self.pool is None:
+            return
+        self.pool.renew(list(self.warm_workers.values()))
+        if self.scheduler.pool.has_pending():
+            self._adopt(self.pool.reclaim())
+
+    def _end_warm_workers(self) -> None:
+        """The run is over: its idle warm workers go back to the pool (a kept kind) or end."""
+        import ray
+
+        workers = {
+            self.warm_workers.pop(number): self.warm_kinds.pop(number) for number in list(self.warm_workers)
+        }
+        if self.pool is not None:
+            self.pool.give_back(workers)
+            return
+        for actor in workers:
+            ray.kill(actor, no_restart=True)
 
     def _apply_stopping_rule(self) -> None:
         """Read the jobs' reports from the board, judge each by the rule, mark the jobs to stop."""
@@ -301,6 +364,8 @@ class Driver:
         timeouts = [
             self.scheduler.seconds_to_next_deadline(),
             CANCEL_POLL_S if self.should_stop is not None or self.board is not None else None,
+            # Kept workers' leases are renewed, and while jobs wait the pool is looked at.
+            (SCAN_S if self.scheduler.pool.has_pending() else RENEW_S) if self.pool is not None else None,
         ]
         timeouts = [timeout for timeout in timeouts if timeout is not None]
         return min(timeouts) if timeouts else None
@@ -329,12 +394,19 @@ class Driver:
     def _start(self, run: Run) -> None:
         job, spec = run.job, run.job.spec
         if run.placement is Placement.NEW_WARM_WORKER:
-            self.warm_workers[run.warm_worker] = self.warm_worker_actor.options(
-                num_cpus=1,
-                max_restarts=0,
-                # Named, so an operator (or a test) can find the warm workers in Ray's state.
-                name=f"runjobs:warm:{spec.framework}:{uuid.uuid4().hex[:8]}",
-            ).remote()
+            kind = self.scheduler.pool.kind_of_worker[run.warm_worker]
+            self.warm_kinds[run.warm_worker] = kind
+            if self.pool is not None:
+                actor = self.pool.create(self.warm_worker_class, kind, gpus_of(kind))
+            else:
+                actor = self.warm_worker_class.options(
+                    num_cpus=1,
+                    num_gpus=gpus_of(kind),
+                    max_restarts=0,
+                    # Named, so an operator (or a test) can find the warm workers in Ray's state.
+                    name=f"runjobs:warm:{spec.framework}:{uuid.uuid4().hex[:8]}",
+                ).remote({"kind": kind})
+            self.warm_workers[run.warm_worker] = actor
         self.on_start(job.id)
         self.scheduler.job_started(job.id)
         execution = Execution(run)
@@ -421,6 +493,7 @@ class Driver:
         import ray
 
         actor = self.warm_workers.pop(worker, None)
+        self.warm_kinds.pop(worker, None)
         # None when an interrupt came between the decision to create the worker and its creation.
         if actor is not None:
             ray.kill(actor, no_restart=True)
@@ -473,6 +546,11 @@ class Driver:
         execution.release()
         self.by_job.pop(job_id, None)
         merged = merge_worker_results(results)
+        if execution.run.placement is Placement.FRESH_PROCESS:
+            merged["placement"] = {
+                **merged["placement"],
+                "worker": {"process": "fresh", "why": FRESH_PROCESS_WHY},
+            }
         self._ended_for_stopping(job_id, merged)
         self._carry_out(self.scheduler.job_succeeded(job_id, merged))
 
@@ -501,13 +579,15 @@ def run_jobs(
     stopping: StoppingRule | None = None,
     on_progress: Callable[[dict[str, list[float]]], None] | None = None,
     say: Callable[[str], None] | None = None,
+    pool: PoolLease | None = None,
 ) -> list[str]:
     """Run every job on Ray, and the feed's, handing each record to on_record as it ends; return the statuses.
 
     `should_stop` is asked a few times a second; once it answers true, the run stops as
-    on Ctrl-C and RunInterrupted(requested=True) is raised.
+    on Ctrl-C and RunInterrupted(requested=True) is raised. With `pool`, warm workers
+    outlive the run (jobs/run/warm_pool.py).
     """
-    driver = Driver(on_record, on_start, max_concurrent, should_stop, stopping, on_progress, say)
+    driver = Driver(on_record, on_start, max_concurrent, should_stop, stopping, on_progress, say, pool)
     return driver.run(jobs, feed)
 
 

@@ -2,7 +2,9 @@
 
 Connecting starts or reaches Ray (jobs/run/cluster.py); the driver (jobs/run/driver.py)
 then runs the jobs as Ray tasks and actors from this process. Ray shuts down on a thread
-as the block ends, while the pipeline writes the reports (BackgroundShutdown).
+as the block ends, while the pipeline writes the reports (BackgroundShutdown). On a
+cluster reached by address, warm workers outlive the run for `keep_warm`
+(jobs/run/warm_pool.py).
 """
 
 from __future__ import annotations
@@ -17,33 +19,48 @@ from jobs.plan.stopping_rule import StoppingRule
 from jobs.run import cluster as clusters
 from jobs.run.driver import RunInterrupted, run_jobs
 from jobs.run.executor import JobFeed, RunCallbacks, RunSummary
+from jobs.run.warm_pool import KeepWarm, PoolLease
 
 
 class RayClusterExecutor:
     def __init__(
-        self, address: str | None, max_concurrent: int | None = None, wait_for_nodes: int | None = None
+        self,
+        address: str | None,
+        max_concurrent: int | None = None,
+        wait_for_nodes: int | None = None,
+        keep_warm: KeepWarm | None = None,
     ) -> None:
         self.address = address
         self.max_concurrent = max_concurrent
         self.wait_for_nodes = wait_for_nodes
+        self.keep_warm = keep_warm or KeepWarm()
         self.shutdown = clusters.BackgroundShutdown()
 
     @contextmanager
     def connect(self) -> Iterator[RayClusterSession]:
         started = time.perf_counter()
         with clusters.connected(self.address, self.shutdown, self.wait_for_nodes) as cluster:
-            yield RayClusterSession(cluster, time.perf_counter() - started, self.max_concurrent)
+            yield RayClusterSession(
+                cluster, time.perf_counter() - started, self.max_concurrent, self.keep_warm
+            )
 
     def closed(self) -> float | None:
         return self.shutdown.wait()
 
 
 class RayClusterSession:
-    def __init__(self, cluster: clusters.ClusterInfo, connect_s: float, max_concurrent: int | None) -> None:
+    def __init__(
+        self,
+        cluster: clusters.ClusterInfo,
+        connect_s: float,
+        max_concurrent: int | None,
+        keep_warm: KeepWarm | None = None,
+    ) -> None:
         self.info = cluster
         self.cluster: dict[str, Any] = cluster.to_record()
         self.connect_s = connect_s
         self.max_concurrent = max_concurrent
+        self.keep_warm = keep_warm or KeepWarm()
 
     def resolve(self, job: PlannedJob) -> PlannedJob:
         resolved = resolve_for_cluster(job, self.info.gpus > 0)
@@ -74,6 +91,7 @@ class RayClusterSession:
                 stopping,
                 callbacks.on_progress,
                 callbacks.say,
+                PoolLease(self.keep_warm) if self.info.shared else None,
             )
         except RunInterrupted as interruption:
             interrupted = interruption

@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from jobs.plan.keep_warm import KeepWarm
 from jobs.plan.optuna_search import STUDY_FILE
 from jobs.plan.planning import PlannedJob
 from jobs.plan.stopping_rule import StoppingRule
@@ -96,11 +97,19 @@ def jobs_client(address: str):
 
 
 class RayJobsExecutor:
-    def __init__(self, address: str, output_dir: Path, max_concurrent: int | None, wait: bool = True) -> None:
+    def __init__(
+        self,
+        address: str,
+        output_dir: Path,
+        max_concurrent: int | None,
+        wait: bool = True,
+        keep_warm: KeepWarm | None = None,
+    ) -> None:
         self.address = address
         self.output_dir = output_dir
         self.max_concurrent = max_concurrent
         self.wait = wait
+        self.keep_warm = keep_warm
 
     @contextmanager
     def connect(self) -> Iterator[RayJobsSession]:
@@ -118,6 +127,7 @@ class RayJobsSession:
         self.output_dir = executor.output_dir
         self.max_concurrent = executor.max_concurrent
         self.wait = executor.wait
+        self.keep_warm = executor.keep_warm
         # Until the remote driver reports the cluster's size at its end.
         self.cluster: dict[str, Any] = {"address": self.address, "embedded": False}
 
@@ -169,7 +179,7 @@ class RayJobsSession:
         # An adaptive search runs on the head, from the study as it is here; its trials and
         # records come back as lines, so this directory's study and ledger keep in step.
         search = feed.remote_plan() if feed is not None else None
-        with staged(jobs, run_id, self.max_concurrent, stopping, search) as directory:
+        with staged(jobs, run_id, self.max_concurrent, stopping, search, self.keep_warm) as directory:
             job_id = _submit_job(
                 self.client,
                 entrypoint=ENTRYPOINT,
@@ -378,6 +388,7 @@ def staged(
     max_concurrent: int | None,
     stopping: StoppingRule | None = None,
     search: dict[str, Any] | None = None,
+    keep_warm: KeepWarm | None = None,
 ) -> Iterator[Path]:
     """The job's working_dir: runjobs' code, the planned jobs, their CSV files and user models' code."""
     import jobs
@@ -418,6 +429,8 @@ def staged(
                 entry["model_filename"] = model.filename  # what tracebacks name
             plan_jobs_list.append(entry)
         plan = {"run_id": run_id, "max_concurrent": max_concurrent, "jobs": plan_jobs_list}
+        if keep_warm is not None:  # the head's driver keeps its warm workers this long
+            plan["keep_warm"] = dataclasses.asdict(keep_warm)
         if stopping is not None:  # the head's driver applies the rule
             plan["stopping"] = dataclasses.asdict(stopping)
         if search is not None:  # the head's driver asks the shipped study for the trials

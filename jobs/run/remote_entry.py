@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from jobs.pipeline import submit
+from jobs.plan.keep_warm import KeepWarm
 from jobs.plan.optuna_search import SearchSpec
 from jobs.plan.planning import PlannedJob, SubmitRequest
 from jobs.plan.spec import JobSpec, Overrides
@@ -86,6 +87,7 @@ def main(plan_path: str) -> int:
         run_id=plan["run_id"],  # the client's run id, in the driver's messages too
         rerun="all",
         max_concurrent=plan.get("max_concurrent"),
+        keep_warm=KeepWarm(**plan["keep_warm"]) if plan.get("keep_warm") else None,
         stopping=StoppingRule(**plan["stopping"]) if plan.get("stopping") else None,
     )
     search = plan.get("search")

@@ -17,11 +17,12 @@ Decisions come in the order to carry them out. Time comes from an injected clock
 tests drive the policy with events and a fake clock; this module never imports Ray.
 
 Where a job runs (`Placement`):
-- a single-device CPU job on a warm worker of its framework (jobs/run/warm_workers.py
-  holds that pool's policy): an idle one, or a new one while the pool may grow;
-- a GPU job or a mirrored job in a fresh process of its own: the frameworks fix their
-  devices (and CUDA_VISIBLE_DEVICES) when they start, so a reused process could train on
-  the previous job's GPU, and a process that exits hands its GPU memory back;
+- a single-device job on a warm worker of its kind (framework, GPU share, user model
+  code; jobs/run/warm_workers.py holds that pool's policy): an idle one, or a new one while
+  the pool may grow. A GPU worker holds its GPU share for its life, so every job it runs
+  trains on the same device;
+- a mirrored job in a fresh process of its own: TensorFlow fixes a process's logical
+  devices when its runtime starts, so a reused process could not split its devices anew;
 - a multiworker or ddp job as a gang: all of its workers are reserved at once, report
   the addresses their peers reach them at (`Phase.ADDRESSES`), then train with their
   ranks (`Phase.TRAINING`).
@@ -48,8 +49,8 @@ if TYPE_CHECKING:
 class Placement(enum.Enum):
     """Where one attempt of a job runs."""
 
-    IDLE_WARM_WORKER = "an idle warm worker of its framework"
-    NEW_WARM_WORKER = "a new warm worker of its framework"
+    IDLE_WARM_WORKER = "an idle warm worker of its kind"
+    NEW_WARM_WORKER = "a new warm worker of its kind"
     FRESH_PROCESS = "a fresh process that runs this job alone"
     GANG = "a gang of workers reserved together"
 
@@ -98,6 +99,11 @@ class Run:
         if self.placement.on_warm_worker:
             return 0
         return 1 if self.job.spec.runs_one_task else self.job.spec.workers
+
+    @property
+    def gpus_outside_the_pool(self) -> float:
+        """GPUs this job holds or waits for that warm workers must leave free."""
+        return 0.0 if self.placement.on_warm_worker else float(self.job.spec.gpus_per_job or 0.0)
 
 
 @dataclass(frozen=True)
@@ -158,9 +164,11 @@ class Cancellation:
 class Scheduler:
     """The run's policy: a queue, the warm-worker pool, retries, deadlines and cancel.
 
-    `cluster_cpus` answers how many CPUs the cluster has now (asked at every `decide`,
-    as nodes may come and go); `clock` gives the time in seconds (time.time in the
-    driver). `max_concurrent` caps how many jobs run at once (None: the cluster decides).
+    `cluster_cpus` and `cluster_gpus` answer how many CPUs and GPUs the cluster has now
+    (asked at every `decide`, as nodes may come and go); `clock` gives the time in seconds
+    (time.time in the driver). `max_concurrent` caps how many jobs run at once (None: the
+    cluster decides). `keeps_idle`: warm workers outlive the run (jobs/run/warm_pool.py),
+    so idle ones are kept, not ended, while no waiting job needs what they hold.
     """
 
     def __init__(
@@ -170,15 +178,18 @@ class Scheduler:
         cluster_cpus: Callable[[], int],
         clock: Callable[[], float],
         max_concurrent: int | None = None,
+        cluster_gpus: Callable[[], float] = lambda: 0.0,
+        keeps_idle: bool = False,
     ) -> None:
         if max_concurrent is not None and max_concurrent < 1:
             raise ValueError(f"max_concurrent={max_concurrent}: use a whole number >= 1, or None for no cap")
         self.jobs = list(jobs)
         self.cluster_cpus = cluster_cpus
+        self.cluster_gpus = cluster_gpus
         self.clock = clock
         self.max_concurrent = max_concurrent
         self.queue: deque[PlannedJob] = deque(job for job in self.jobs if not takes(job.spec))
-        self.pool = WarmWorkerPool()
+        self.pool = WarmWorkerPool(keeps_idle)
         for job in self.jobs:
             if takes(job.spec):
                 self.pool.add(job)
@@ -197,6 +208,10 @@ class Scheduler:
                 self.pool.add(job)
             else:
                 self.queue.append(job)
+
+    def adopt(self, kind: str) -> int:
+        """An idle warm worker of `kind` an earlier run left (jobs/run/warm_pool.py); its number."""
+        return self.pool.adopt(kind)
 
     # Queries.
 
@@ -225,10 +240,14 @@ class Scheduler:
         # and --max-concurrent caps how many run at once.
         while self.queue and self._free_slots() != 0:
             decisions += self._start(self.queue.popleft(), attempt=1)
-        capacity = self._warm_capacity()
-        retired = self.pool.retire_unneeded(capacity, self.more_to_come)
+        room = self._warm_room()
+        capacity = max(room, 1)
+        if self.max_concurrent is not None:
+            capacity = min(capacity, self.max_concurrent)
+        gpu_capacity = self._warm_gpu_room()
+        retired = self.pool.retire_unneeded(capacity, self.more_to_come, room, gpu_capacity)
         decisions += [RetireWarmWorker(worker) for worker in retired]
-        for assignment in self.pool.assign(capacity, self._free_slots(), self.more_to_come):
+        for assignment in self.pool.assign(capacity, self._free_slots(), self.more_to_come, gpu_capacity):
             placement = Placement.NEW_WARM_WORKER if assignment.new_worker else Placement.IDLE_WARM_WORKER
             run = Run(assignment.job, assignment.attempt, placement, warm_worker=assignment.worker)
             self.running[run.job.id] = run
@@ -253,12 +272,16 @@ class Scheduler:
         if run.phase is not Phase.TRAINING:
             raise RuntimeError(f"{job_id} cannot succeed while {run.phase.value}")
         del self.running[job_id]
+        decisions: list[Decision] = []
         if run.warm_worker is not None:
             self.pool.observe(kind_of(run.job.spec), result.get("timings") or {})
-            self.pool.give_back(run.warm_worker)
+            # A worker whose device failed its check, or holds too much of its memory, is
+            # replaced (jobs/run/warm_workers.py, needs_replacing).
+            if not self.pool.give_back(run.warm_worker, (result.get("placement") or {}).get("worker")):
+                decisions.append(RetireWarmWorker(run.warm_worker))
         # Ended early by the run's stopping rule: its own status, not a failure.
         status = "stopped" if result.get("stopped") else "succeeded"
-        return [Record(run.job, status, None, self._elapsed(run), result)]
+        return [*decisions, Record(run.job, status, None, self._elapsed(run), result)]
 
     def job_failed(
         self,
@@ -354,16 +377,20 @@ class Scheduler:
             return None
         return max(self.max_concurrent - len(self.running), 0)
 
-    def _warm_capacity(self) -> int:
+    def _warm_room(self) -> int:
         """Warm workers allowed: the cluster's CPUs less those the other jobs hold or wait for.
 
-        A gang or GPU task waiting for CPUs thus gets them as warm workers retire,
-        rather than losing them to new warm workers. At least one, so warm jobs always
-        progress; capped by --max-concurrent.
+        A gang or mirrored task waiting for CPUs thus gets them as warm workers retire,
+        rather than losing them to new warm workers. `decide` gives the pool at least one,
+        so warm jobs always progress, and caps it by --max-concurrent.
         """
         held = sum(run.cpus_outside_the_pool for run in self.running.values())
-        capacity = max(self.cluster_cpus() - held, 1)
-        return capacity if self.max_concurrent is None else min(capacity, self.max_concurrent)
+        return max(int(self.cluster_cpus()) - held, 0)
+
+    def _warm_gpu_room(self) -> float:
+        """The GPUs warm workers may hold together: the cluster's less those other jobs hold or wait for."""
+        held = sum(run.gpus_outside_the_pool for run in self.running.values())
+        return max(float(self.cluster_gpus()) - held, 0.0)
 
     def _running(self, job_id: str) -> Run:
         try:

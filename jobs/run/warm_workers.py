@@ -1,4 +1,4 @@
-"""Warm workers: the policy for per-framework workers that run a sweep's single-device CPU jobs.
+"""Warm workers: the policy for per-framework workers that run a sweep's single-device jobs.
 
 Importing TensorFlow or torch and starting its runtime costs seconds, training the
 article's model a fraction of one. A warm worker is an actor that imports one framework
@@ -11,11 +11,24 @@ retires a framework's idle workers once it has nothing left to run (their CPUs g
 other framework or to gang jobs), and replaces a worker whose job failed or who died: a
 job that wrecked its process must not poison the next one.
 
+A GPU job runs on a warm worker too: one that holds the job's GPU share for its life, so
+a sweep of small GPU jobs pays the import and the CUDA start once per worker (ray#20563).
+Workers of different GPU shares are different kinds, and the pool never holds more GPUs
+than the cluster has. After each job the worker reports its device: one that failed a
+check, or whose framework holds more device memory than MEMORY_BOUND_FRACTION of its share
+(TensorFlow never gives back what its allocator grew to), is replaced.
+
+On a cluster runjobs did not start, workers outlive the run (jobs/run/warm_pool.py): the
+next run adopts the idle ones of its kinds (`adopt`), keeps idle workers with nothing to
+run (`keeps_idle`) unless a waiting job needs their CPUs or GPUs, and gives them back at
+its end.
+
 This module is the policy alone and never imports Ray: a worker is a plain number, which
 the driver (jobs/run/driver.py) maps to its actor when the scheduler (jobs/run/scheduler.py)
 tells it to create one, and ends with ray.kill when the scheduler retires it.
 
-GPU jobs and mirrored jobs never come here: they need a fresh process (see the scheduler).
+Mirrored jobs never come here: TensorFlow fixes a process's logical devices when its
+runtime starts, so each needs a fresh process (see the scheduler).
 """
 
 from __future__ import annotations
@@ -25,22 +38,58 @@ from collections import Counter, defaultdict, deque
 from dataclasses import dataclass
 from typing import Any
 
+# A warm GPU worker whose framework holds more than this share of its GPU share's memory
+# after a job is replaced: the next job might not fit beside what it keeps.
+MEMORY_BOUND_FRACTION = 0.5
+
 
 def takes(spec) -> bool:
-    """Whether a job runs on a warm worker: a single-device job without GPUs."""
-    return spec.variant == "single" and not spec.gpus_per_job
+    """Whether a job runs on a warm worker: a single-device job, on a CPU or its GPU share."""
+    return spec.variant == "single"
 
 
 def kind_of(spec) -> str:
-    """Which warm workers may run a job: its framework's, and for a user model, those that ran
-    the same code (its digest). A user's file runs inside the worker's process and may change
-    it (patch a framework, set global state), so another version of it, or another file,
-    gets workers of its own."""
+    """Which warm workers may run a job: its framework's with the same GPU share, and for a
+    user model, those that ran the same code (its digest). A user's file runs inside the
+    worker's process and may change it (patch a framework, set global state), so another
+    version of it, or another file, gets workers of its own."""
     from workers import models
 
-    if models.is_built_in(spec.model):
-        return spec.framework
-    return f"{spec.framework} {models.read_user_model(spec.model).digest[:16]}"
+    kind = spec.framework
+    if spec.gpus_per_job:
+        kind += f" gpu{spec.gpus_per_job:g}"
+    if not models.is_built_in(spec.model):
+        kind += f" {models.read_user_model(spec.model).digest[:16]}"
+    return kind
+
+
+def gpus_of(kind: str) -> float:
+    """The GPU share a worker of `kind` holds (kind_of writes it as `gpuN`)."""
+    for part in kind.split()[1:]:
+        if part.startswith("gpu"):
+            return float(part[3:])
+    return 0.0
+
+
+def needs_replacing(worker_report: dict[str, Any] | None, gpus: float) -> str | None:
+    """Why a warm worker must not take another job after this one (None: it may).
+
+    `worker_report` is what the worker said of its device after the job
+    (workers/worker_actor.py): whether the device passed its check, and the device memory
+    its framework still holds.
+    """
+    if not worker_report:
+        return None
+    if worker_report.get("device_ok") is False:
+        return f"its device failed a check ({worker_report.get('device_error', 'no detail')})"
+    memory = worker_report.get("device_memory") or {}
+    in_use, total = memory.get("in_use"), memory.get("total")
+    if in_use is None or not total or not gpus:
+        return None
+    bound = MEMORY_BOUND_FRACTION * min(gpus, 1.0) * total
+    if in_use > bound:
+        return f"its framework holds {in_use / 2**20:.0f} MiB of device memory, above {bound / 2**20:.0f} MiB"
+    return None
 
 
 @dataclass(frozen=True)
@@ -56,11 +105,14 @@ class Assignment:
 class WarmWorkerPool:
     """Which warm workers live, which are idle, and which of them takes which queued job."""
 
-    def __init__(self) -> None:
+    def __init__(self, keeps_idle: bool = False) -> None:
+        # Workers that outlive the run (jobs/run/warm_pool.py): an idle one is kept for the
+        # next run rather than ended, unless a waiting job needs what it holds.
+        self.keeps_idle = keeps_idle
         self.pending: dict[str, deque[tuple[Any, int]]] = defaultdict(deque)  # framework -> (job, attempt)
         self.idle: dict[str, list[int]] = defaultdict(list)
         self.live: Counter[str] = Counter()  # framework -> its workers, busy or idle
-        self.framework_of: dict[int, str] = {}  # every live worker, busy or idle
+        self.kind_of_worker: dict[int, str] = {}  # every live worker (busy or idle) -> its kind
         self.worker_numbers = itertools.count(1)
         # Measured per framework: a new worker's start-up (import, runtime) and a warm job's time.
         self.startup_s: dict[str, float] = {}
@@ -79,6 +131,20 @@ class WarmWorkerPool:
         else:
             queue.append((job, attempt))
 
+    def adopt(self, kind: str) -> int:
+        """An idle worker of `kind` that an earlier run left warm; its number."""
+        worker = next(self.worker_numbers)
+        self.kind_of_worker[worker] = kind
+        self.live[kind] += 1
+        self.idle[kind].append(worker)
+        return worker
+
+    def idle_workers(self) -> list[int]:
+        return [worker for workers in self.idle.values() for worker in workers]
+
+    def gpus_held(self) -> float:
+        return sum(gpus_of(kind) * count for kind, count in self.live.items())
+
     def has_pending(self) -> bool:
         return any(self.pending.values())
 
@@ -86,43 +152,73 @@ class WarmWorkerPool:
         """Forget every queued job: the run was cancelled and they are recorded so."""
         self.pending.clear()
 
-    def retire_unneeded(self, capacity: int, more_to_come: int = 0) -> list[int]:
+    def retire_unneeded(
+        self, capacity: int, more_to_come: int = 0, room: int | None = None, gpu_capacity: float = 0.0
+    ) -> list[int]:
         """End idle workers with nothing to run, and idle ones beyond capacity (other jobs wait for CPUs).
 
         `more_to_come`: jobs a search may still ask for. Its trials come one or two
         at a time, so an idle worker is kept for the next one (retiring it would pay a new
         worker's import for nearly every trial) unless a job of another kind waits for its CPU.
-        Returns the workers ended, for the driver to stop.
+        A pool that `keeps_idle` keeps them the same way, for the next run. `room`: the CPUs
+        the pool may hold while jobs outside it wait (capacity without its floor of one);
+        `gpu_capacity`: the GPUs it may hold. Returns the workers ended, for the driver to stop.
         """
         retired = []
-        if more_to_come:
-            # Only a framework with no worker at all takes another's idle CPU: a job whose own
-            # worker is busy waits for it (a moment), and taking CPUs back and forth between
-            # the frameworks would pay an import for every few trials.
-            starved = sum(len(queue) for name, queue in self.pending.items() if queue and not self.live[name])
-            for framework, workers in self.idle.items():
-                while (
-                    workers
-                    and starved
-                    and not self.pending[framework]
-                    and sum(self.live.values()) >= capacity
-                ):
-                    retired.append(self._end(workers.pop()))
-                    starved -= 1
-        for framework, workers in self.idle.items():
-            if not self.pending[framework] and not more_to_come:
+        keeping = bool(more_to_come) or self.keeps_idle
+        if keeping:
+            # Only a kind with no worker at all takes another's idle CPU or GPU: a job whose
+            # own worker is busy waits for it (a moment), and taking CPUs back and forth
+            # between the kinds would pay an import for every few trials.
+            for kind, queue in list(self.pending.items()):
+                if not queue or self.live[kind]:
+                    continue
+                while not self._fits(kind, capacity, gpu_capacity):
+                    # Short of a CPU, any idle worker frees one; short of GPUs only, one holding a GPU.
+                    short_of_cpus = sum(self.live.values()) >= capacity
+                    victim = self._idle_without_work(needs_gpus=not short_of_cpus)
+                    if victim is None:
+                        break
+                    retired.append(victim)
+        for kind, workers in self.idle.items():
+            if not self.pending[kind] and not keeping:
                 while workers:
                     retired.append(self._end(workers.pop()))
+        if room is not None:
+            # Jobs outside the pool (a gang, a mirrored job) wait for CPUs: an idle worker
+            # with nothing to run gives its CPU back.
+            while sum(self.live.values()) > room:
+                victim = self._idle_without_work(needs_gpus=False)
+                if victim is None:
+                    break
+                retired.append(victim)
         for workers in self.idle.values():
             while workers and sum(self.live.values()) > capacity:
                 retired.append(self._end(workers.pop()))
         return retired
 
-    def assign(self, capacity: int, slots: int | None, more_to_come: int = 0) -> list[Assignment]:
+    def _idle_without_work(self, needs_gpus: bool) -> int | None:
+        """End an idle worker of a kind with nothing queued (one holding a GPU when GPUs are short)."""
+        for kind, workers in list(self.idle.items()):
+            if workers and not self.pending.get(kind) and (gpus_of(kind) > 0 or not needs_gpus):
+                return self._end(workers.pop())
+        return None
+
+    def _fits(self, kind: str, capacity: int, gpu_capacity: float) -> bool:
+        """Whether a new worker of `kind` fits beside the live ones: a CPU, and its GPU share."""
+        if sum(self.live.values()) >= capacity:
+            return False
+        gpus = gpus_of(kind)
+        return not gpus or self.gpus_held() + gpus <= gpu_capacity + 1e-9
+
+    def assign(
+        self, capacity: int, slots: int | None, more_to_come: int = 0, gpu_capacity: float = 0.0
+    ) -> list[Assignment]:
         """The queued jobs to start now: on idle workers first, then on new ones up to capacity.
 
         `slots` caps how many start (None: no cap, as without --max-concurrent);
-        `more_to_come` counts jobs a search may still ask for (see _worth_adding).
+        `more_to_come` counts jobs a search may still ask for (see _worth_adding);
+        `gpu_capacity` caps the GPUs the pool's workers hold together.
         """
         self.more_to_come = more_to_come
         assignments: list[Assignment] = []
@@ -134,14 +230,18 @@ class WarmWorkerPool:
                 worker = self.idle[framework].pop()
                 new_worker = False
             else:
-                waiting = [name for name, queue in self.pending.items() if queue and self._worth_adding(name)]
-                if not waiting or sum(self.live.values()) >= capacity:
+                waiting = [
+                    name
+                    for name, queue in self.pending.items()
+                    if queue and self._worth_adding(name) and self._fits(name, capacity, gpu_capacity)
+                ]
+                if not waiting:
                     break
                 # A new worker for the framework with the most pending jobs per worker, so
                 # a two-framework sweep on two CPUs gets one worker of each.
                 framework = max(waiting, key=lambda name: len(self.pending[name]) / (self.live[name] + 1))
                 worker = next(self.worker_numbers)
-                self.framework_of[worker] = framework
+                self.kind_of_worker[worker] = framework
                 self.live[framework] += 1
                 new_worker = True
             job, attempt = self.pending[framework].popleft()
@@ -176,15 +276,21 @@ class WarmWorkerPool:
         queued_work_per_worker = queued * self.job_s[framework] / self.live[framework]
         return queued_work_per_worker > self.startup_s.get(framework, 0.0)
 
-    def give_back(self, worker: int) -> None:
-        """A worker whose job succeeded: keep it warm for the next job of its framework."""
-        self.idle[self.framework_of[worker]].append(worker)
+    def give_back(self, worker: int, worker_report: dict[str, Any] | None = None) -> bool:
+        """A worker whose job succeeded: kept warm for the next job of its kind, unless its device
+        says otherwise (needs_replacing); whether it was kept."""
+        kind = self.kind_of_worker[worker]
+        if needs_replacing(worker_report, gpus_of(kind)) is not None:
+            self._end(worker)
+            return False
+        self.idle[kind].append(worker)
+        return True
 
     def replace(self, worker: int) -> None:
         """A worker whose job failed, timed out or was cancelled: end it; a fresh one takes its place."""
         self._end(worker)
 
     def _end(self, worker: int) -> int:
-        framework = self.framework_of.pop(worker)
+        framework = self.kind_of_worker.pop(worker)
         self.live[framework] -= 1
         return worker
