@@ -117,6 +117,7 @@ def test_the_idle_time_ends_the_workers(empty_pool, tmp_path):
 
 def test_a_submit_of_changed_code_does_not_reuse_the_workers(empty_pool, tmp_path):
     first = submit(empty_pool, tmp_path / "first", "--epochs", "20", "--framework", "torch")
+    [first_code] = {row["code"] for row in pool(empty_pool, "status")}
     # Another checkout: the same code with one comment more.
     checkout = tmp_path / "checkout"
     for package in ("jobs", "workers"):
@@ -146,7 +147,7 @@ def test_a_submit_of_changed_code_does_not_reuse_the_workers(empty_pool, tmp_pat
             os.environ["PYTHONPATH"] = environment_before
     assert set(pids(second).values()).isdisjoint(pids(first).values()), "changed code ran in a new process"
     codes = {row["code"] for row in pool(empty_pool, "status")}
-    assert len(codes) == 2, f"each checkout keeps its own workers: {codes}"
+    assert codes - {first_code}, f"the changed checkout keeps workers of its own code version: {codes}"
 
 
 def test_a_job_waiting_for_cpus_gets_those_an_idle_kept_worker_held(empty_pool, tmp_path):

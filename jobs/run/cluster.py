@@ -140,7 +140,10 @@ def connected(
         # ERROR keeps Ray's notice that a local instance uses token auth off every run.
         # address="local" starts a new instance even where `ray start` left one running
         # (a bare ray.init() would join that one instead).
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+        with _lean_local_node():
+            ray.init(
+                address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR
+            )
     previous_handler = _stop_on_sigterm()
     failed = True
     try:
@@ -156,6 +159,40 @@ def connected(
             shutdown.start()
         else:
             ray.shutdown()
+
+
+@contextmanager
+def _lean_local_node() -> Iterator[None]:
+    """Start the embedded node without the autoscaler monitor and the log monitor, and
+    with its dashboard agent on a free port.
+
+    A one-node embedded Ray never autoscales, and with log_to_driver=False nothing reads
+    what the log monitor publishes; each is a Python process that imports Ray while the
+    node starts (CPU the start-up needs on a small machine), and the monitor alone holds
+    ray.shutdown() for its 1 s SIGTERM grace. ray.init has no option for either, so the
+    flags are set on Ray's RayParams for this one call (a Ray without them starts both).
+    """
+    try:
+        from ray._private.parameter import RayParams
+    except ImportError:
+        yield
+        return
+    original = RayParams.__init__
+
+    def without_monitors(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.no_monitor = True
+        self.include_log_monitor = False
+        # The dashboard agent's HTTP port (52365 by default) on a free port instead: with
+        # another Ray on this machine it is taken, and the agent retries for ~3.4 s before
+        # the raylet registers. Nothing here uses that server (it serves the Jobs API).
+        self.dashboard_agent_listen_port = 0
+
+    RayParams.__init__ = without_monitors
+    try:
+        yield
+    finally:
+        RayParams.__init__ = original
 
 
 def _stop_on_sigterm():

@@ -155,8 +155,10 @@ class Driver:
         self.warm_worker_class = WarmWorker
         self.warm_workers: dict[int, Any] = {}  # the scheduler's warm worker number -> its actor
         self.warm_kinds: dict[int, str] = {}  # the scheduler's warm worker number -> its kind
-        # On a cluster runjobs did not start: the warm pool that outlives the run.
+        # On a cluster runjobs did not start: the warm pool that outlives the run, and the
+        # workers this run created that have not ended a job yet (they may wait for CPUs).
         self.pool = pool
+        self.starting_workers: set[int] = set()
         self.dataset_refs: dict[int, Any] = {}
         self.executions: dict[Any, Execution] = {}  # pending ObjectRef -> its job's execution
         self.by_job: dict[str, Execution] = {}  # job id -> its execution, while it runs
@@ -259,7 +261,8 @@ class Driver:
         if self.pool is None:
             return
         self.pool.renew(list(self.warm_workers.values()))
-        if self.scheduler.pool.has_pending():
+        self.starting_workers &= self.warm_workers.keys()
+        if self.scheduler.pool.has_pending() or self.starting_workers:
             self._adopt(self.pool.reclaim())
 
     def _end_warm_workers(self) -> None:
@@ -365,7 +368,9 @@ class Driver:
             self.scheduler.seconds_to_next_deadline(),
             CANCEL_POLL_S if self.should_stop is not None or self.board is not None else None,
             # Kept workers' leases are renewed, and while jobs wait the pool is looked at.
-            (SCAN_S if self.scheduler.pool.has_pending() else RENEW_S) if self.pool is not None else None,
+            (SCAN_S if self.scheduler.pool.has_pending() or self.starting_workers else RENEW_S)
+            if self.pool is not None
+            else None,
         ]
         timeouts = [timeout for timeout in timeouts if timeout is not None]
         return min(timeouts) if timeouts else None
@@ -397,7 +402,10 @@ class Driver:
             kind = self.scheduler.pool.kind_of_worker[run.warm_worker]
             self.warm_kinds[run.warm_worker] = kind
             if self.pool is not None:
+                # Idle workers of another code version may hold the CPU this one needs.
+                self._adopt(self.pool.reclaim(now=True))
                 actor = self.pool.create(self.warm_worker_class, kind, gpus_of(kind))
+                self.starting_workers.add(run.warm_worker)
             else:
                 actor = self.warm_worker_class.options(
                     num_cpus=1,
@@ -519,6 +527,7 @@ class Driver:
 
         execution = self.executions.pop(reference)
         job_id = execution.run.job.id
+        self.starting_workers.discard(execution.run.warm_worker)
         try:
             execution.results[reference] = ray.get(reference)
         except RayError as error:

@@ -169,13 +169,15 @@ class PoolLease:
         for actor in actors:
             actor.renew.remote(self.owner, LEASE_S)
 
-    def reclaim(self) -> list[tuple[str, Any]]:
-        """At most every SCAN_S, while jobs wait: adopt workers given back since (or whose lease
-        ran out), and end idle ones of another code version when no CPU is free."""
-        now = time.monotonic()
-        if now < self.next_scan:
+    def reclaim(self, now: bool = False) -> list[tuple[str, Any]]:
+        """While jobs wait (at most every SCAN_S, or `now`): end idle workers of another code
+        version when the cluster has no CPU free, and adopt workers given back since (or
+        whose lease ran out). The driver asks before it creates a worker and while a job
+        waits for one: Ray would otherwise hold the new worker until the idle ones' time is up."""
+        moment = time.monotonic()
+        if not now and moment < self.next_scan:
             return []
-        self.next_scan = now + SCAN_S
+        self.next_scan = moment + SCAN_S
         import ray
 
         if ray.available_resources().get("CPU", 0.0) < 1.0:

@@ -37,7 +37,32 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+
+
+def _import_tensorflow():
+    """Import TensorFlow without the optional packages its import pulls in when installed.
+
+    TFLite's util tries `from jax import jit`, Keras's sklearn wrappers `import sklearn`
+    and its array adapters `import pandas`, each inside try/except ImportError. Where
+    jax, scikit-learn or pandas are installed (the jax and mlflow extras bring them), that
+    is ~2 s of a 4-6 s import on a job's start-up, for features runjobs never uses. They
+    are hidden for the import only: a user's model may still import them afterwards.
+    """
+    import sys
+
+    hidden = [name for name in ("jax", "sklearn", "pandas") if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # `import name` raises ImportError
+    try:
+        import tensorflow
+    finally:
+        for name in hidden:
+            if sys.modules.get(name, 0) is None:
+                del sys.modules[name]
+    return tensorflow
+
+
+tf = _import_tensorflow()
 
 from workers.devices import choose_device  # noqa: E402
 from workers.distributed import SINGLE_WORKER, WorkerContext  # noqa: E402
