@@ -9,7 +9,9 @@ After each round it checks what a user relies on:
 - every job has exactly one final record, and every one succeeded in the end;
 - every result that had succeeded before the fault is still there, unchanged;
 - each result equals the undisturbed run's (parameters within 1e-6);
-- no Ray actor or placement group of the run is left on the cluster;
+- no Ray actor or placement group of the run is left on the cluster, apart from the warm
+  workers kept on purpose for the next submit (idle, in runjobs' namespace, no run holding
+  them once a dead driver's lease has run out: jobs/run/warm_pool.py);
 - the ledger passes SQLite's `PRAGMA integrity_check`;
 - no runjobs command printed a traceback.
 
@@ -106,10 +108,26 @@ class Cluster:
             self.start_worker()
 
     def runjobs_actors(self) -> list[dict]:
+        """The run's actors still alive; kept warm workers count only while a run still holds them."""
         from ray.util.state import list_actors
 
         alive = list_actors(address=self.dashboard, filters=[("state", "=", "ALIVE")], limit=10_000)
-        return [actor for actor in alive if (actor.name or "").startswith("runjobs:")]
+        actors = [actor for actor in alive if (actor.name or "").startswith("runjobs:")]
+        kept = [actor for actor in actors if actor.ray_namespace == "runjobs"]
+        if not kept:
+            return actors
+        held = self.held_warm_workers()
+        return [actor for actor in actors if actor not in kept or actor.name in held]
+
+    def held_warm_workers(self) -> set[str]:
+        """Kept warm workers that a run holds or that are busy (`runjobs pool status`)."""
+        status = subprocess.run(
+            [RUNJOBS, "pool", "status", "--address", self.address, "--json"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        if status.returncode != 0:
+            return {"runjobs pool status failed: " + status.stderr.strip()}
+        return {row["name"] for row in json.loads(status.stdout) if row.get("state") != "idle"}
 
     def runjobs_placement_groups(self) -> list[str]:
         from ray.util.state import list_placement_groups

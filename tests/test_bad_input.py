@@ -64,6 +64,17 @@ def bad_csv(tmp_path):
             ["--variant", "ddp", "--workers", "2", "--gpus-per-job", "4"],
             "multiworker and ddp workers use at most 1 GPU",
         ),
+        (
+            ["--keep-warm", "10x", "--address", "127.0.0.1:1"],
+            "--keep-warm '10x': give a duration such as 90s",
+        ),
+        (["--keep-warm", "-5", "--address", "127.0.0.1:1"], "--keep-warm '-5'"),
+        (["--keep-warm", "200h", "--address", "127.0.0.1:1"], "at most 168h"),
+        (["--keep-warm", "5m"], "--keep-warm keeps workers on a running cluster: give its --address"),
+        (
+            ["--preset", "article", "--framework", "jax"],
+            "--preset article has settings for tensorflow and torch",
+        ),
     ],
 )
 def test_bad_options_are_refused_before_anything_starts(tmp_path, args, expected):

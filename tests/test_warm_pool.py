@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import RUNJOBS, RayNode, free_port, load_strict_json
+from tests.helpers import RUNJOBS, RayNode, free_port, load_strict_json, sigkill_driver_once_succeeded
 
 pytestmark = pytest.mark.slow
 
@@ -167,3 +167,25 @@ def test_a_job_waiting_for_cpus_gets_those_an_idle_kept_worker_held(empty_pool, 
         "2",
     )
     assert [job["status"] for job in report["jobs"]] == ["succeeded"]
+
+
+def test_a_killed_drivers_workers_are_free_again_once_its_lease_runs_out(empty_pool, tmp_path):
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text("defaults: {epochs: 300, framework: torch}\ngrid: {seed: [0, 1, 2, 3, 4, 5, 6, 7]}\n")
+    output = tmp_path / "run"
+    command = [RUNJOBS, "submit", str(spec), "--address", empty_pool, "--output", str(output)]
+    before = sigkill_driver_once_succeeded(command, output, succeeded=2, limit_s=180)
+    held = pool(empty_pool, "status")
+    assert held and all(row["state"] in ("busy", "leased") for row in held), (
+        "the dead driver still holds them"
+    )
+    assert wait_until(lambda: all(row["state"] == "idle" for row in pool(empty_pool, "status")), 60), (
+        "a lease nobody renews runs out"
+    )
+    report = submit(empty_pool, output, str(spec), "--keep-warm", "0")
+    rerun = [job for job in report["jobs"] if job["id"] not in before]
+    assert {job["placement"]["pid"] for job in rerun} <= {row["pid"] for row in held}, (
+        "the re-run reused them"
+    )
+    assert all(job["status"] == "succeeded" for job in report["jobs"])
+    assert pool(empty_pool, "status") == [], "--keep-warm 0 ended them with the run"

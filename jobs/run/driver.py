@@ -614,7 +614,14 @@ def merge_worker_results(results: list[dict[str, Any]]) -> dict[str, Any]:
             "workers": [
                 {
                     key: item["placement"][key]
-                    for key in ("node_id", "hostname", "device", "gpu_ids", "cpu_fallback")
+                    for key in (
+                        "node_id",
+                        "hostname",
+                        "device",
+                        "gpu_ids",
+                        "cpu_fallback",
+                        "cuda_visible_devices",
+                    )
                 }
                 for item in results
             ],
