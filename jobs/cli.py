@@ -886,7 +886,7 @@ def pool_status(address, json_output) -> None:
                 row.get("state", "?"),
                 str(row.get("jobs", "?")),
                 f"{row['idle_s']:.0f}s" if row.get("idle_s") is not None else "",
-                "after its run" if ends is None else f"{ends:.0f}s",
+                f"{ends:.0f}s" if ends is not None else ("after its run" if "pid" in row else ""),
                 str(row.get("pid", "")),
                 ",".join(row.get("gpu_ids") or []) or "-",
                 row.get("code", "?") + ("" if row.get("current_code", True) else " (other code)"),
