@@ -999,12 +999,19 @@ def _is_input_error(error: Exception) -> bool:
 
 
 def main() -> None:
+    import logging
+    import threading
+
     code = cli.main(standalone_mode=False)
     ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        sys.exit(code)  # Ray's own exit handler must still shut it down
+    others = [thread for thread in threading.enumerate() if thread is not threading.main_thread()]
+    if (ray is not None and ray.is_initialized()) or any(not thread.daemon for thread in others):
+        # Ray's own exit handler must still shut it down, or a thread (Ray's shutdown after
+        # an interrupt, a tracker's upload) must still finish.
+        sys.exit(code)
     # Skip the interpreter's teardown (~0.3-0.5 s with Ray, gRPC and numpy loaded): every
-    # file is closed and Ray is shut down by now; only the standard streams need a flush.
+    # file is closed and Ray is shut down by now; the logs and standard streams are flushed.
+    logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()

@@ -544,5 +544,21 @@ def test_a_kept_pool_gives_idle_cpu_workers_cpus_to_gpu_jobs():
     for worker, kind in zip(adopted, ["tensorflow", "torch"]):
         layer.warm_workers[worker] = kind
     layer.step()
-    assert len(layer.retired) == 1 and layer.retired[0] in adopted, "one CPU freed for the GPU worker"
+    assert sorted(layer.retired) == sorted(adopted), "idle workers with nothing queued give up their CPUs"
     assert layer.running() == ["torch-gpu"]
+
+
+def test_a_kept_pool_retires_an_idle_worker_while_another_kind_has_jobs_queued():
+    # Two runs on one cluster, each keeping an idle worker of a finished framework while its
+    # other framework's new worker waited for a CPU, would wait for each other for ever.
+    jobs = [planned("tensorflow-1", "tensorflow"), planned("torch-1"), planned("torch-2", seed=1)]
+    layer = FakeRayLayer(jobs, cpus=2, keeps_idle=True)
+    layer.step()
+    tensorflow_worker = next(
+        run.warm_worker for run in layer.started if run.job.spec.framework == "tensorflow"
+    )
+    layer.succeed("tensorflow-1")
+    layer.step()
+    assert tensorflow_worker in layer.retired, "its CPU goes to the queued torch job"
+    layer.run_to_the_end()
+    assert layer.warm_frameworks() == ["torch"], "once nothing waits, an idle worker is kept for the next run"

@@ -100,9 +100,10 @@ def release_device(framework: str) -> dict[str, Any]:
 def device_memory(framework: str) -> dict[str, int | None] | None:
     """The device memory this worker's framework holds on its GPU, and the device's total; None on the CPU.
 
-    From the framework's own allocator: torch's reserved bytes, TensorFlow's and JAX's
-    bytes in use. The total comes from the framework where it tells (torch, JAX), else
-    from nvidia-smi; None when neither does.
+    From the framework's own allocator, what it holds rather than what live arrays use:
+    torch's reserved bytes; TensorFlow's peak, since its allocator grows to its peak and
+    never shrinks; JAX's pool (or reserved) bytes. The total comes from the framework
+    where it tells (torch, JAX), else from nvidia-smi; None when neither does.
     """
     if not _on_gpu():
         return None
@@ -116,14 +117,14 @@ def device_memory(framework: str) -> dict[str, int | None] | None:
         elif framework == "tensorflow":
             tf = sys.modules.get("tensorflow")
             if tf is not None and tf.config.list_logical_devices("GPU"):
-                in_use = int(tf.config.experimental.get_memory_info("GPU:0")["current"])
+                in_use = int(tf.config.experimental.get_memory_info("GPU:0")["peak"])
                 total = _total_from_nvidia_smi()
         elif framework == "jax":
             jax = sys.modules.get("jax")
             gpus = [device for device in jax.devices() if device.platform == "gpu"] if jax else []
             if gpus:
                 stats = gpus[0].memory_stats() or {}
-                in_use = stats.get("bytes_in_use")
+                in_use = stats.get("pool_bytes") or stats.get("bytes_reserved") or stats.get("bytes_in_use")
                 total = stats.get("bytes_limit") or _total_from_nvidia_smi()
     except Exception:  # no answer from the framework: nothing to judge the worker by
         return None

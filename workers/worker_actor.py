@@ -140,7 +140,7 @@ class WarmWorker:
             if self.owner is not None:
                 self.idle_until = time.time()  # ends once given back or once its lease runs out
                 return False
-            return True
+            return True  # idle, or busy for a driver that is gone
 
     @ray.method(concurrency_group=CONTROL)
     def describe(self) -> dict[str, Any]:
@@ -157,9 +157,19 @@ class WarmWorker:
         self.idle_until = None
 
     def _expire_lease(self) -> None:
-        """A lease its run stopped renewing (the driver died): given back, idle from when it ran out."""
-        if self.owner is not None and not self.busy and time.time() > self.lease_until:
-            self.owner = None
+        """A lease its run stopped renewing (the driver died): given back, idle from when it ran out.
+
+        The driver renews from a thread of its own, busy workers too, so a busy worker whose
+        lease ran out belongs to a driver that is gone: nothing will read its job's result,
+        and it ends rather than train on (a hung job would hold its CPU or GPU for ever).
+        """
+        if self.owner is None or time.time() <= self.lease_until:
+            return
+        self.owner = None
+        if self.busy or self.ending:
+            self.ending = True
+            self.idle_until = time.time()
+        else:
             self.idle_until = self.lease_until + self.keep_s
 
     def _describe(self) -> dict[str, Any]:
@@ -187,12 +197,15 @@ class WarmWorker:
                 self._expire_lease()
                 due = (
                     self.owner is None
-                    and not self.busy
+                    and (not self.busy or self.ending)
                     and self.idle_until is not None
                     and time.time() >= self.idle_until
                 )
                 if due:
                     self.ending = True
             if due:
-                ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+                try:
+                    ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+                except Exception:  # Ray could not end it: the process ends itself
+                    os._exit(0)
                 return

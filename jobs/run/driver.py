@@ -42,7 +42,7 @@ from jobs.run.scheduler import (
     TrainGang,
 )
 from jobs.run.stopping import StoppingPolicy, StoppingRule
-from jobs.run.warm_pool import RENEW_S, SCAN_S, PoolLease
+from jobs.run.warm_pool import SCAN_S, PoolLease
 from jobs.run.warm_workers import gpus_of
 from workers.data import Dataset
 
@@ -187,7 +187,8 @@ class Driver:
             keeps_idle=self.pool is not None and self.pool.keep_warm.keeps_any(),
         )
         if self.pool is not None:
-            self._adopt(self.pool.adopt())
+            self._adopt(self.pool.adopt(self._wanted_kinds()))
+            self.pool.start_renewing(lambda: list(self.warm_workers.values()))
         if self.stopping is not None:
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -218,6 +219,7 @@ class Driver:
 
                 # Ray starts each task or gang as resources allow; warm workers take jobs
                 # as they come free. --max-concurrent caps how many run at once.
+                self._tend_pool()
                 self._carry_out(self.scheduler.decide())
                 if not self.executions:
                     # Nothing runs: the queued jobs wait for warm workers another run holds
@@ -230,7 +232,6 @@ class Driver:
                     self._collect(reference)
                 self._apply_stopping_rule()
                 self._carry_out(self.scheduler.check_deadlines())
-                self._tend_pool()
         except KeyboardInterrupt:
             raise self._stop_all("cancelled: the run was interrupted", requested=False) from None
         except _CancelRequested:
@@ -243,6 +244,8 @@ class Driver:
                 if execution.run.warm_worker is not None:
                     self._retire_warm_worker(execution.run.warm_worker)
                 self._abandon(execution)
+            if self.pool is not None:
+                self.pool.stop_renewing()
             self._end_warm_workers()
             if self.board is not None:
                 ray.kill(self.board, no_restart=True)
@@ -256,14 +259,35 @@ class Driver:
             self.warm_workers[worker] = actor
             self.warm_kinds[worker] = kind
 
-    def _tend_pool(self) -> None:
-        """Renew the leases on the kept workers this run holds; while jobs wait, look for more."""
-        if self.pool is None:
-            return
-        self.pool.renew(list(self.warm_workers.values()))
+    def _wanted_kinds(self) -> dict[str, int]:
+        """The warm kinds this run has jobs queued for, and how many."""
+        return {kind: len(queue) for kind, queue in self.scheduler.pool.pending.items() if queue}
+
+    def _waiting(self) -> bool:
+        """Whether this run's work waits: queued warm jobs, new workers not started yet, a gang
+        gathering its workers (their CPUs may be held by idle kept workers)."""
         self.starting_workers &= self.warm_workers.keys()
-        if self.scheduler.pool.has_pending() or self.starting_workers:
-            self._adopt(self.pool.reclaim())
+        return (
+            self.scheduler.pool.has_pending()
+            or bool(self.starting_workers)
+            or any(run.phase is Phase.ADDRESSES for run in self.scheduler.running.values())
+        )
+
+    def _tend_pool(self) -> None:
+        """While this run's work waits: make room in the kept pool, adopt what was given back
+        since, and ask an autoscaler for the GPU workers that do not fit (jobs/run/warm_pool.py)."""
+        if self.pool is None or not self._waiting():
+            return
+        wanted = self._wanted_kinds()
+        self._adopt(self.pool.reclaim(wanted))
+        bundles = [
+            {"CPU": 1.0, "GPU": gpus_of(kind)}
+            for kind, count in wanted.items()
+            if gpus_of(kind)
+            for _ in range(count + self.scheduler.pool.live[kind])
+        ]
+        if bundles or self.pool.requested:
+            self.pool.request_devices(bundles)
 
     def _end_warm_workers(self) -> None:
         """The run is over: its idle warm workers go back to the pool (a kept kind) or end."""
@@ -367,10 +391,8 @@ class Driver:
         timeouts = [
             self.scheduler.seconds_to_next_deadline(),
             CANCEL_POLL_S if self.should_stop is not None or self.board is not None else None,
-            # Kept workers' leases are renewed, and while jobs wait the pool is looked at.
-            (SCAN_S if self.scheduler.pool.has_pending() or self.starting_workers else RENEW_S)
-            if self.pool is not None
-            else None,
+            # While this run's work waits, the kept pool is looked at again (_tend_pool).
+            SCAN_S if self.pool is not None and self._waiting() else None,
         ]
         timeouts = [timeout for timeout in timeouts if timeout is not None]
         return min(timeouts) if timeouts else None
@@ -402,8 +424,6 @@ class Driver:
             kind = self.scheduler.pool.kind_of_worker[run.warm_worker]
             self.warm_kinds[run.warm_worker] = kind
             if self.pool is not None:
-                # Idle workers of another code version may hold the CPU this one needs.
-                self._adopt(self.pool.reclaim(now=True))
                 actor = self.pool.create(self.warm_worker_class, kind, gpus_of(kind))
                 self.starting_workers.add(run.warm_worker)
             else:

@@ -8,12 +8,14 @@ runjobs version and code, adopts the idle ones of its kinds (the kind carries th
 model file's digest, so a changed model file never runs old code either).
 
 The actors keep their own lease (workers/worker_actor.py): a run that adopts or creates
-one holds it, renews it while it goes on (a driver that dies stops renewing, and the lease
-runs out after LEASE_S) and gives it back at its end with an idle time, `--keep-warm`: ten
+one holds it, renews it from a thread while it goes on (a driver that dies stops
+renewing, and the lease runs out after LEASE_S: an idle worker is free again, a busy one
+ends) and gives it back at its end with an idle time, `--keep-warm`: ten
 minutes for CPU workers by default, none for GPU workers unless given (an idle GPU worker
 keeps an autoscaled GPU node, and its bill, alive). An unleased worker ends itself when
 its idle time is over. A worker of another code version is never adopted; a run whose
-jobs wait for CPUs ends such idle workers, as the scheduler ends idle ones of its own.
+jobs wait while no CPU (or GPU) is free ends such idle workers, and those of kinds it has
+nothing queued for, as the scheduler ends idle ones of its own.
 
 Embedded runs, and a caller's own Ray connection (tests, notebooks), keep nothing: their
 workers end with the run. `runjobs pool status` and `runjobs pool stop` read and end the
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.plan.keep_warm import KeepWarm
+from jobs.run.warm_workers import gpus_of
 
 NAMESPACE = "runjobs"
 NAME_PREFIX = "runjobs:warm:"
@@ -42,8 +45,10 @@ RENEW_S = 5.0
 # or whose lease ran out) while it has jobs waiting.
 SCAN_S = 2.0
 # Ray answers a live actor within milliseconds; one that does not answer in this long is
-# busy dying or on a lost node, and is left alone.
-ANSWER_TIMEOUT_S = 5.0
+# still being created (waiting for a CPU), dying or on a lost node, and is left alone.
+ANSWER_TIMEOUT_S = 1.0
+# The most bundles a run asks an autoscaler for at once (GPU jobs waiting for devices).
+MAX_REQUESTED_BUNDLES = 64
 
 
 @cache
@@ -68,8 +73,8 @@ def code_version() -> str:
 
 
 def worker_name(kind: str) -> str:
-    """A kept worker's actor name: its kind (spaces as dashes), its code version, a unique tail."""
-    return f"{NAME_PREFIX}{kind.replace(' ', '-')}:{code_version()}:{uuid.uuid4().hex[:8]}"
+    """A kept worker's actor name: its kind (spaces as underscores), its code version, a unique tail."""
+    return f"{NAME_PREFIX}{kind.replace(' ', '_')}:{code_version()}:{uuid.uuid4().hex[:8]}"
 
 
 def _pool_names() -> list[str]:
@@ -119,19 +124,29 @@ class PoolLease:
         self.keep_warm = keep_warm
         self.owner = f"run-{uuid.uuid4().hex[:12]}"
         self.held: set[str] = set()  # names of the kept workers this run holds
-        self.next_renewal = 0.0
-        self.next_scan = 0.0
+        self.next_scan = time.monotonic() + SCAN_S  # the run adopts at its start
+        self.requested: list[dict[str, float]] = []  # bundles asked of an autoscaler
+        self.renewer = None
+        self.stopped = None
 
-    def adopt(self) -> list[tuple[str, Any]]:
-        """Lease every idle kept worker of this code version: (kind, actor) of each.
+    def adopt(self, wanted: dict[str, int]) -> list[tuple[str, Any]]:
+        """Lease idle kept workers of this code version for the kinds this run has jobs queued for,
+        at most `wanted[kind]` of each: (kind, actor) of each one leased.
 
-        Workers of another code version are left to their idle time; `reclaim` ends them
-        when this run's jobs wait for what they hold. One another run holds answers no.
+        Other kinds' workers stay in the pool for other runs, other code versions' for their
+        idle time; `reclaim` ends them when this run's jobs wait for what they hold. A worker
+        another run holds answers no.
         """
         current = code_version()
-        candidates = _handles(
-            [name for name in _pool_names() if name not in self.held and _code_of(name) == current]
-        )
+        names: list[str] = []
+        taken: dict[str, int] = {}
+        for name in _pool_names():
+            kind = _kind_of(name)
+            if name in self.held or _code_of(name) != current or taken.get(kind, 0) >= wanted.get(kind, 0):
+                continue
+            taken[kind] = taken.get(kind, 0) + 1
+            names.append(name)
+        candidates = _handles(names)
         claims = _answers(
             {
                 name: actor.claim.remote(self.owner, LEASE_S, self.keep_for(_kind_of(name)))
@@ -150,7 +165,7 @@ class PoolLease:
         keep_s = self.keep_for(kind)
         description = {"kind": kind, "code": code_version()}
         if keep_s <= 0:
-            name = f"{NAME_PREFIX}{kind.replace(' ', '-')}:{uuid.uuid4().hex[:8]}"
+            name = f"{NAME_PREFIX}{kind.replace(' ', '_')}:{uuid.uuid4().hex[:8]}"
             return worker_class.options(name=name, num_cpus=1, num_gpus=gpus, max_restarts=0).remote(
                 description
             )
@@ -160,29 +175,75 @@ class PoolLease:
             name=name, namespace=NAMESPACE, lifetime="detached", num_cpus=1, num_gpus=gpus, max_restarts=0
         ).remote({**description, "owner": self.owner, "lease_s": LEASE_S, "keep_s": keep_s})
 
-    def renew(self, actors: list[Any]) -> None:
-        """At most every RENEW_S: tell each kept worker this run still holds it (answers not awaited)."""
-        now = time.monotonic()
-        if now < self.next_renewal:
-            return
-        self.next_renewal = now + RENEW_S
-        for actor in actors:
-            actor.renew.remote(self.owner, LEASE_S)
-
-    def reclaim(self, now: bool = False) -> list[tuple[str, Any]]:
-        """While jobs wait (at most every SCAN_S, or `now`): end idle workers of another code
-        version when the cluster has no CPU free, and adopt workers given back since (or
-        whose lease ran out). The driver asks before it creates a worker and while a job
-        waits for one: Ray would otherwise hold the new worker until the idle ones' time is up."""
+    def reclaim(self, wanted: dict[str, int]) -> list[tuple[str, Any]]:
+        """While this run's jobs wait (at most every SCAN_S): when the cluster has no CPU, or
+        no GPU, free, end the idle kept workers this run cannot use (another code version's,
+        or of a kind it has nothing queued for): Ray would otherwise hold its new workers and
+        gangs until their idle time is up. Then adopt workers given back since (or whose
+        lease ran out) for the kinds in `wanted`."""
         moment = time.monotonic()
-        if not now and moment < self.next_scan:
+        if moment < self.next_scan:
             return []
         self.next_scan = moment + SCAN_S
         import ray
 
-        if ray.available_resources().get("CPU", 0.0) < 1.0:
-            _end_unless_leased([name for name in _pool_names() if _code_of(name) != code_version()])
-        return self.adopt()
+        free = ray.available_resources()
+        short_of_gpus = any(gpus_of(kind) for kind in wanted) and free.get("GPU", 0.0) < min(
+            (gpus_of(kind) for kind in wanted if gpus_of(kind)), default=1.0
+        )
+        if free.get("CPU", 0.0) < 1.0 or short_of_gpus:
+            _end_unless_leased(
+                [
+                    name
+                    for name in _pool_names()
+                    if name not in self.held
+                    and (_code_of(name) != code_version() or _kind_of(name) not in wanted)
+                ]
+            )
+        return self.adopt(wanted)
+
+    def request_devices(self, bundles: list[dict[str, float]]) -> None:
+        """Ask an autoscaler for room for these worker bundles (GPU jobs waiting for devices).
+
+        A warm worker is created only where the cluster has room, so without this the GPU
+        jobs queued behind the pool would never show Ray demand and an autoscaled GPU
+        cluster would not grow. A cluster without an autoscaler ignores the request.
+        """
+        bundles = bundles[:MAX_REQUESTED_BUNDLES]
+        if bundles == self.requested:
+            return
+        try:
+            from ray.autoscaler.sdk import request_resources
+
+            request_resources(bundles=bundles)
+            self.requested = bundles
+        except Exception:  # no autoscaler API here: the pool grows with the cluster as it is
+            self.requested = bundles
+
+    def start_renewing(self, actors) -> None:
+        """Renew the leases of `actors()` every RENEW_S on a thread, busy workers too, until
+        `stop_renewing`: a driver busy elsewhere (a slow tracker, a long report) never loses them."""
+        import threading
+
+        def renew() -> None:
+            while not self.stopped.wait(RENEW_S):
+                for actor in actors():
+                    try:
+                        actor.renew.remote(self.owner, LEASE_S)
+                    except Exception:  # a worker ending now; its run learns of it from Ray
+                        continue
+
+        self.stopped = threading.Event()
+        self.renewer = threading.Thread(target=renew, name="runjobs-warm-pool-leases", daemon=True)
+        self.renewer.start()
+
+    def stop_renewing(self) -> None:
+        if self.renewer is not None:
+            self.stopped.set()
+            self.renewer.join()
+            self.renewer = None
+        if self.requested:
+            self.request_devices([])
 
     def give_back(self, actors: dict[Any, str]) -> None:
         """The run is over: each worker (actor -> kind) idles for its kind's --keep-warm, or ends now."""
@@ -199,8 +260,6 @@ class PoolLease:
         )
 
     def keep_for(self, kind: str) -> float:
-        from jobs.run.warm_workers import gpus_of
-
         return self.keep_warm.for_kind(gpus_of(kind))
 
 
@@ -211,7 +270,7 @@ def _code_of(name: str) -> str | None:
 
 
 def _kind_of(name: str) -> str:
-    return name.removeprefix(NAME_PREFIX).split(":")[0].replace("-", " ")
+    return name.removeprefix(NAME_PREFIX).split(":")[0].replace("_", " ")
 
 
 def _end_unless_leased(names: list[str]) -> dict[str, bool]:

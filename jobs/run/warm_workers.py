@@ -19,9 +19,9 @@ check, or whose framework holds more device memory than MEMORY_BOUND_FRACTION of
 (TensorFlow never gives back what its allocator grew to), is replaced.
 
 On a cluster runjobs did not start, workers outlive the run (jobs/run/warm_pool.py): the
-next run adopts the idle ones of its kinds (`adopt`), keeps idle workers with nothing to
-run (`keeps_idle`) unless a waiting job needs their CPUs or GPUs, and gives them back at
-its end.
+next run adopts idle ones of the kinds it has jobs queued for (`adopt`), keeps idle
+workers with nothing to run (`keeps_idle`) while none of its jobs is queued, and gives
+them back at its end.
 
 This module is the policy alone and never imports Ray: a worker is a plain number, which
 the driver (jobs/run/driver.py) maps to its actor when the scheduler (jobs/run/scheduler.py)
@@ -165,7 +165,10 @@ class WarmWorkerPool:
         `gpu_capacity`: the GPUs it may hold. Returns the workers ended, for the driver to stop.
         """
         retired = []
-        keeping = bool(more_to_come) or self.keeps_idle
+        # A kept pool keeps idle workers for the next run only while nothing of this run
+        # waits: a queued job of another kind may need the CPU, and a worker still waiting
+        # for one counts as live (two runs each holding the other's CPU would wait forever).
+        keeping = bool(more_to_come) or (self.keeps_idle and not self.has_pending())
         if keeping:
             # Only a kind with no worker at all takes another's idle CPU or GPU: a job whose
             # own worker is busy waits for it (a moment), and taking CPUs back and forth

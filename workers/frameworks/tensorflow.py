@@ -46,7 +46,10 @@ def _import_tensorflow():
     and its array adapters `import pandas`, each inside try/except ImportError. Where
     jax, scikit-learn or pandas are installed (the jax and mlflow extras bring them), that
     is ~2 s of a 4-6 s import on a job's start-up, for features runjobs never uses. They
-    are hidden for the import only: a user's model may still import them afterwards.
+    are hidden during the import only, so a user's model may import them afterwards; but
+    the TensorFlow and Keras modules that probed for them keep their answer for the life of
+    the worker: Keras' pandas input adapters, its scikit-learn wrappers and TFLite's JAX
+    converter stay off in runjobs' TensorFlow workers.
     """
     import sys
 
