@@ -226,11 +226,21 @@ class PoolLease:
         import threading
 
         def renew() -> None:
+            import ray
+
             while not self.stopped.wait(RENEW_S):
+                answers = []
                 for actor in actors():
                     try:
-                        actor.renew.remote(self.owner, LEASE_S)
+                        answers.append(actor.renew.remote(self.owner, LEASE_S))
                     except Exception:  # a worker ending now; its run learns of it from Ray
+                        continue
+                # Read every answer: a worker that died meanwhile answers with an error, which
+                # Ray would otherwise print as unhandled once the reference is dropped.
+                for answer in answers:
+                    try:
+                        ray.get(answer, timeout=ANSWER_TIMEOUT_S)
+                    except Exception:
                         continue
 
         self.stopped = threading.Event()
