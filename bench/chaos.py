@@ -222,6 +222,9 @@ def run_round(
     started = time.monotonic()
     result = RoundResult(kind)
     cluster.ensure_worker()
+    # Each round starts from an empty pool, so its first submit pays the imports and runs
+    # long enough for the fault to land; its re-submits reuse the workers it kept.
+    subprocess.run([RUNJOBS, "pool", "stop", "--address", cluster.address], capture_output=True, timeout=120)
     driver = submit(cluster, spec, output)
     result.submits = 1
     result.injected = inject(kind, cluster, driver, output, rng)
