@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from tests.helpers import RayNode, free_port
+from tests.helpers import running_head
 
 
 @pytest.fixture(autouse=True)
@@ -40,12 +40,6 @@ def ray_head_with_declared_gpus(tmp_path_factory):
     Yields its GCS address. Ended by terminating the `ray start --block` process it
     spawned (which stops its children).
     """
-    port = free_port()
-    head = RayNode.head(
-        tmp_path_factory.mktemp("ray-head") / "ray-start.log",
-        port, "--num-cpus", "2", "--num-gpus", "2", "--include-dashboard", "false",
-    )  # fmt: skip
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        head.stop()
+    arguments = ("--num-cpus", "2", "--num-gpus", "2", "--include-dashboard", "false")
+    with running_head(tmp_path_factory.mktemp("ray-head"), *arguments) as address:
+        yield address

@@ -293,6 +293,18 @@ class RayNode:
             self.temp_dir = None
 
 
+@contextlib.contextmanager
+def running_head(log_directory: Path, *args: str):
+    """A `ray start --head` on a free loopback port with `args`, for the block; yields its GCS
+    address and ends it by terminating the process it spawned (which stops its children)."""
+    port = free_port()
+    head = RayNode.head(log_directory / "ray-start.log", port, *args)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        head.stop()
+
+
 def wait_for_http(url: str, limit_s: float = 90) -> None:
     """Until `url` answers (any HTTP status), within limit_s."""
     import time

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import RUNJOBS, RayNode, free_port, load_strict_json, sigkill_driver_once_succeeded
+from tests.helpers import RUNJOBS, load_strict_json, running_head, sigkill_driver_once_succeeded
 
 pytestmark = pytest.mark.slow
 
@@ -27,15 +27,9 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     """A two-CPU `ray start --head` of this module's own; ended by terminating its process."""
-    port = free_port()
-    node = RayNode.head(
-        tmp_path_factory.mktemp("pool-head") / "ray-start.log",
-        port, "--num-cpus", "2", "--num-gpus", "0", "--include-dashboard", "false",
-    )  # fmt: skip
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        node.stop()
+    arguments = ("--num-cpus", "2", "--num-gpus", "0", "--include-dashboard", "false")
+    with running_head(tmp_path_factory.mktemp("pool-head"), *arguments) as address:
+        yield address
 
 
 @pytest.fixture
