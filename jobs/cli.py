@@ -296,7 +296,7 @@ def submit(
                 return
             planned = plan_jobs(request)
             check_destination(request)
-            _print_plan(planned, json_output)
+            _print_plan(planned, json_output, _packing_of(request, planned))
             return
         from jobs.pipeline import RemoteSubmission
         from jobs.pipeline import submit as run_submit
@@ -401,9 +401,39 @@ def _print_search(search, json_output: bool) -> None:
     click.echo("its trials are asked for as it runs, each from the results before it")
 
 
-def _print_plan(planned, json_output: bool) -> None:
+def _packing_of(request, planned):
+    """The packs a run would form, for as many workers as --max-concurrent or this machine's CPUs.
+
+    A run forms them once connected, for the cluster's CPUs: a cluster with more CPUs
+    splits a large group into more, smaller packs; which jobs pack never changes.
+    """
+    from jobs.plan.packing import pack_jobs
+    from jobs.plan.planning import stopping_of
+
+    workers = request.max_concurrent or os.cpu_count() or 1
+    return pack_jobs(planned, workers, stopping=stopping_of(request) is not None), workers
+
+
+def _print_plan(planned, json_output: bool, packing_and_workers) -> None:
+    from jobs.plan.packing import describe_packs
+
+    packing, workers = packing_and_workers
+    pack_of = {member.id: pack.id for pack in packing.packs for member in pack.members}
     if json_output:
-        click.echo(json.dumps([{"id": job.id, "config": job.spec.to_record()} for job in planned], indent=2))
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "id": job.id,
+                        "config": job.spec.to_record(),
+                        "pack": pack_of.get(job.id),
+                        "alone": packing.alone.get(job.id),
+                    }
+                    for job in planned
+                ],
+                indent=2,
+            )
+        )
         return
     columns = ("framework", "variant", "workers", "epochs", "optimizer", "lr", "batch_size", "seed", "data")
     # The model's columns only when some job trains a model other than the line.
@@ -427,6 +457,13 @@ def _print_plan(planned, json_output: bool) -> None:
     # Each job's record once (a sweep may hold 100,000 jobs), not once per cell.
     rows = [[job.id, *(shown(record, column) for column in columns)] for job, record in zip(planned, records)]
     _echo_table(["id", *columns], rows)
+    packs = packing.packs
+    click.echo(
+        f"packing for {workers} worker(s): {len(packs)} pack(s) of {len(pack_of)} job(s), "
+        f"{len(packing.alone)} job(s) alone"
+    )
+    for line in describe_packs(packing):
+        click.echo(f"  {line}")
     click.echo(f"{len(planned)} job(s); nothing started (--dry-run)")
 
 

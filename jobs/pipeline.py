@@ -492,8 +492,18 @@ def keeping_callbacks(
         ledger.set_meta(progress=finite_only(latest))  # for `runjobs status` while the run goes on
         progress.reported(latest)
 
+    def on_pack(pack, outcomes: list[JobOutcome]) -> None:
+        progress.pack_ended(pack.id, [outcome.record for outcome in outcomes])
+
     return RunCallbacks(
-        on_start, on_record, ledger.cancel_requested, progress.say, ledger.set_meta, on_progress
+        on_start,
+        on_record,
+        ledger.cancel_requested,
+        progress.say,
+        ledger.set_meta,
+        on_progress,
+        together=ledger.batch,
+        on_pack=on_pack,
     )
 
 

@@ -278,7 +278,16 @@ def test_runjobs_submit_framework_jax_trains_on_ray_and_reports_it(ray_session, 
 def test_a_submit_that_names_no_framework_still_compares_tensorflow_and_torch_only():
     planned = run_cli(["submit", "--dry-run"])
     assert planned.exit_code == 0, planned.stderr
-    assert [line.split()[0] for line in planned.stdout.splitlines()[1:-1]] == ["tensorflow", "torch"]
+    assert planned_frameworks(planned.stdout) == ["tensorflow", "torch"]
     assert frameworks.default_names() == ("tensorflow", "torch")
     named = run_cli(["submit", "--dry-run", "--framework", "jax", "--framework", "torch"])
-    assert [line.split()[0] for line in named.stdout.splitlines()[1:-1]] == ["jax", "torch"]
+    assert planned_frameworks(named.stdout) == ["jax", "torch"]
+
+
+def planned_frameworks(table: str) -> list[str]:
+    """The framework column of --dry-run's table: the lines between its header and what packing says."""
+    lines = table.splitlines()
+    return [
+        line.split()[0]
+        for line in lines[1 : next(i for i, line in enumerate(lines) if line.startswith("packing"))]
+    ]

@@ -166,7 +166,9 @@ def test_a_driver_killed_mid_sweep_loses_nothing_and_the_rerun_finishes_the_rest
     output = tmp_path / "run"
     spec = write_spec(
         tmp_path,
-        "name: kill\ndefaults: {epochs: 3000}\ngrid: {framework: [torch], seed: [0, 1, 2, 3, 4, 5]}\n",
+        # One job a process (packing off): the kill must land between jobs.
+        "name: kill\ndefaults: {epochs: 3000, packing: off}\n"
+        "grid: {framework: [torch], seed: [0, 1, 2, 3, 4, 5]}\n",
     )
     command = [RUNJOBS, "submit", str(spec), "--output", str(output), "--max-concurrent", "1"]
     raylets_before = raylet_count()
@@ -201,7 +203,8 @@ def wait_for_state(output, job_id, wanted, limit_s=120):
 def test_cancel_stops_a_running_sweep_and_records_its_jobs_cancelled(tmp_path):
     output = tmp_path / "run"
     spec = write_spec(
-        tmp_path, "name: c\ndefaults: {epochs: 20000}\ngrid: {framework: [torch], seed: [0, 1, 2]}\n"
+        tmp_path,
+        "name: c\ndefaults: {epochs: 20000, packing: off}\ngrid: {framework: [torch], seed: [0, 1, 2]}\n",
     )
     # SIGINT ignored, as cron starts it: cancel must not depend on a signal.
     args = ["submit", str(spec), "--output", str(output), "--max-concurrent", "1", "--json"]

@@ -165,7 +165,9 @@ def test_a_job_waiting_for_cpus_gets_those_an_idle_kept_worker_held(empty_pool, 
 
 def test_a_killed_drivers_workers_are_free_again_once_its_lease_runs_out(empty_pool, tmp_path):
     spec = tmp_path / "sweep.yaml"
-    spec.write_text("defaults: {epochs: 300, framework: torch}\ngrid: {seed: [0, 1, 2, 3, 4, 5, 6, 7]}\n")
+    spec.write_text(
+        "defaults: {epochs: 300, framework: torch, packing: off}\ngrid: {seed: [0, 1, 2, 3, 4, 5, 6, 7]}\n"
+    )
     output = tmp_path / "run"
     command = [RUNJOBS, "submit", str(spec), "--address", empty_pool, "--output", str(output)]
     before = sigkill_driver_once_succeeded(command, output, succeeded=2, limit_s=180)

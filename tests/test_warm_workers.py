@@ -20,7 +20,9 @@ def write_spec(directory, text):
 
 
 def test_a_sweep_reuses_one_process_per_framework_and_never_mixes_them(ray_session, tmp_path):
-    spec = write_spec(tmp_path, "name: warm\ndefaults: {epochs: 20}\ngrid: {lr: [0.01, 0.02, 0.03, 0.04]}\n")
+    spec = write_spec(
+        tmp_path, "name: warm\ndefaults: {epochs: 20, packing: off}\ngrid: {lr: [0.01, 0.02, 0.03, 0.04]}\n"
+    )
     result = run_cli(["submit", str(spec)], tmp_path / "run")
     assert result.exit_code == 0, result.stderr
     jobs = result.report()["jobs"]
@@ -46,7 +48,8 @@ def test_a_warm_worker_that_dies_is_replaced_and_its_job_retried(ray_session, tm
 
     spec = write_spec(
         tmp_path,
-        "name: die\ndefaults: {framework: torch, epochs: 20000, retries: 1}\ngrid: {seed: [0, 1, 2]}\n",
+        "name: die\ndefaults: {framework: torch, epochs: 20000, retries: 1, packing: off}\n"
+        "grid: {seed: [0, 1, 2]}\n",
     )
     output = tmp_path / "run"
     runner, results = start_cli_in_background(["submit", str(spec), "--max-concurrent", "1"], output)

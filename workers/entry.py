@@ -103,7 +103,7 @@ def _train(
     entered_at: float,
     monitor: TrainingMonitor | None,
 ) -> tuple[dict[str, Any], TrainedModel]:
-    process_started_at = _process_start_time()
+    process_started_at = process_start_time()
     gpu_ids = ray_gpu_ids()
 
     startup_began = time.perf_counter()
@@ -130,6 +130,53 @@ def _train(
     if outcome.stopped_at_epoch is not None:
         print(f"runjobs: stopped early after epoch {outcome.stopped_at_epoch} of {spec.epochs}", flush=True)
 
+    queued_s, startup_s = start_times(process_started_at, submitted_at, entered_at, startup_in_task)
+    return judged_result(
+        spec,
+        dataset,
+        plan,
+        scaling,
+        prediction_inputs,
+        outcome,
+        framework,
+        device,
+        context,
+        queued_s,
+        startup_s,
+    )
+
+
+def start_times(
+    process_started_at: float, submitted_at: float, entered_at: float, startup_in_task: float
+) -> tuple[float, float]:
+    """(queued_s, startup_s) of work that entered its task at `entered_at`.
+
+    Ray prestarts idle workers, so a task usually lands in a process that already
+    existed when the job was submitted: then only the import and initialisation are
+    start-up. A process started for this job adds its own start to start-up.
+    """
+    if process_started_at >= submitted_at:
+        return process_started_at - submitted_at, (entered_at - process_started_at) + startup_in_task
+    return entered_at - submitted_at, startup_in_task
+
+
+def judged_result(
+    spec,
+    dataset: Dataset,
+    plan: models.ModelPlan,
+    scaling: Scaling,
+    prediction_inputs: np.ndarray,
+    outcome,
+    framework,
+    device,
+    context: WorkerContext,
+    queued_s: float,
+    startup_s: float,
+) -> tuple[dict[str, Any], TrainedModel]:
+    """A trained job's result: its parameters in the data's units, judged against the data.
+
+    Shared by a job alone and each member of a pack (workers/packed.py).
+    """
     predictions = scaling.original_target(outcome.predictions)
     reference = least_squares(dataset)
     names = [name for name, _ in plan.layout] if plan.user is None else list(outcome.parameter_names)
@@ -158,16 +205,6 @@ def _train(
         fitted_sample = {"rows": rows.tolist(), "outputs": fitted[rows].tolist()}
     gap_to_floor = floor_gap(dataset, final_loss)
     trained = TrainedModel(plan, parameters, names, params.get("units", "original"))
-
-    # Ray prestarts idle workers, so a task usually lands in a process that already
-    # existed when the job was submitted: then only the import and initialisation are
-    # start-up. A process started for this job adds its own start to start-up.
-    if process_started_at >= submitted_at:
-        queued_s = process_started_at - submitted_at
-        startup_s = (entered_at - process_started_at) + startup_in_task
-    else:
-        queued_s = entered_at - submitted_at
-        startup_s = startup_in_task
 
     result = {
         "rank": context.rank,
@@ -262,7 +299,7 @@ def parameter_summary(names: list[str], parameters: list[np.ndarray]) -> dict[st
     return {"layers": layers, "count": count}
 
 
-def _process_start_time() -> float:
+def process_start_time() -> float:
     try:
         import psutil
 

@@ -18,6 +18,7 @@ from workers.data import Dataset
 from workers.devices import device_memory, ray_gpu_ids, release_device
 from workers.distributed import WorkerContext, reserve_address
 from workers.entry import run_job
+from workers.packed import TrainingPack, run_pack
 from workers.reporting import TrainingMonitor
 
 # A warm worker kept between runs (jobs/run/warm_pool.py) answers its lease questions in a
@@ -79,7 +80,10 @@ class WarmWorker:
         with self.lock:
             self.busy = True
         try:
-            result = run_job(spec, dataset, submitted_at, monitor=monitor)
+            if isinstance(spec, TrainingPack):
+                result = run_pack(spec, dataset, submitted_at)
+            else:
+                result = run_job(spec, dataset, submitted_at, monitor=monitor)
             # What the next job inherits: the device's memory after this one let go of
             # what the framework allows. The pool replaces a worker past its bound.
             health = release_device(spec.framework)

@@ -56,11 +56,21 @@ class SubmitRequest:
 
 @dataclass(frozen=True)
 class PlannedJob:
-    """A job ready to run: its id, its spec (resolved for its data) and the data itself."""
+    """A job ready to run: its id, its spec (resolved for its data) and the data itself.
+
+    A pack (jobs/plan/packing.py) is a PlannedJob too: its own id, its first member's spec
+    and data, and its `members`, the jobs it trains together.
+    """
 
     id: str
     spec: JobSpec
     dataset: Dataset
+    members: tuple[PlannedJob, ...] = ()
+
+    @property
+    def jobs(self) -> tuple[PlannedJob, ...]:
+        """The jobs this unit records: a pack's members, or the job itself."""
+        return self.members or (self,)
 
 
 def expand_jobs(request: SubmitRequest) -> list[tuple[str, JobSpec]]:

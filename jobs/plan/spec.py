@@ -48,6 +48,7 @@ VARIANT_FRAMEWORKS = frameworks.variant_frameworks()
 OPTIMIZERS = ("adam", "sgd")
 PLACEMENTS = ("pack", "spread")
 LOOPS = ("fast", "article")
+PACKING = ("auto", "off")  # jobs/plan/packing.py
 INIT_KEYWORDS = ("framework", "zeros", "shared")
 ACTIVATIONS = models.ACTIVATIONS
 DTYPES = models.DTYPES
@@ -179,6 +180,15 @@ class JobSpec:
         choice(*LOOPS),
         "fast: each framework's quickest loop with runjobs' own update rule, the same arithmetic in "
         "every framework; article: each framework's stock optimizer (Keras model.fit, torch.optim, optax).",
+    )
+    packing: str = job_field(
+        "auto",
+        choice(*PACKING),
+        "auto: train single-device jobs that differ only in lr, betas, epsilon, seed or init value "
+        "together, as one vectorised program per worker (each still its own job and record); "
+        "off: every job trains alone.",
+        option="--packing",
+        in_id=IN_ID_NEVER,
     )
     placement: str = job_field(
         "pack", choice(*PLACEMENTS), "How a multi-worker job's workers are spread over nodes."

@@ -9,6 +9,7 @@ the kernel releases it when the driver dies, however it dies.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -93,6 +94,7 @@ class Ledger:
         self.lock_handle = lock_handle
         # When this process opened the ledger: a writer honours cancel requests made since.
         self.opened_at = time.time()
+        self.batching = False  # inside batch(): changes join its transaction
 
     @classmethod
     def open(cls, directory: Path, for_writing: bool) -> Ledger:
@@ -217,8 +219,27 @@ class Ledger:
         """Every job's latest record, in job order; a job without one gets a stub."""
         return [job.record or stub_record(job) for job in self.jobs()]
 
-    def _transaction(self) -> Iterator[None]:
-        return _Transaction(self.connection)
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Every change inside the block in one transaction: a pack's records, kept together.
+
+        One commit (one fsync) instead of one a change. What the block changed is committed
+        even when it ends with an exception: each change is whole on its own. A process
+        killed inside the block keeps none of it, and a re-run trains those jobs again.
+        """
+        if self.batching:
+            yield
+            return
+        self.connection.execute("BEGIN IMMEDIATE")
+        self.batching = True
+        try:
+            yield
+        finally:
+            self.batching = False
+            self.connection.execute("COMMIT")
+
+    def _transaction(self):
+        return contextlib.nullcontext() if self.batching else _Transaction(self.connection)
 
 
 def _bring_up_to_date(connection: sqlite3.Connection, directory: Path, for_writing: bool) -> str:

@@ -72,7 +72,8 @@ def write_job_logs(directory: Path, job_id: str, logs: list[dict[str, Any]]) -> 
         return
     (directory / LOGS_DIRECTORY).mkdir(exist_ok=True)
     for entry in logs:
-        stem = job_id if len(logs) == 1 else f"{job_id}.rank{entry['rank']}"
+        # A pack's output is kept under the pack's own name (jobs/run/driver.py, _record_pack).
+        stem = entry.get("name") or (job_id if len(logs) == 1 else f"{job_id}.rank{entry['rank']}")
         write_atomically(directory / LOGS_DIRECTORY / f"{stem}.out", entry.get("stdout", ""))
         write_atomically(directory / LOGS_DIRECTORY / f"{stem}.err", entry.get("stderr", ""))
 

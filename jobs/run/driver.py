@@ -14,10 +14,16 @@ reports an address, and then every worker trains with its rank. A job that raise
 whose worker dies, becomes a failed record carrying the cause; its actors and placement
 group are released at once and the other jobs go on. Each record reaches `on_record`
 the moment its job ends, so the caller can persist it before waiting for the rest.
+
+Packs (jobs/plan/packing.py) are formed here, once the cluster's CPUs are known: the
+scheduler places a pack as one job on a warm worker, and each of its members starts and
+is recorded as its own job, a pack's starts and records each kept together (`together`,
+one ledger transaction).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 import uuid
@@ -25,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from jobs.plan.packing import pack_jobs
 from jobs.plan.planning import PlannedJob
 from jobs.record.records import JobOutcome, job_outcome
 from jobs.run.executor import JobFeed
@@ -126,7 +133,7 @@ FRESH_PROCESS_WHY = (
 class Driver:
     def __init__(
         self,
-        on_record: Callable[[JobOutcome], None],
+        on_record: Callable[[JobOutcome, bool], None],
         on_start: Callable[[str], None] | None = None,
         max_concurrent: int | None = None,
         should_stop: Callable[[], bool] | None = None,
@@ -134,6 +141,8 @@ class Driver:
         on_progress: Callable[[dict[str, list[float]]], None] | None = None,
         say: Callable[[str], None] | None = None,
         pool: PoolLease | None = None,
+        together: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        on_pack: Callable[[PlannedJob, list[JobOutcome]], None] | None = None,
     ) -> None:
         import ray
 
@@ -173,11 +182,27 @@ class Driver:
         self.latest: dict[str, list[float]] = {}
         self.on_progress = on_progress
         self.say = say or (lambda message: None)
+        # A pack's member starts and records are kept together (one ledger transaction), and
+        # its end is shown once (on_pack) rather than once a member.
+        self.together = together
+        self.on_pack = on_pack
 
     def run(self, jobs: list[PlannedJob], feed: JobFeed | None = None) -> list[str]:
         """Run every job, and the feed's as they come; return each job's final status, in the order run."""
         import ray
 
+        if feed is None:
+            # A search's trials come one at a time as earlier ones end: they are never packed.
+            workers = self.max_concurrent or max(_cluster_cpus(), 1)
+            packing = pack_jobs(jobs, workers, stopping=self.stopping is not None)
+            packs = packing.packs
+            if packs:
+                packed = sum(len(pack.members) for pack in packs)
+                self.say(
+                    f"packed {packed} of {len(jobs)} job(s) into {len(packs)} pack(s) of up to "
+                    f"{max(len(pack.members) for pack in packs)}, each trained as one program"
+                )
+            jobs = packing.units
         self.scheduler = Scheduler(
             jobs,
             cluster_cpus=_cluster_cpus,
@@ -435,11 +460,20 @@ class Driver:
                     name=f"runjobs:warm:{spec.framework}:{uuid.uuid4().hex[:8]}",
                 ).remote({"kind": kind})
             self.warm_workers[run.warm_worker] = actor
-        self.on_start(job.id)
+        with self.together():
+            for member in job.jobs:
+                self.on_start(member.id)
         self.scheduler.job_started(job.id)
         execution = Execution(run)
         self.by_job[job.id] = execution
-        if run.placement.on_warm_worker:
+        if job.members:  # a pack: always a single-device kind, on a warm worker
+            from workers.packed import TrainingPack
+
+            training_pack = TrainingPack(job.id, tuple(member.spec.for_worker() for member in job.members))
+            worker = self.warm_workers[run.warm_worker]
+            reference = worker.run.remote(training_pack, self._dataset(job.dataset), run.submitted_at)
+            self._wait_on(execution, [reference])
+        elif run.placement.on_warm_worker:
             worker = self.warm_workers[run.warm_worker]
             training_job, monitor = self._monitor_for(run)
             reference = worker.run.remote(
@@ -527,15 +561,54 @@ class Driver:
             ray.kill(actor, no_restart=True)
 
     def _record(self, decision: Record) -> None:
+        if decision.job.members:
+            self._record_pack(decision)
+            return
         outcome = planned_outcome(decision.job, decision.status, decision.error, decision.result or {})
         outcome.record["timings"]["total_s"] = decision.total_s
         self._deliver(outcome)
 
-    def _deliver(self, outcome: JobOutcome) -> None:
+    def _record_pack(self, decision: Record) -> None:
+        """Every member of an ended pack, from its own outcome, kept together.
+
+        A pack that succeeded gives each member its own status, error and result; a pack
+        that failed, timed out or was cancelled records each member so. A member kept
+        before an interrupt cut in is not recorded again. The pack's output goes with its
+        first member, as the pack's own log files (logs/PACK.out, .err).
+        """
+        result = decision.result or {}
+        members = result.get("members") or []
+        worker = (result.get("placement") or {}).get("worker")  # the warm worker that trained the pack
+        outcomes = []
+        for index, member in enumerate(decision.job.members):
+            if member.id in self.scheduler.kept_statuses:
+                continue
+            if decision.status == "succeeded" and index < len(members):
+                entry = members[index]
+                status, error = entry["status"], entry.get("error")
+                fields = dict(entry.get("result") or {})
+            else:
+                status, error, fields = decision.status, decision.error, {}
+            if not fields.get("timings"):
+                fields["timings"] = {"pack": {"id": decision.job.id, "size": len(decision.job.members)}}
+            if fields.get("placement") and worker is not None:
+                fields["placement"] = {**fields["placement"], "worker": worker}
+            if not outcomes:
+                fields["logs"] = [{**entry, "name": decision.job.id} for entry in result.get("logs") or []]
+            outcome = planned_outcome(member, status, error, fields)
+            outcome.record["timings"]["total_s"] = decision.total_s
+            outcomes.append(outcome)
+        with self.together():
+            for outcome in outcomes:
+                self._deliver(outcome, quiet=self.on_pack is not None)
+        if self.on_pack is not None and outcomes:
+            self.on_pack(decision.job, outcomes)
+
+    def _deliver(self, outcome: JobOutcome, quiet: bool = False) -> None:
         # The scheduler hears of the record only once on_record has kept it: an interrupt
         # in between finds it in `delivering` and hands it over again.
         self.delivering = outcome
-        self.on_record(outcome)
+        self.on_record(outcome, quiet)
         self.scheduler.recorded(outcome.id, outcome.status)
         self.delivering = None
 
@@ -600,7 +673,7 @@ class Driver:
 
 def run_jobs(
     jobs: list[PlannedJob],
-    on_record: Callable[[JobOutcome], None],
+    on_record: Callable[[JobOutcome, bool], None],
     on_start: Callable[[str], None] | None = None,
     max_concurrent: int | None = None,
     should_stop: Callable[[], bool] | None = None,
@@ -609,6 +682,8 @@ def run_jobs(
     on_progress: Callable[[dict[str, list[float]]], None] | None = None,
     say: Callable[[str], None] | None = None,
     pool: PoolLease | None = None,
+    together: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    on_pack: Callable[[PlannedJob, list[JobOutcome]], None] | None = None,
 ) -> list[str]:
     """Run every job on Ray, and the feed's, handing each record to on_record as it ends; return the statuses.
 
@@ -616,7 +691,9 @@ def run_jobs(
     on Ctrl-C and RunInterrupted(requested=True) is raised. With `pool`, warm workers
     outlive the run (jobs/run/warm_pool.py).
     """
-    driver = Driver(on_record, on_start, max_concurrent, should_stop, stopping, on_progress, say, pool)
+    driver = Driver(
+        on_record, on_start, max_concurrent, should_stop, stopping, on_progress, say, pool, together, on_pack
+    )
     return driver.run(jobs, feed)
 
 

@@ -16,6 +16,7 @@ written (bad input exit 2, unreachable exit 3).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -44,6 +45,10 @@ class RunCallbacks:
     # A remote driver asked its study for a trial (or told one failed): the search's own
     # study does the same, so it stays in step (jobs/pipeline.py, _in_step_with).
     on_trial: Callable[[dict[str, Any]], None] | None = None
+    # What a pack's member starts and records are kept inside: one ledger transaction.
+    together: Callable[[], AbstractContextManager] = contextlib.nullcontext
+    # A pack ended and its members' records are kept: show it once (jobs/plan/packing.py).
+    on_pack: Callable[[Any, list[JobOutcome]], None] | None = None
 
 
 class RunListener(Protocol):

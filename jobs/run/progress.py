@@ -42,6 +42,12 @@ class LineProgress:
         self.counts[record["status"]] += 1
         self.say(f"[{self._done_text()}] {describe_end(record)}")
 
+    def pack_ended(self, pack_id: str, records: list[dict[str, Any]]) -> None:
+        """A pack's members, counted each, shown in one line (jobs/plan/packing.py)."""
+        for record in records:
+            self.counts[record["status"]] += 1
+        self.say(f"[{self._done_text()}] {describe_pack_end(pack_id, records)}")
+
     def _done_text(self) -> str:
         """`3/5 done, 1 stopped, 1 failed`: stopped and cancelled jobs did not fail: each is counted apart."""
         text = f"{sum(self.counts.values())}/{self.total} done"
@@ -56,6 +62,10 @@ class MessagesOnly(LineProgress):
 
     def ended(self, record: dict[str, Any]) -> None:
         self.counts[record["status"]] += 1
+
+    def pack_ended(self, pack_id: str, records: list[dict[str, Any]]) -> None:
+        for record in records:
+            self.ended(record)
 
 
 class LiveProgress(LineProgress):
@@ -111,6 +121,13 @@ class LiveProgress(LineProgress):
         self.say(describe_end(record))
         self._refresh()
 
+    def pack_ended(self, pack_id: str, records: list[dict[str, Any]]) -> None:
+        for record in records:
+            self.running.discard(record["id"])
+            self.counts[record["status"]] += 1
+        self.say(describe_pack_end(pack_id, records))
+        self._refresh()
+
     def reported(self, latest: dict[str, list[float]]) -> None:
         self.latest = {job_id: report for job_id, report in latest.items() if job_id in self.running}
         self._refresh()
@@ -143,6 +160,28 @@ def describe_end(record: dict[str, Any]) -> str:
     else:
         detail = record["convergence"] if record["status"] == "succeeded" else record["error"]
     return f"{record['id']} {record['status']} ({detail}) in {record['timings']['total_s']:.1f}s"
+
+
+def describe_pack_end(pack_id: str, records: list[dict[str, Any]]) -> str:
+    """`pack-torch-1a2b 500 jobs: 498 succeeded (497 converged, 1 diverged), 2 failed in 3.1s`."""
+    statuses: dict[str, int] = {}
+    verdicts: dict[str, int] = {}
+    for record in records:
+        statuses[record["status"]] = statuses.get(record["status"], 0) + 1
+        if record["status"] == "succeeded":
+            verdict = str(record.get("convergence") or "").split(" ")[0].rstrip(":,")
+            verdicts[verdict] = verdicts.get(verdict, 0) + 1
+    parts = []
+    for status, count in statuses.items():
+        text = f"{count} {status}"
+        if status == "succeeded" and verdicts:
+            text += " (" + ", ".join(f"{count} {verdict}" for verdict, count in verdicts.items()) + ")"
+        elif status != "succeeded":
+            error = next((record.get("error") for record in records if record["status"] == status), None)
+            text += f" ({error})" if error else ""
+        parts.append(text)
+    seconds = records[0]["timings"].get("total_s") or 0.0
+    return f"{pack_id} {len(records)} jobs: {', '.join(parts)} in {seconds:.1f}s"
 
 
 def format_eta(elapsed_s: float, done: int, total: int) -> str:

@@ -83,7 +83,7 @@ class RayClusterSession:
         try:
             run_jobs(
                 jobs,
-                lambda outcome: callbacks.on_record(outcome, False),
+                callbacks.on_record,
                 lambda job_id: callbacks.on_start(job_id, False),
                 self.max_concurrent,
                 callbacks.should_stop,
@@ -92,6 +92,8 @@ class RayClusterSession:
                 callbacks.on_progress,
                 callbacks.say,
                 PoolLease(self.keep_warm) if self.info.shared else None,
+                callbacks.together,
+                callbacks.on_pack,
             )
         except RunInterrupted as interruption:
             interrupted = interruption

@@ -225,11 +225,12 @@ class Scheduler:
         return max(min(deadlines) - self.clock(), 0.0) if deadlines else None
 
     def statuses(self) -> list[str]:
-        """Each job's kept status, in the order the jobs were given."""
-        missing = [job.id for job in self.jobs if job.id not in self.kept_statuses]
+        """Each job's kept status (a pack's members each), in the order the jobs were given."""
+        jobs = [member for job in self.jobs for member in job.jobs]
+        missing = [job.id for job in jobs if job.id not in self.kept_statuses]
         if missing:
             raise RuntimeError(f"no record was kept for {', '.join(missing)}: ask once has_work() is false")
-        return [self.kept_statuses[job.id] for job in self.jobs]
+        return [self.kept_statuses[job.id] for job in jobs]
 
     # Events.
 
@@ -327,7 +328,9 @@ class Scheduler:
         started and is recorded cancelled; nothing starts afterwards.
         """
         never_started = [
-            job for job in self.jobs if job.id not in self.kept_statuses and job.id not in self.running
+            job
+            for job in self.jobs
+            if job.id not in self.running and any(member.id not in self.kept_statuses for member in job.jobs)
         ]
         running = list(self.running.values())
         self.queue.clear()
@@ -337,10 +340,17 @@ class Scheduler:
         for run in running:
             decisions += self._stop(run, reason, now)
         decisions += [Record(job, "cancelled", reason, 0.0) for job in never_started]
-        return Cancellation(decisions, len(running), len(never_started))
+        return Cancellation(
+            decisions,
+            sum(len(run.job.jobs) for run in running),
+            sum(len(job.jobs) for job in never_started),
+        )
 
     def recorded(self, job_id: str, status: str) -> None:
-        """The driver kept the job's record (again, after an interrupted delivery: harmless)."""
+        """The driver kept the job's record (again, after an interrupted delivery: harmless).
+
+        A pack's members are each recorded under their own ids; the pack's id never is.
+        """
         self.kept_statuses[job_id] = status
 
     # The policy's parts.

@@ -105,6 +105,9 @@ class FrameworkDescription:
     # Whether a job that names no framework runs on this one too (TensorFlow and torch, the
     # comparison runjobs began with); others run when named.
     in_default_comparison: bool = True
+    # Which models its `train_pack` vectorises (jobs/plan/packing.py): "built-in" (linear,
+    # mlp) and "user" (a user's model, where the framework can vectorise arbitrary code).
+    packs: tuple[str, ...] = ("built-in",)
 
     @property
     def variant_names(self) -> tuple[str, ...]:
@@ -157,6 +160,7 @@ _BUILT_IN = (
     ),
     FrameworkDescription(
         name="torch",
+        packs=("built-in", "user"),  # torch.func / jax.vmap vectorise any function
         implementation="workers.frameworks.torch:TorchFramework",
         variants=(SINGLE, DDP),
         formats=(
@@ -184,6 +188,7 @@ _BUILT_IN = (
     ),
     FrameworkDescription(
         name="jax",
+        packs=("built-in", "user"),  # torch.func / jax.vmap vectorise any function
         implementation="workers.frameworks.jax:JaxFramework",
         variants=(SINGLE,),
         formats=(

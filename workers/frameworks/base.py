@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Protocol
@@ -84,6 +84,14 @@ class ExportSettings:
 EXPORT_SETTINGS = ExportSettings()
 
 
+class PackingUnsupported(Exception):
+    """A pack this framework cannot train as one program (a user model it cannot vectorise).
+
+    The task body (workers/packed.py) then trains the pack's jobs one after another, and
+    their records say why.
+    """
+
+
 class ModelLoadError(ValueError):
     """A model file runjobs will not load; the message says what to give instead."""
 
@@ -114,6 +122,9 @@ class Framework(ABC):
     # reports its loss to it between chunks of epochs and stops when told to. A framework
     # that does not trains every job whole: its jobs are never stopped early.
     reports_progress: ClassVar[bool] = False
+
+    # Whether `train_pack` trains many single-device jobs as one vectorised program.
+    packs: ClassVar[bool] = False
 
     def __init__(self, description: FrameworkDescription) -> None:
         unsupported = [name for name in description.variant_names if name not in self.trained_variants]
@@ -193,6 +204,27 @@ class Framework(ABC):
         reports after each, and stops when the monitor says so (`stopped_at_epoch`); the
         chunks compute what the whole run computes.
         """
+
+    def train_pack(
+        self, specs: Sequence[JobSettings], model: ModelPlan, data: TrainingData, device: Device
+    ) -> list[TrainerOutcome]:
+        """Train single-device jobs that share everything but what can be vectorised, as one program.
+
+        The specs share model, data, dtype, optimizer, loop (`fast`), batch size, epochs and
+        how parameters start (shared start, one value, or the framework's initialiser);
+        they may differ in lr, beta_1, beta_2, epsilon, seed and initial_value
+        (jobs/plan/packing.py decides). Parameters are stacked along a leading axis, one
+        entry a job, each with its own hyperparameters, its own start (drawn from its own
+        seed) and its own shuffle order (the one it draws alone), and nothing is reduced
+        across jobs, so a job that diverges leaves the others untouched.
+
+        Returns one outcome a spec, in order, each what `train_variant` returns for that
+        spec alone up to float rounding (the tests hold packed and unpacked runs to 1e-5
+        relative in float32, 1e-10 in float64). Every outcome carries the pack's set-up,
+        train and predict seconds and the pack's per-epoch seconds; the task body divides
+        them. Raises PackingUnsupported for a model it cannot vectorise.
+        """
+        raise PackingUnsupported(f"{self.name} does not train packs")
 
     @abstractmethod
     def export_model(self, plan: ModelPlan, parameters: list[np.ndarray], directory: Path) -> dict[str, str]:

@@ -19,7 +19,10 @@ runjobs' own rule (workers/update_rules.py, the same arithmetic and order as the
 frameworks); JAX has no stock fit, so `article` runs the same loop with optax's
 optimizers, JAX's idiomatic stock ones. A warm worker keeps the compiled function for the
 next job of the same shape (see `_loop_key`). A job that reports its loss
-(workers/reporting.py) calls the same compiled function once per chunk of epochs.
+(workers/reporting.py) calls the same compiled function once per chunk of epochs. A pack
+of jobs (`train_pack`) runs that function under jax.vmap, its jobs stacked along a
+leading axis; XLA may sum a stacked job's gradients in another order than a lone job's,
+so the two agree to float rounding, not bit for bit.
 
 Precision: float64 needs JAX's x64 mode, a process-wide switch, which this module turns on
 at import. Every array runjobs hands JAX carries its dtype explicitly, so a float32 job
@@ -42,7 +45,7 @@ import os
 import re
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,7 +62,14 @@ import numpy as np  # noqa: E402
 from workers.devices import choose_device  # noqa: E402
 from workers.distributed import SINGLE_WORKER, WorkerContext  # noqa: E402
 from workers.frameworks import FrameworkDescription  # noqa: E402
-from workers.frameworks.base import EXPORT_SETTINGS, Framework, JobSettings, ModelLoadError, Predictor  # noqa: E402
+from workers.frameworks.base import (  # noqa: E402
+    EXPORT_SETTINGS,
+    Framework,
+    JobSettings,
+    ModelLoadError,
+    PackingUnsupported,
+    Predictor,
+)
 from workers.models import ModelPlan  # noqa: E402
 from workers.models import user as user_models  # noqa: E402
 from workers.models.shared_start import describe_layout, draw  # noqa: E402
@@ -94,6 +104,7 @@ class JaxFramework(Framework):
 
     trained_variants = ("single",)
     reports_progress = True
+    packs = True
 
     def __init__(self, description: FrameworkDescription) -> None:
         super().__init__(description)
@@ -157,15 +168,11 @@ class JaxFramework(Framework):
             return put(np.asarray(number, np.int32))
 
         arguments = (parameters, state, features, target, epoch(0), epoch(spec.epochs), seed)
-        key = _loop_key(spec, plan, data, device)
-        loop = self._loops.get(key)
-        if loop is None or loop.capacity < spec.epochs:
-            loop = _compile(spec, plan, data, model, rule, arguments, prediction_inputs)
-            self.compilations += 1
-            self._loops[key] = loop
-            while len(self._loops) > KEPT_LOOPS:
-                self._loops.popitem(last=False)
-        self._loops.move_to_end(key)
+        loop = self._kept_loop(
+            _loop_key(spec, plan, data, device),
+            spec.epochs,
+            lambda: _compile(spec, plan, data, model, rule, arguments, prediction_inputs),
+        )
         setup_s = time.perf_counter() - setup_started
 
         train_started = time.perf_counter()
@@ -218,6 +225,104 @@ class JaxFramework(Framework):
             update_rule=rule.name,
             stopped_at_epoch=schedule.stopped_at_epoch,
         )
+
+    def train_pack(
+        self, specs: Sequence[JobSettings], plan: ModelPlan, data: TrainingData, device: Device
+    ) -> list[TrainerOutcome]:
+        """Train the jobs as one compiled loop: train_variant's run, vmapped over the jobs' stacked state."""
+        setup_started = time.perf_counter()
+        first = specs[0]
+        if first.loop != "fast":
+            # The contract packs runjobs' own rule only; optax's rules train job by job.
+            raise PackingUnsupported(f"JAX packs loop=fast jobs only, not loop={first.loop}")
+        unlike = [spec for spec in specs if _packed_settings(spec) != _packed_settings(first)]
+        if unlike:
+            raise ValueError(
+                f"a pack's jobs must share {', '.join(PACKED_SETTINGS)}; {len(unlike)} of {len(specs)} "
+                f"differ from the first ({_packed_settings(first)} vs {_packed_settings(unlike[0])})"
+            )
+        members = _member_models(specs, plan, data)
+        model = members[0]
+        rule = update_rule(first)
+        starts = [initialise_parameters(spec, plan, member) for spec, member in zip(specs, members)]
+        put = functools.partial(jax.device_put, device=_jax_device(device))
+
+        def stacked(*values):
+            return put(np.stack(values))
+
+        parameters = [stacked(*leaves) for leaves in zip(*starts)]
+        state = jax.tree_util.tree_map(
+            stacked, *[rule.initial_state(spec, start) for spec, start in zip(specs, starts)]
+        )
+        features, target = put(data.features), put(data.target)
+        prediction_inputs = put(data.prediction_inputs)
+        seeds = put(np.asarray([spec.seed for spec in specs], np.int64))
+        epochs = first.epochs
+        first_epoch, end_epoch = put(np.asarray(0, np.int32)), put(np.asarray(epochs, np.int32))
+        arguments = (parameters, state, features, target, first_epoch, end_epoch, seeds)
+        # A user model's function is its builder's for these seeds (_member_models checks it is one).
+        seeds_key = tuple(spec.seed for spec in specs) if plan.user is not None else None
+        key = ("pack", len(specs), seeds_key, *_loop_key(first, plan, data, device))
+
+        def compile_pack() -> _CompiledLoop:
+            try:
+                return _compile(first, plan, data, model, rule, arguments, prediction_inputs, packed=True)
+            except Exception as error:
+                if plan.user is None:
+                    raise
+                raise PackingUnsupported(
+                    f"the user model's apply does not run under jax.vmap: {_first_line(error)}"
+                ) from error
+
+        loop = self._kept_loop(key, epochs, compile_pack)
+        setup_s = time.perf_counter() - setup_started
+
+        train_started = time.perf_counter()
+        learned, _, losses, history = loop.run(*arguments)
+        losses = np.asarray(losses)[:, :epochs]
+        history = np.asarray(history)[:, :epochs] if plan.is_linear else None
+        train_s = time.perf_counter() - train_started
+
+        predict_started = time.perf_counter()
+        predictions = (
+            np.asarray(loop.predict(learned, prediction_inputs))
+            if len(data.prediction_inputs)
+            else np.zeros((len(specs), 0))
+        )
+        fitted = None if plan.is_linear else np.asarray(loop.fit(learned, features), dtype=np.float64)
+        predict_s = time.perf_counter() - predict_started
+
+        learned = [np.asarray(values, dtype=np.float64) for values in learned]
+        # As a reporting job's chunk: one call, its time shared evenly by its epochs.
+        epoch_seconds = [train_s / epochs] * epochs
+        return [
+            TrainerOutcome(
+                parameters=[values[index] for values in learned],
+                loss_history=losses[index].tolist(),
+                epoch_seconds=list(epoch_seconds),
+                parameter_history=None if history is None else history[index].astype(np.float64),
+                predictions=predictions[index],
+                setup_s=setup_s,
+                train_s=train_s,
+                predict_s=predict_s,
+                fitted=None if fitted is None else fitted[index],
+                parameter_names=[name for name, _ in model.layout],
+                update_rule=rule.name,
+            )
+            for index in range(len(specs))
+        ]
+
+    def _kept_loop(self, key: tuple, epochs: int, compile: Callable[[], _CompiledLoop]) -> _CompiledLoop:
+        """The loop kept for `key` when it records `epochs`, else compile()'s, kept in its place."""
+        loop = self._loops.get(key)
+        if loop is None or loop.capacity < epochs:
+            loop = compile()
+            self.compilations += 1
+            self._loops[key] = loop
+            while len(self._loops) > KEPT_LOOPS:
+                self._loops.popitem(last=False)
+        self._loops.move_to_end(key)
+        return loop
 
     def export_model(self, plan: ModelPlan, parameters: list[np.ndarray], directory: Path) -> dict[str, str]:
         model = build_model(EXPORT_SETTINGS, plan)
@@ -335,6 +440,62 @@ def _path_name(path) -> str:
         else:
             parts.append(str(entry))
     return "/".join(parts)
+
+
+# What a pack's jobs share (beyond the model and the data), whatever jobs/plan/packing.py grows to.
+PACKED_SETTINGS = ("variant", "dtype", "optimizer", "loop", "batch_size", "epochs", "shared_start")
+
+
+def _packed_settings(spec: JobSettings) -> tuple:
+    # An initial value may differ between jobs, but not whether there is one.
+    return (*(getattr(spec, name) for name in PACKED_SETTINGS), spec.initial_value is None)
+
+
+def _member_models(specs: Sequence[JobSettings], plan: ModelPlan, data: TrainingData) -> list[JaxModel]:
+    """Each job's model: one for a dense stack; a user's builder's, once a seed (it sees the seed).
+
+    The pack runs one function for every job, so a builder whose function or layout
+    depends on the seed (beyond its parameters' values) cannot pack.
+    """
+    if plan.user is None:
+        return [build_model(specs[0], plan)] * len(specs)
+    built: dict[int, JaxModel] = {}
+    for spec in specs:
+        if spec.seed not in built:
+            built[spec.seed] = build_model(spec, plan)
+    distinct = list(built.values())
+    if any(model.layout != distinct[0].layout for model in distinct):
+        raise PackingUnsupported("the user model's builder gives each seed parameters of other shapes")
+    if len(distinct) > 1:
+        try:
+            traces = [_trace(model, specs[0].dtype, data.features) for model in distinct]
+        except Exception as error:
+            reason = f"the user model's apply does not trace: {_first_line(error)}"
+            raise PackingUnsupported(reason) from error
+        if any(not _same_trace(trace, traces[0]) for trace in traces):
+            raise PackingUnsupported("the user model's builder gives each seed another function")
+    return [built[spec.seed] for spec in specs]
+
+
+def _trace(model: JaxModel, dtype: str, features: np.ndarray) -> tuple[str, list[np.ndarray]]:
+    """The model's function as JAX sees it: its jaxpr's text and the constants it closes over."""
+    leaves = [jax.ShapeDtypeStruct(shape, dtype) for _, shape in model.layout]
+    closed = jax.make_jaxpr(model.apply)(leaves, features)
+    return str(closed.jaxpr), [np.asarray(constant) for constant in closed.consts]
+
+
+def _same_trace(trace: tuple[str, list[np.ndarray]], other: tuple[str, list[np.ndarray]]) -> bool:
+    (text, constants), (other_text, other_constants) = trace, other
+    return (
+        text == other_text
+        and len(constants) == len(other_constants)
+        and all(np.array_equal(mine, theirs) for mine, theirs in zip(constants, other_constants))
+    )
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 def initialise_parameters(spec: JobSettings, plan: ModelPlan, model: JaxModel) -> list[np.ndarray]:
@@ -488,10 +649,14 @@ def _capacity(epochs: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(epochs, 1))))
 
 
-def _compile(spec, plan, data, model: JaxModel, rule, arguments: tuple, prediction_inputs) -> _CompiledLoop:
+def _compile(
+    spec, plan, data, model: JaxModel, rule, arguments: tuple, prediction_inputs, packed: bool = False
+) -> _CompiledLoop:
     """Lower and compile the run and the predictions for these arguments' shapes: set-up, not training.
 
     `arguments` are the run's: (parameters, state, features, target, first epoch, end epoch, seed).
+    A `packed` loop trains many jobs at once: their parameters, rule states and seeds are
+    stacked along a leading axis, and so are its results.
     """
     parameters, features = arguments[0], arguments[2]
     rows = data.rows
@@ -551,6 +716,11 @@ def _compile(spec, plan, data, model: JaxModel, rule, arguments: tuple, predicti
     def outputs(parameters, inputs):
         return jnp.reshape(apply(parameters, inputs), (-1,))
 
+    if packed:
+        # jax.vmap maps each job's own run over the stack, so nothing is reduced across jobs
+        # and each draws its own shuffle from its own seed; the data and the epochs are shared.
+        run = jax.vmap(run, in_axes=(0, 0, None, None, None, None, 0))
+        outputs = jax.vmap(outputs, in_axes=(0, None))
     compiled_run = jax.jit(run).lower(*arguments).compile()
     compiled_predict = jax.jit(outputs).lower(parameters, prediction_inputs).compile()
     compiled_fit = None if plan.is_linear else jax.jit(outputs).lower(parameters, features).compile()

@@ -12,8 +12,13 @@ article does (single only). A job that reports its loss (workers/reporting.py) c
 same compiled loop once per chunk of epochs, or, under `article`, reports from a Keras
 callback that ends `fit` when told to stop.
 
+A pack of single-device jobs (workers/packed.py) trains as one compiled loop over
+batched variables: every parameter carries the pack's jobs on a leading axis, each job
+with its own hyperparameters, start and shuffle order (`train_pack`).
+
 A warm worker keeps its `TensorFlowFramework` (the registry holds one per process), and
-with it the last traced single-device loop, which the next job of the same shape reuses.
+with it the last traced single-device loop and the last traced pack, which the next job
+or pack of the same shape reuses.
 
 Exports a SavedModel, a .keras file, and ONNX when tf2onnx is installed; reads SavedModel
 (a graph) and .keras (in Keras' safe mode) back. Importing this module imports
@@ -28,10 +33,10 @@ import math
 import os
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 # Keep TensorFlow's C++ start-up chatter (oneDNN, CUDA probing) out of job output.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -70,7 +75,14 @@ tf = _import_tensorflow()
 from workers.devices import choose_device  # noqa: E402
 from workers.distributed import SINGLE_WORKER, WorkerContext  # noqa: E402
 from workers.frameworks import FrameworkDescription  # noqa: E402
-from workers.frameworks.base import EXPORT_SETTINGS, Framework, JobSettings, ModelLoadError, Predictor  # noqa: E402
+from workers.frameworks.base import (  # noqa: E402
+    EXPORT_SETTINGS,
+    Framework,
+    JobSettings,
+    ModelLoadError,
+    PackingUnsupported,
+    Predictor,
+)
 from workers.frameworks.onnx_format import ONNX_OPSET, one_line, write_checked  # noqa: E402
 from workers.models import ModelPlan  # noqa: E402
 from workers.models import user as user_models  # noqa: E402
@@ -208,11 +220,34 @@ class _CompiledLoop:
         self.rule.reset(spec)
 
 
+class _PackSettings(NamedTuple):
+    """A pack's update-rule settings, one entry a job ([jobs] vectors), as its traced loop takes them."""
+
+    learning_rate: Any
+    beta_1: Any
+    beta_2: Any
+    epsilon: Any
+    # Every distinct beta of the pack, and where each job's beta_1 and beta_2 are among them:
+    # the bias corrections' powers are computed once a distinct beta (see _packed_update).
+    betas: Any
+    beta_1_index: Any
+    beta_2_index: Any
+
+
+@dataclass
+class _PackedLoop:
+    """A traced packed training loop, kept for the next pack of the same key."""
+
+    key: tuple
+    run: Any  # ConcreteFunction: (parameters, seeds, settings, epochs) -> (losses, learned, history, stamps)
+
+
 class TensorFlowFramework(Framework):
     """TensorFlow behind the framework interface; one instance per process keeps the traced loop."""
 
     trained_variants = tuple(VARIANT_STRATEGIES)
     reports_progress = True
+    packs = True
 
     def __init__(self, description: FrameworkDescription) -> None:
         super().__init__(description)
@@ -222,6 +257,8 @@ class TensorFlowFramework(Framework):
         # traced loop: those enter it as variables or arguments. One entry, so a worker
         # holds one job's data at most.
         self._last_loop: _CompiledLoop | None = None
+        # The same for packs: the pack's size is part of its key.
+        self._last_pack: _PackedLoop | None = None
 
     @property
     def traced_loop(self) -> _CompiledLoop | None:
@@ -383,6 +420,64 @@ class TensorFlowFramework(Framework):
             OWN_RULE[spec.optimizer],
         )
 
+    def train_pack(
+        self, specs: Sequence[JobSettings], plan: ModelPlan, data: TrainingData, device: Device
+    ) -> list[TrainerOutcome]:
+        """Train the jobs as one compiled loop over batched variables (see _trace_pack)."""
+        setup_started = time.perf_counter()
+        first = specs[0]
+        if plan.user is not None:
+            raise PackingUnsupported(
+                "TensorFlow cannot vectorise a user's Keras model across jobs; its jobs train one at a time"
+            )
+        if first.loop != "fast":
+            raise PackingUnsupported(f"loop={first.loop} trains with Keras's fit, one job at a time")
+        unlike = [spec for spec in specs if _shared_fields(spec) != _shared_fields(first)]
+        if unlike:
+            raise ValueError(
+                f"a pack's jobs must share {', '.join(PACK_SHARED)} and whether Keras initialises them; "
+                f"{len(unlike)} of {len(specs)} differ from the first "
+                f"({_shared_fields(first)} vs {_shared_fields(unlike[0])})"
+            )
+        dtype = tf.as_dtype(first.dtype)
+        with tf.device(_placement(device)):
+            parameters = [tf.constant(np.stack(values)) for values in zip(*_member_starts(specs, plan))]
+            seeds = tf.constant([spec.seed for spec in specs], tf.int64)
+            settings = _rule_settings(specs, dtype)
+            key = (len(specs), *_shape_key(first, plan, data, device))
+            if self._last_pack is None or self._last_pack.key != key:
+                self._last_pack = _PackedLoop(key, _trace_pack(first, plan, data, len(specs)))
+            setup_s = time.perf_counter() - setup_started
+
+            train_started = time.perf_counter()
+            losses, learned, history, stamps = self._last_pack.run(
+                parameters, seeds, settings, tf.constant(first.epochs)
+            )
+            losses, history, seconds = losses.numpy(), history.numpy(), np.diff(stamps.numpy()).tolist()
+            train_s = time.perf_counter() - train_started
+
+            predict_started = time.perf_counter()
+            predictions = _packed_forward(plan, learned, tf.constant(data.prediction_inputs)).numpy()
+            predict_s = time.perf_counter() - predict_started
+            fitted = None if plan.is_linear else _packed_forward(plan, learned, tf.constant(data.features))
+        learned = [np.asarray(values, dtype=np.float64) for values in learned]
+        return [
+            TrainerOutcome(
+                parameters=[values[index] for values in learned],
+                loss_history=losses[:, index].tolist(),
+                epoch_seconds=list(seconds),
+                parameter_history=history[:, index].astype(np.float64) if plan.is_linear else None,
+                predictions=predictions[index].reshape(-1),
+                setup_s=setup_s,
+                train_s=train_s,
+                predict_s=predict_s,
+                fitted=None if fitted is None else np.asarray(fitted[index], dtype=np.float64).reshape(-1),
+                parameter_names=[name for name, _ in plan.layout],
+                update_rule=OWN_RULE[first.optimizer],
+            )
+            for index in range(len(specs))
+        ]
+
     def export_model(self, plan: ModelPlan, parameters: list[np.ndarray], directory: Path) -> dict[str, str]:
         # Keras 3 itself (not tf.keras's lazy loader): its save and export write the files.
         import keras as keras_package
@@ -508,13 +603,15 @@ def _stock_optimizer(spec: JobSettings):
 
 def _loop_key(spec: JobSettings, plan: ModelPlan, data: TrainingData, device: Device) -> tuple:
     """What a traced loop is specialised on: a job that differs in any of these traces its own."""
+    return (spec.beta_1, spec.beta_2, spec.epsilon, *_shape_key(spec, plan, data, device))
+
+
+def _shape_key(spec: JobSettings, plan: ModelPlan, data: TrainingData, device: Device) -> tuple:
+    """What a job's traced loop and a pack's share: the model, the data and how it is cut, the device."""
     return (
         repr(plan),
         spec.dtype,
         spec.optimizer,
-        spec.beta_1,
-        spec.beta_2,
-        spec.epsilon,
         batch_size_for(spec.batch_size, data.rows),
         device.name,
         data.features.shape,
@@ -638,6 +735,214 @@ def _trace(spec, plan, data, model, rule: OwnUpdateRule, strategy, one_device: b
     return run.get_concrete_function(
         tf.constant(spec.epochs), tf.constant(spec.seed, tf.int64), tf.constant(0)
     )
+
+
+# What a pack's jobs must share beyond model and data (jobs/plan/packing.py groups them so).
+PACK_SHARED = ("variant", "dtype", "optimizer", "batch_size", "epochs", "loop", "shared_start")
+
+
+def _shared_fields(spec: JobSettings) -> tuple:
+    """PACK_SHARED's values, and whether Keras's own initialiser starts the job."""
+    return (*(getattr(spec, name) for name in PACK_SHARED), spec.initial_value is None)
+
+
+def _member_starts(specs: Sequence[JobSettings], plan: ModelPlan) -> list[list[np.ndarray]]:
+    """Each pack job's initial parameters, in the canonical layout, as train_variant starts it alone."""
+    shapes = [shape for _, shape in plan.layout]
+    first = specs[0]
+    if first.shared_start:
+        return [draw(shapes, spec.seed, spec.dtype) for spec in specs]
+    if first.initial_value is not None:
+        return [[np.full(shape, spec.initial_value, dtype=spec.dtype) for shape in shapes] for spec in specs]
+    starts = [_keras_draw(spec, plan) for spec in specs]
+    if all(np.array_equal(drawn, built) for drawn, built in zip(starts[0], _keras_start(first, plan))):
+        return starts
+    # This Keras's Dense layers draw otherwise: each job's model, built as it is alone.
+    return [_keras_start(spec, plan) for spec in specs]
+
+
+def _keras_start(spec: JobSettings, plan: ModelPlan) -> list[np.ndarray]:
+    """Keras's own initial parameters for a job: its model's, built after its seed (about 20 ms)."""
+    keras.utils.set_random_seed(spec.seed)
+    return [variable.numpy() for variable in build_model(spec, plan).trainable_variables]
+
+
+def _keras_draw(spec: JobSettings, plan: ModelPlan) -> list[np.ndarray]:
+    """What _keras_start gives, drawn without a model: glorot-uniform kernels and zero biases.
+
+    A Dense layer's kernel initialiser takes its seed from Python's generator, which
+    keras.utils.set_random_seed seeds, when the layer is made; so the initialisers drawn
+    layer by layer after the job's seed draw its model's kernels. _member_starts checks
+    the pack's first job against its built model.
+    """
+    keras.utils.set_random_seed(spec.seed)
+    return [
+        values
+        for layer in plan.layers
+        for values in (
+            np.asarray(keras.initializers.GlorotUniform()((layer.inputs, layer.outputs), dtype=spec.dtype)),
+            np.zeros(layer.outputs, dtype=spec.dtype),
+        )
+    ]
+
+
+def _rule_settings(specs: Sequence[JobSettings], dtype) -> _PackSettings:
+    betas = sorted({beta for spec in specs for beta in (spec.beta_1, spec.beta_2)})
+    position = {beta: index for index, beta in enumerate(betas)}
+    return _PackSettings(
+        learning_rate=tf.constant([spec.lr for spec in specs], dtype),
+        beta_1=tf.constant([spec.beta_1 for spec in specs], dtype),
+        beta_2=tf.constant([spec.beta_2 for spec in specs], dtype),
+        epsilon=tf.constant([spec.epsilon for spec in specs], dtype),
+        betas=tf.constant(betas, dtype),
+        beta_1_index=tf.constant([position[spec.beta_1] for spec in specs], tf.int32),
+        beta_2_index=tf.constant([position[spec.beta_2] for spec in specs], tf.int32),
+    )
+
+
+# Each activation as Keras computes it (its gelu is tf.nn.gelu's exact one), so that a packed
+# job's outputs round as its Keras model's do; _ACTIVATION_OPERATIONS' gelu is ONNX's form.
+_PACKED_ACTIVATIONS: dict[str, Callable[[Any], Any]] = {
+    "linear": lambda values: values,
+    "relu": tf.nn.relu,
+    "tanh": tf.math.tanh,
+    "gelu": lambda values: tf.nn.gelu(values, approximate=False),
+}
+
+
+def _packed_forward(plan: ModelPlan, parameters, inputs):
+    """Every job's dense stack on `inputs` ([rows, K] for all jobs, or [jobs, rows, K]): [jobs, rows, 1].
+
+    Each layer is Keras Dense's x @ kernel + bias, then its activation, with one job a batch
+    entry of tf.matmul.
+    """
+    outputs = inputs if inputs.shape.rank == 3 else inputs[tf.newaxis]
+    for index, layer in enumerate(plan.layers):
+        kernel, bias = parameters[2 * index], parameters[2 * index + 1]
+        outputs = _PACKED_ACTIVATIONS[layer.activation](tf.matmul(outputs, kernel) + bias[:, tf.newaxis, :])
+    return outputs
+
+
+def _packed_update(optimizer: str, state, gradients, settings: _PackSettings):
+    """OwnUpdateRule.apply for every job at once, each with its own settings; returns the new state."""
+    parameters, first, second, step_number = state
+
+    def per_job(values, parameter):  # [jobs] -> [jobs, 1, ...], to scale a parameter job by job
+        return tf.reshape(values, [-1] + [1] * (parameter.shape.rank - 1))
+
+    if optimizer == "sgd":
+        updated = [
+            parameter - per_job(settings.learning_rate, parameter) * gradient
+            for parameter, gradient in zip(parameters, gradients)
+        ]
+        return updated, first, second, step_number
+    step_number = step_number + 1.0
+    one = tf.constant(1.0, step_number.dtype)
+    # One scalar tf.pow a distinct beta, as a job alone computes it: on a vector, TensorFlow's
+    # pow is Eigen's vectorised one, an ulp off, which is up to 1.5e-5 of 1 - 0.999**t in float32.
+    powers = tf.map_fn(lambda beta: tf.pow(beta, step_number), settings.betas)
+    correction_1 = one - tf.gather(powers, settings.beta_1_index)
+    correction_2 = one - tf.gather(powers, settings.beta_2_index)
+    new_parameters, new_first, new_second = [], [], []
+    for parameter, gradient, moment_1, moment_2 in zip(parameters, gradients, first, second):
+        beta_1, beta_2 = per_job(settings.beta_1, parameter), per_job(settings.beta_2, parameter)
+        moment_1 = beta_1 * moment_1 + (one - beta_1) * gradient
+        # In a job's own loop (1 - beta_2) is a scalar, and Grappler's arithmetic optimiser
+        # reorders its (1 - beta_2) * g * g to multiply g * g first; written so here, the pack's
+        # [jobs, 1, ...] factor rounds alike (bit for bit, on the article's data).
+        moment_2 = beta_2 * moment_2 + gradient * gradient * (one - beta_2)
+        update = (
+            per_job(settings.learning_rate, parameter)
+            * (moment_1 / per_job(correction_1, parameter))
+            / (tf.sqrt(moment_2 / per_job(correction_2, parameter)) + per_job(settings.epsilon, parameter))
+        )
+        new_parameters.append(parameter - update)
+        new_first.append(moment_1)
+        new_second.append(moment_2)
+    return new_parameters, new_first, new_second, step_number
+
+
+def _trace_pack(spec: JobSettings, plan: ModelPlan, data: TrainingData, pack_size: int):
+    """A pack's whole run as one compiled function; tracing it is set-up.
+
+    It takes the jobs' stacked initial parameters ([jobs, inputs, outputs] kernels, [jobs,
+    outputs] biases), seeds, settings and the epochs, and returns the losses [epochs, jobs],
+    the learned parameters, the linear model's history [epochs, jobs, K + 1] and the
+    epochs' time stamps. Each step is _trace's: the loss whose gradient is taken is the sum
+    of the jobs' losses, so each job's gradient is its own loss's alone; the update is
+    OwnUpdateRule's with each job's settings. Nothing is reduced across jobs.
+    """
+    dtype = tf.as_dtype(spec.dtype)
+    features = tf.constant(data.features)
+    target = tf.constant(data.target)
+    rows = data.rows
+    batch = batch_size_for(spec.batch_size, rows)
+    steps_per_epoch = math.ceil(rows / batch)
+    keep_history = plan.is_linear
+    history_width = plan.feature_count + 1 if keep_history else 0
+
+    def step(state, settings, batch_features, batch_target, batch_rows):
+        with tf.GradientTape() as tape:
+            tape.watch(state[0])
+            outputs = _packed_forward(plan, state[0], batch_features)
+            squared_errors = tf.reduce_sum(tf.square(outputs - batch_target), axis=[1, 2])
+            loss = tf.reduce_sum(squared_errors / batch_rows)
+        gradients = tape.gradient(loss, state[0])
+        return _packed_update(spec.optimizer, state, gradients, settings), squared_errors
+
+    vector = tf.TensorSpec([pack_size], dtype)
+    signature = (
+        [tf.TensorSpec((pack_size, *shape), dtype) for _, shape in plan.layout],
+        tf.TensorSpec([pack_size], tf.int64),
+        _PackSettings(
+            vector,
+            vector,
+            vector,
+            vector,
+            tf.TensorSpec([None], dtype),
+            *[tf.TensorSpec([pack_size], tf.int32)] * 2,
+        ),
+        tf.TensorSpec([], tf.int32),
+    )
+
+    @tf.function(input_signature=signature)
+    def run(parameters, seeds, settings, epochs):
+        zeros = [tf.zeros_like(parameter) for parameter in parameters]
+        state = (parameters, zeros, zeros, tf.constant(0.0, dtype))
+        losses = tf.TensorArray(dtype, size=epochs, element_shape=[pack_size])
+        history = tf.TensorArray(
+            dtype, size=epochs if keep_history else 0, element_shape=[pack_size, history_width]
+        )
+        stamps = tf.TensorArray(tf.float64, size=epochs + 1)
+        stamps = stamps.write(0, tf.timestamp())
+        all_rows = tf.range(rows)
+        for epoch in tf.range(epochs):
+            if steps_per_epoch == 1:
+                state, total = step(state, settings, features, target, tf.constant(float(rows), dtype))
+            else:
+                # Each job's own order, the one it shuffles alone (_trace): seeded [seed, epoch].
+                epoch_seeds = tf.stack([seeds, tf.fill([pack_size], tf.cast(epoch, tf.int64))], axis=1)
+                orders = tf.map_fn(
+                    lambda epoch_seed: tf.random.experimental.stateless_shuffle(all_rows, seed=epoch_seed),
+                    epoch_seeds,
+                    fn_output_signature=tf.int32,
+                )
+                total = tf.zeros([pack_size], dtype)
+                for start in tf.range(0, rows, batch):
+                    indices = orders[:, start : tf.minimum(start + batch, rows)]
+                    batch_rows = tf.cast(tf.shape(indices)[1], dtype)
+                    state, squared_errors = step(
+                        state, settings, tf.gather(features, indices), tf.gather(target, indices), batch_rows
+                    )
+                    total += squared_errors
+            losses = losses.write(epoch, total / rows)
+            if keep_history:
+                flat = [tf.reshape(parameter, [pack_size, -1]) for parameter in state[0]]
+                history = history.write(epoch, tf.concat(flat, 1))
+            stamps = stamps.write(epoch + 1, tf.timestamp())
+        return losses.stack(), state[0], history.stack(), stamps.stack()
+
+    return run.get_concrete_function()
 
 
 def _fit_loop(spec, plan, data, model, schedule: ReportSchedule, setup_started) -> TrainerOutcome:

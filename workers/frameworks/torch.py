@@ -22,7 +22,7 @@ import contextlib
 import datetime
 import pickle
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,14 @@ import torch
 
 from workers.devices import choose_device
 from workers.distributed import SINGLE_WORKER, WorkerContext
-from workers.frameworks.base import EXPORT_SETTINGS, Framework, JobSettings, ModelLoadError, Predictor
+from workers.frameworks.base import (
+    EXPORT_SETTINGS,
+    Framework,
+    JobSettings,
+    ModelLoadError,
+    PackingUnsupported,
+    Predictor,
+)
 from workers.frameworks.onnx_format import ONNX_OPSET, one_line, write_checked
 from workers.models import ModelPlan
 from workers.models import user as user_models
@@ -46,6 +53,7 @@ class TorchFramework(Framework):
     # ddp is the same training function as single, with a world size above 1.
     trained_variants = ("single", "ddp")
     reports_progress = True
+    packs = True
 
     def initialise(
         self,
@@ -91,6 +99,13 @@ class TorchFramework(Framework):
         if context.is_distributed:
             outcome.distribution = {"backend": backend, "devices": [device.name]}
         return outcome
+
+    def train_pack(
+        self, specs: Sequence[JobSettings], model: ModelPlan, data: TrainingData, device: Device
+    ) -> list[TrainerOutcome]:
+        if specs[0].loop != "fast":
+            raise PackingUnsupported("loop=article trains with torch.optim, one job at a time")
+        return _train_pack(list(specs), model, data, torch.device(device.name))
 
     def export_model(self, plan: ModelPlan, parameters: list[np.ndarray], directory: Path) -> dict[str, str]:
         feature_count = plan.feature_count
@@ -357,6 +372,201 @@ def _train_on_rank(
         update_rule=update_rule,
         stopped_at_epoch=schedule.stopped_at_epoch,
     )
+
+
+class PackedUpdateRule:
+    """OwnUpdateRule for a pack: every parameter stacked along a leading job axis, each job its settings.
+
+    The coefficients (1 - beta_1, the bias corrections) are computed per job in float64
+    and cast to the parameters' dtype, as torch casts OwnUpdateRule's Python floats.
+    """
+
+    def __init__(self, specs: list[JobSettings], parameters: list[torch.Tensor]) -> None:
+        self.optimizer = specs[0].optimizer
+        self.parameters = parameters
+        self.first = [torch.zeros_like(parameter) for parameter in parameters]
+        self.second = [torch.zeros_like(parameter) for parameter in parameters]
+        self.step_number = 0
+        self.settings = {
+            name: np.asarray([getattr(spec, name) for spec in specs], dtype=np.float64)
+            for name in ("lr", "beta_1", "beta_2", "epsilon")
+        }
+        # Each setting as a column that broadcasts over a parameter of any rank.
+        self.columns: dict[tuple[str, int], torch.Tensor] = {}
+
+    def _column(self, values: np.ndarray, rank: int) -> torch.Tensor:
+        reference = self.parameters[0]
+        column = torch.from_numpy(values).to(dtype=reference.dtype, device=reference.device)
+        return column.reshape(-1, *([1] * (rank - 1)))
+
+    def _setting(self, name: str, rank: int, values: np.ndarray | None = None) -> torch.Tensor:
+        if values is not None:
+            return self._column(values, rank)
+        if (name, rank) not in self.columns:
+            self.columns[name, rank] = self._column(self.settings[name], rank)
+        return self.columns[name, rank]
+
+    @torch.no_grad()
+    def step(self, gradients: list[torch.Tensor]) -> None:
+        settings = self.settings
+        if self.optimizer == "sgd":
+            for parameter, gradient in zip(self.parameters, gradients):
+                parameter.sub_(self._setting("lr", parameter.dim()) * gradient)
+            return
+        self.step_number += 1
+        correction_1 = 1.0 - settings["beta_1"] ** self.step_number
+        correction_2 = 1.0 - settings["beta_2"] ** self.step_number
+        for parameter, gradient, first, second in zip(self.parameters, gradients, self.first, self.second):
+            rank = parameter.dim()
+            first.mul_(self._setting("beta_1", rank)).add_(
+                gradient * self._setting("take_1", rank, 1 - settings["beta_1"])
+            )
+            second.mul_(self._setting("beta_2", rank)).add_(
+                gradient * gradient * self._setting("take_2", rank, 1 - settings["beta_2"])
+            )
+            denominator = (
+                (second / self._setting("c2", rank, correction_2))
+                .sqrt_()
+                .add_(self._setting("epsilon", rank))
+            )
+            update = (first / self._setting("c1", rank, correction_1)).mul_(self._setting("lr", rank))
+            parameter.sub_(update.div_(denominator))
+
+
+def _train_pack(
+    specs: list[JobSettings], plan: ModelPlan, data: TrainingData, target_device: torch.device
+) -> list[TrainerOutcome]:
+    """Train a pack with torch.func: one module's functional call, vmapped over the stacked parameters."""
+    from torch.func import functional_call, grad, vmap
+
+    setup_started = time.perf_counter()
+    first_spec = specs[0]
+    torch.manual_seed(first_spec.seed)
+    template = build_model(first_spec, plan).to(target_device)
+    names = [name for name, _ in template.named_parameters()]
+    stacked = {name: values.to(target_device) for name, values in _starts(specs, plan, template).items()}
+    features = torch.from_numpy(data.features).to(target_device)
+    target = torch.from_numpy(data.target).to(target_device)
+    if plan.user is not None:
+        with torch.no_grad():
+            probe = features[:2]
+            user_models.check_output_shape(plan.user, "torch", template.eval()(probe).shape, len(probe))
+        template.train()
+
+    def loss_of(parameters, batch_features, batch_target):
+        outputs = functional_call(template, parameters, (batch_features,)).reshape(-1, 1)
+        squared_error = ((outputs - batch_target) ** 2).sum()
+        return squared_error / batch_features.shape[0], squared_error.detach()
+
+    shared_rows = vmap(grad(loss_of, has_aux=True), in_dims=(0, None, None))
+    gathered_rows = vmap(grad(loss_of, has_aux=True), in_dims=(0, 0, 0))
+    outputs_of = vmap(
+        lambda parameters, inputs: functional_call(template, parameters, (inputs,)), in_dims=(0, None)
+    )
+    rule = PackedUpdateRule(specs, [stacked[name] for name in names])
+    rows = data.rows
+    batch = batch_size_for(first_spec.batch_size, rows)
+    shufflers = [torch.Generator().manual_seed(spec.seed) for spec in specs]
+    synchronise = torch.cuda.synchronize if target_device.type == "cuda" else (lambda: None)
+    keep_history = plan.is_linear
+    size = len(specs)
+
+    def apply_step(step_gradients, batch_features, batch_target):
+        try:
+            gradients, squared_error = step_gradients(stacked, batch_features, batch_target)
+        except RuntimeError as error:  # what torch.func cannot batch: in-place ops, dropout, .item()
+            raise PackingUnsupported(f"torch.func cannot vectorise {plan.name}: {one_line(error)}") from error
+        rule.step([gradients[name] for name in names])
+        return squared_error
+
+    setup_s = time.perf_counter() - setup_started
+    epoch_errors, epoch_parameters, epoch_seconds = [], [], []
+    train_started = time.perf_counter()
+    for _ in range(first_spec.epochs):
+        epoch_started = time.perf_counter()
+        if batch >= rows:
+            total = apply_step(shared_rows, features, target)
+        else:
+            orders = torch.stack([torch.randperm(rows, generator=shuffler) for shuffler in shufflers]).to(
+                target_device
+            )
+            total = torch.zeros(size, device=target_device, dtype=features.dtype)
+            for start in range(0, rows, batch):
+                indices = orders[:, start : start + batch]
+                total += apply_step(gathered_rows, features[indices], target[indices])
+        epoch_errors.append(total)
+        if keep_history:
+            weight, bias = (stacked[name].detach() for name in names)
+            epoch_parameters.append(torch.cat([weight.reshape(size, -1), bias.reshape(size, -1)], dim=1))
+        synchronise()
+        epoch_seconds.append(time.perf_counter() - epoch_started)
+    losses = (torch.stack(epoch_errors, dim=1) / rows).cpu().numpy().astype(np.float64)
+    history = torch.stack(epoch_parameters, dim=1).cpu().numpy().astype(np.float64) if keep_history else None
+    train_s = time.perf_counter() - train_started
+
+    predict_started = time.perf_counter()
+    template.eval()
+    with torch.no_grad():
+        inputs = torch.from_numpy(data.prediction_inputs).to(target_device)
+        predictions = (
+            outputs_of(stacked, inputs).reshape(size, -1).cpu().numpy()
+            if len(inputs)
+            else np.zeros((size, 0))
+        )
+        fitted = None if plan.is_linear else outputs_of(stacked, features).reshape(size, -1).cpu().numpy()
+    predict_s = time.perf_counter() - predict_started
+
+    learned = [canonical_stack(stacked[name]).cpu().numpy().astype(np.float64) for name in names]
+    return [
+        TrainerOutcome(
+            parameters=[values[index] for values in learned],
+            loss_history=losses[index].tolist(),
+            epoch_seconds=epoch_seconds,
+            parameter_history=None if history is None else history[index],
+            predictions=predictions[index],
+            setup_s=setup_s,
+            train_s=train_s,
+            predict_s=predict_s,
+            fitted=None if fitted is None else fitted[index].astype(np.float64),
+            parameter_names=names,
+            update_rule=OWN_RULE[first_spec.optimizer],
+        )
+        for index in range(size)
+    ]
+
+
+def _starts(specs: list[JobSettings], plan: ModelPlan, template: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every job's starting parameters, stacked: each as it would start alone."""
+    first_spec = specs[0]
+    dtype = getattr(torch, first_spec.dtype)
+    named = list(template.named_parameters())
+    if first_spec.initial_value is not None and not first_spec.shared_start:
+        values = torch.tensor([spec.initial_value for spec in specs], dtype=dtype)
+        return {
+            name: values.reshape(-1, *([1] * parameter.dim())).expand(len(specs), *parameter.shape).clone()
+            for name, parameter in named
+        }
+    if first_spec.shared_start and plan.user is None:
+        shapes = [tuple(canonical(parameter).shape) for _, parameter in named]
+        drawn = [draw(shapes, spec.seed, spec.dtype) for spec in specs]
+        return {
+            name: canonical_stack(torch.from_numpy(np.stack([member[index] for member in drawn])))
+            for index, (name, _) in enumerate(named)
+        }
+    # The framework's own initialiser (or a user model's shared start): each job's module,
+    # built after its own seed, as it is alone.
+    members = []
+    for spec in specs:
+        torch.manual_seed(spec.seed)
+        member = build_model(spec, plan)
+        initialise_parameters(spec, plan, member)
+        members.append(dict(member.named_parameters()))
+    return {name: torch.stack([member[name].detach() for member in members]) for name, _ in named}
+
+
+def canonical_stack(parameter: torch.Tensor) -> torch.Tensor:
+    """canonical() for a pack's stacked parameter: each job's nn.Linear kernel transposed."""
+    return parameter.transpose(1, 2) if parameter.dim() == 3 else parameter
 
 
 @contextlib.contextmanager
