@@ -653,7 +653,7 @@ def _mlflow_tracker(uri: str | None, progress):
 @click.argument("job_id", metavar="JOB")
 @click.option("--stream", type=click.Choice(["both", "stdout", "stderr"]), default="both", show_default=True)
 def logs(directory, job_id, stream) -> None:
-    """Print a job's kept stdout and stderr (each rank's, for multi-worker jobs).
+    """Print a job's kept stdout and stderr (each rank's, for multi-worker jobs; its pack's, when packed).
 
     Exit code 2 when the job is unknown or kept no output (it has not ended yet, or it
     ended without output: a worker that died, a job cancelled before it started).
@@ -664,6 +664,12 @@ def logs(directory, job_id, stream) -> None:
     job = _input(lambda: job_detail(directory, job_id))  # an unknown job names the known ones
     suffixes = {"both": (".out", ".err"), "stdout": (".out",), "stderr": (".err",)}[stream]
     paths = [path for path in log_paths(directory, job_id) if path.suffix in suffixes]
+    pack = ((job["record"] or {}).get("timings") or {}).get("pack") or {}
+    if not paths and pack.get("id"):
+        # A packed job's output is its pack's, kept once under the pack's name.
+        paths = [path for path in log_paths(directory, pack["id"]) if path.suffix in suffixes]
+        if paths:
+            click.echo(f"{job_id} trained in {pack['id']} with {pack.get('size')} jobs: the pack's output")
     if not paths and job["state"] in ("pending", "running"):
         raise InputError(f"job {job_id} in {directory} is {job['state']}: its output is kept when it ends")
     if not paths:

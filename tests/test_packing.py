@@ -109,8 +109,12 @@ def test_a_packed_sweep_records_every_job_as_the_unpacked_sweep_does(ray_session
         assert pack["size"] >= 2 and pack["vectorised"] and pack["share"] == pytest.approx(1 / pack["size"])
         assert job["timings"]["train_s"] == pytest.approx(pack["train_s"] / pack["size"])
         assert "pack" not in other["timings"]
-    # The pack's output is kept once, under its own name.
+    # The pack's output is kept once, under its own name, and `runjobs logs` finds it for each member.
     assert any(path.name.startswith("pack-") for path in (tmp_path / "packed" / "logs").iterdir())
+    job_id, job = next(iter(packed_jobs.items()))
+    shown = run_cli(["logs", str(tmp_path / "packed"), job_id])
+    assert shown.exit_code == 0, shown.stderr
+    assert f"trained in {job['timings']['pack']['id']}" in shown.stdout and "trained together" in shown.stdout
 
 
 @pytest.mark.slow

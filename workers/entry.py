@@ -79,6 +79,11 @@ def run_job(
     return result
 
 
+# A record keeps every epoch's loss, seconds and (linear model) parameters up to this many
+# epochs; a longer job keeps this many epochs spread evenly, always its first and last, and
+# names them in `history_epochs` (1-based). 10,000 jobs of 500 epochs then stay a ledger
+# and report of about a hundred megabytes. Convergence is judged on every epoch first.
+MAX_HISTORY_EPOCHS = 100
 # A record lists a model's parameter values up to this many; the saved model holds them all.
 MAX_RECORDED_VALUES = 256
 # A model beyond the line records its outputs on this many of the data's rows, for the report.
@@ -146,6 +151,19 @@ def _train(
     )
 
 
+def _least_squares(dataset: Dataset):
+    """The data's exact optimum, solved once per dataset a process sees (a pack judges many jobs on it)."""
+    cached = _REFERENCES.get(id(dataset))
+    if cached is None or cached[0] is not dataset:
+        cached = _REFERENCES[id(dataset)] = (dataset, least_squares(dataset))
+        while len(_REFERENCES) > 4:
+            _REFERENCES.pop(next(iter(_REFERENCES)))
+    return cached[1]
+
+
+_REFERENCES: dict[int, tuple[Dataset, object]] = {}
+
+
 def start_times(
     process_started_at: float, submitted_at: float, entered_at: float, startup_in_task: float
 ) -> tuple[float, float]:
@@ -178,7 +196,7 @@ def judged_result(
     Shared by a job alone and each member of a pack (workers/packed.py).
     """
     predictions = scaling.original_target(outcome.predictions)
-    reference = least_squares(dataset)
+    reference = _least_squares(dataset)
     names = [name for name, _ in plan.layout] if plan.user is None else list(outcome.parameter_names)
     fitted_sample = None
     if plan.is_linear:
@@ -187,7 +205,8 @@ def judged_result(
         convergence = classify_convergence(dataset, weights, bias, outcome.loss_history, reference)
         parameters = [weights.reshape(-1, 1), np.asarray([bias])]
         params: dict[str, Any] = {"weights": weights.tolist(), "bias": bias}
-        weight_history, bias_history = scaling.original_parameter_history(outcome.parameter_history)
+        kept = kept_epochs(len(outcome.loss_history), whole=spec.report_every is not None)
+        weight_history, bias_history = scaling.original_parameter_history(outcome.parameter_history[kept])
         history = {"weights": weight_history.tolist(), "bias": bias_history.tolist()}
     else:
         fitted = scaling.original_target(outcome.fitted)
@@ -199,6 +218,7 @@ def judged_result(
         params = parameter_summary(names, parameters)
         params["units"] = "standardised" if spec.normalize and plan.user is not None else "original"
         history = {}
+        kept = kept_epochs(len(outcome.loss_history), whole=spec.report_every is not None)
         # What the report draws against the data for a model beyond the line: its outputs
         # on up to MAX_FITTED_ROWS rows spread evenly over the data.
         rows = np.unique(np.linspace(0, dataset.rows - 1, min(dataset.rows, MAX_FITTED_ROWS)).astype(int))
@@ -238,10 +258,16 @@ def judged_result(
             "floor_gap": gap_to_floor,
             "fits_noise": fits_noise(gap_to_floor),
             "history_units": "standardised" if spec.normalize else "original",
-            "history": outcome.loss_history,
+            "history": np.asarray(outcome.loss_history, dtype=np.float64)[kept].tolist(),
         },
         # Per epoch, in the data's units: what TensorBoard and the HTML report plot.
-        "history": {"epoch_s": [float(value) for value in outcome.epoch_seconds], **history},
+        # Seconds to 4 significant digits: a clock's noise needs no more, and a sweep's records half the size.
+        "history": {
+            "epoch_s": [float(f"{value:.4g}") for value in np.asarray(outcome.epoch_seconds)[kept]],
+            **history,
+        },
+        # Past MAX_HISTORY_EPOCHS epochs the per-epoch series above hold only these epochs.
+        **({"history_epochs": (kept + 1).tolist()} if len(kept) < len(outcome.loss_history) else {}),
         "predictions": [
             {"input": point.tolist(), "output": float(output)}
             for point, output in zip(prediction_inputs, predictions)
@@ -279,6 +305,17 @@ def judged_result(
         },
     }
     return result, trained
+
+
+def kept_epochs(epochs: int, whole: bool = False) -> np.ndarray:
+    """The 0-based epochs a record keeps of `epochs`: all of them, or MAX_HISTORY_EPOCHS spread evenly.
+
+    `whole`: a job under a stopping rule keeps every epoch, as the rule compares the jobs'
+    losses epoch by epoch (jobs/run/stopping.py).
+    """
+    if whole or epochs <= MAX_HISTORY_EPOCHS:
+        return np.arange(epochs)
+    return np.unique(np.round(np.linspace(0, epochs - 1, MAX_HISTORY_EPOCHS)).astype(int))
 
 
 def parameter_summary(names: list[str], parameters: list[np.ndarray]) -> dict[str, Any]:

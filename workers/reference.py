@@ -117,7 +117,7 @@ def classify_convergence(
     """
     parameters_finite = all(math.isfinite(float(value)) for value in weights) and math.isfinite(bias)
     final_loss = mean_squared_error(dataset, weights, bias)
-    history_finite = all(math.isfinite(value) for value in loss_history)
+    history_finite = bool(np.isfinite(np.asarray(loss_history, dtype=np.float64)).all())
     if not (parameters_finite and history_finite and math.isfinite(final_loss)):
         return "diverged"
     if loss_history and loss_history[-1] > loss_history[0]:
@@ -144,7 +144,7 @@ def classify_fit(loss_history: list[float], final_loss: float, dataset: Dataset)
     final_loss the floor gap.
     """
     history = [float(value) for value in loss_history]
-    if not (math.isfinite(final_loss) and all(math.isfinite(value) for value in history)):
+    if not (math.isfinite(final_loss) and np.isfinite(np.asarray(history)).all()):
         return "diverged"
     if history and history[-1] > history[0]:
         return "diverged"

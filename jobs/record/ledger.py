@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.record.records import STATES, empty_record, finite_only
+import orjson
+
+from jobs.record.records import STATES, empty_record, record_json
 
 LEDGER_NAME = "ledger.sqlite"
 # Meta keys of `runjobs cancel`: the request it writes, and the outcome the driver writes back.
@@ -171,7 +173,8 @@ class Ledger:
     def mark(self, job_id: str, state: str, record: dict[str, Any] | None = None) -> None:
         """One state change, in one transaction; `running` counts an attempt."""
         assert state in STATES, state
-        text = None if record is None else json.dumps(finite_only(record), allow_nan=False)
+        # orjson writes a non-finite float (a diverged job's NaN) as null, as finite_only does.
+        text = None if record is None else record_json(record)
         with self._transaction():
             self.connection.execute(
                 f"UPDATE jobs SET {self.status_column} = ?, record = COALESCE(?, record), updated_at = ?, "
@@ -194,10 +197,10 @@ class Ledger:
             LedgerJob(
                 row[0],
                 row[1],
-                json.loads(row[2]),
+                orjson.loads(row[2]),
                 row[3],
                 row[4],
-                json.loads(row[5]) if row[5] else None,
+                orjson.loads(row[5]) if row[5] else None,
                 row[6],
             )
             for row in rows

