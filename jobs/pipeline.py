@@ -195,7 +195,7 @@ def submit(
                 callbacks = _in_step_with(study, ledger, callbacks)
             session.recover(ledger.meta(), callbacks)
             ledger.add_jobs([(job.id, job.spec.to_record()) for job in resolved])
-            statuses = {job.id: job.status for job in ledger.jobs()}
+            statuses = {job["id"]: job["status"] for job in ledger.summaries()}
             to_run = [job for job in resolved if should_run(statuses[job.id], request.rerun)]
             feed = None
             if study is not None:
@@ -397,8 +397,9 @@ def _run(
     """Hand the jobs to the connected session; None when there is nothing to run."""
     if not to_run and (feed is None or feed.exhausted()):
         return None
-    for job in to_run:
-        ledger.mark(job.id, "pending")
+    with ledger.batch():  # one commit, not one a job: a 10,000-job sweep starts at once
+        for job in to_run:
+            ledger.mark(job.id, "pending")
     ledger.set_meta(run_id=run_id, started_at=time.time(), cluster=session.cluster, finished_at=None)
     skipped = len(resolved) - len(to_run)
     if feed is None:
@@ -453,7 +454,7 @@ class NewLedgerDirectory:
 
 
 def _any_to_run(ledger: Ledger, planned: list[PlannedJob], rerun: str | None) -> bool:
-    statuses = {job.id: job.status for job in ledger.jobs()}
+    statuses = {job["id"]: job["status"] for job in ledger.summaries()}
     return any(should_run(statuses.get(job.id, "pending"), rerun) for job in planned)
 
 

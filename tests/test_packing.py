@@ -195,3 +195,23 @@ def test_a_cancelled_pack_records_every_member_and_a_rerun_finishes_them(tmp_pat
     rerun = subprocess.run([RUNJOBS, *args], capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     assert {status for status, _ in statuses(output).values()} == {"succeeded"}
+
+
+def test_a_long_jobs_record_keeps_its_history_at_the_epochs_it_names():
+    import time as clock
+
+    from jobs.plan.spec import make_spec
+    from workers.data import load_dataset
+    from workers.entry import MAX_HISTORY_EPOCHS, run_job
+
+    dataset = load_dataset("article")
+    long = run_job(make_spec({"framework": "torch", "epochs": 150}).for_worker(), dataset, clock.time())
+    epochs = long["history_epochs"]
+    assert len(epochs) == MAX_HISTORY_EPOCHS and epochs[0] == 1 and epochs[-1] == 150
+    assert epochs == sorted(set(epochs))
+    for series in (long["loss"]["history"], long["history"]["epoch_s"], long["history"]["weights"]):
+        assert len(series) == MAX_HISTORY_EPOCHS
+    # The last kept value is the last epoch's: the final parameters, in the data's units.
+    assert long["history"]["weights"][-1] == pytest.approx(long["params"]["weights"], rel=1e-9)
+    short = run_job(make_spec({"framework": "torch", "epochs": 60}).for_worker(), dataset, clock.time())
+    assert "history_epochs" not in short and len(short["loss"]["history"]) == 60

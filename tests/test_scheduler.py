@@ -562,3 +562,36 @@ def test_a_kept_pool_retires_an_idle_worker_while_another_kind_has_jobs_queued()
     assert tensorflow_worker in layer.retired, "its CPU goes to the queued torch job"
     layer.run_to_the_end()
     assert layer.warm_frameworks() == ["torch"], "once nothing waits, an idle worker is kept for the next run"
+
+
+def test_a_pack_is_one_job_to_the_policy_and_every_member_has_a_status():
+    """A pack (jobs/plan/packing.py) runs and is cancelled as one job; each member is recorded."""
+    members = tuple(planned(f"torch-{index}", seed=index) for index in range(3))
+    pack = PlannedJob("pack-torch-1", members[0].spec, None, members=members)
+    alone = planned("tensorflow", framework="tensorflow")
+    scheduler = Scheduler([pack, alone], cluster_cpus=lambda: 2, clock=FakeClock())
+    starts = [decision for decision in scheduler.decide() if isinstance(decision, Start)]
+    assert sorted(start.run.job.id for start in starts) == ["pack-torch-1", "tensorflow"]
+    for start in starts:
+        scheduler.job_started(start.run.job.id)
+    (record,) = [d for d in scheduler.job_succeeded("pack-torch-1", {}) if isinstance(d, Record)]
+    assert record.job is pack and record.status == "succeeded"
+    for member in members:  # the driver keeps each member's own record
+        scheduler.recorded(member.id, "succeeded")
+    scheduler.recorded(members[1].id, "succeeded")  # an interrupted delivery, kept again: harmless
+    cancellation = scheduler.cancel("cancelled: test")
+    assert (cancellation.running, cancellation.pending) == (1, 0)
+    scheduler.recorded("tensorflow", "cancelled")
+    assert scheduler.statuses() == ["succeeded", "succeeded", "succeeded", "cancelled"]
+
+
+def test_a_pack_cancelled_while_it_runs_counts_every_member():
+    members = tuple(planned(f"torch-{index}", seed=index) for index in range(4))
+    pack = PlannedJob("pack-torch-2", members[0].spec, None, members=members)
+    scheduler = Scheduler([pack], cluster_cpus=lambda: 2, clock=FakeClock())
+    (start,) = scheduler.decide()
+    scheduler.job_started(start.run.job.id)
+    cancellation = scheduler.cancel("cancelled: test")
+    assert (cancellation.running, cancellation.pending) == (4, 0)
+    (record,) = [d for d in cancellation.decisions if isinstance(d, Record)]
+    assert record.job is pack and record.status == "cancelled"

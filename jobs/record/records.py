@@ -48,11 +48,11 @@ def empty_record(job_id: str, config: dict[str, Any], status: str, error: str | 
     }
 
 
-def record_json(value: Any) -> bytes:
+def record_json(value: Any, indent: bool = False) -> bytes:
     """A record (or any JSON-ready value) as compact JSON: every non-finite float as null, as
     finite_only makes it; numpy scalars as numbers. orjson: a 10,000-job sweep's records take
     a second where the standard library takes five."""
-    options = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
+    options = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY | (orjson.OPT_INDENT_2 if indent else 0)
     return orjson.dumps(value, default=_plain_number, option=options)
 
 

@@ -13,16 +13,12 @@ from jobs.record.ledger import Ledger, LedgerError
 def run_status(directory: Path) -> dict[str, Any]:
     with Ledger.open(directory, for_writing=False) as ledger:
         meta = ledger.meta()
-        jobs = ledger.jobs()
+        jobs = ledger.summaries()
         counts = ledger.counts()
     started = meta.get("started_at") or time.time()
     finished = meta.get("finished_at")
-    durations = [
-        job.record["timings"]["total_s"]
-        for job in jobs
-        if job.status == "succeeded" and job.record and job.record["timings"].get("total_s")
-    ]
-    running = [job.id for job in jobs if job.status == "running"]
+    durations = [job["total_s"] for job in jobs if job["status"] == "succeeded" and job["total_s"]]
+    running = [job["id"] for job in jobs if job["status"] == "running"]
     left = counts["pending"] + counts["running"]
     eta = None
     if left and durations and not finished:
@@ -45,16 +41,14 @@ def run_status(directory: Path) -> dict[str, Any]:
 
 def job_rows(directory: Path) -> list[dict[str, Any]]:
     with Ledger.open(directory, for_writing=False) as ledger:
-        jobs = ledger.jobs()
+        jobs = ledger.summaries()
     return [
         {
-            "id": job.id,
-            "state": job.status,
-            "attempts": job.attempts,
-            "convergence": (job.record or {}).get("convergence"),
-            "train_s": round(job.record["timings"]["train_s"], 4)
-            if job.record and job.record["timings"].get("train_s") is not None
-            else None,
+            "id": job["id"],
+            "state": job["status"],
+            "attempts": job["attempts"],
+            "convergence": job["convergence"],
+            "train_s": round(job["train_s"], 4) if job["train_s"] is not None else None,
         }
         for job in jobs
     ]
@@ -62,11 +56,11 @@ def job_rows(directory: Path) -> list[dict[str, Any]]:
 
 def job_detail(directory: Path, job_id: str) -> dict[str, Any]:
     with Ledger.open(directory, for_writing=False) as ledger:
-        jobs = {job.id: job for job in ledger.jobs()}
-    if job_id not in jobs:
-        known = ", ".join(list(jobs)[:10]) + (" ..." if len(jobs) > 10 else "")
-        raise LedgerError(f"no job {job_id!r} in {directory}; its jobs are: {known}")
-    job = jobs[job_id]
+        job = ledger.job(job_id)
+        if job is None:
+            known = ledger.job_ids()
+            listed = ", ".join(known[:10]) + (" ..." if len(known) > 10 else "")
+            raise LedgerError(f"no job {job_id!r} in {directory}; its jobs are: {listed}")
     return {
         "id": job.id,
         "state": job.status,

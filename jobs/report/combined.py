@@ -541,7 +541,7 @@ def json_parts(report: dict[str, Any]) -> Iterator[str]:
                 yield ("[\n    " if index == 0 else ",\n    ") + record_json(job).decode()
             yield "\n  ]"
         else:
-            yield json.dumps(value, indent=2, allow_nan=False).replace("\n", "\n  ")
+            yield record_json(value, indent=True).decode().replace("\n", "\n  ")
     yield "\n}\n" if separator == ",\n" else "{}\n"
 
 
