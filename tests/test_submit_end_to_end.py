@@ -80,7 +80,7 @@ def test_report_json_holds_the_contract(default_run):
         assert job["config"]["gpus_per_job"] == 0, "no GPUs in the cluster means 0 per job"
         assert job["reference"]["weights"] == pytest.approx([0.2])
         assert job["reference"]["bias"] == pytest.approx(0.0, abs=1e-9)
-        # 500 epochs, kept as 100 spread evenly (workers/entry.py, MAX_HISTORY_EPOCHS), named in history_epochs.
+        # 500 epochs, kept as 100 spread evenly (MAX_HISTORY_EPOCHS), named in history_epochs.
         assert len(job["loss"]["history"]) == len(job["history_epochs"]) == 100
         assert job["history_epochs"][-1] == 500
         assert job["loss"]["history"][-1] < job["loss"]["history"][0]

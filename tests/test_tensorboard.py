@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.report.tensorboard import event_files, write_event_files
+from jobs.report import tensorboard
+from jobs.report.tensorboard import MAX_JOB_RUNS, event_files, write_event_files
 from tests.helpers import RUNJOBS, free_port, load_strict_json, run_cli, stop_process
 
 SHARED_TAGS = {
@@ -27,7 +28,8 @@ def job_record(job_id, framework, epochs=5, features=1, normalize=False, status=
     """A job as report.json holds it, with a history shaped like a real run's."""
     config = {"framework": framework, "variant": "single", "epochs": epochs, "lr": 0.01, "seed": 3,
               "optimizer": "adam", "normalize": normalize, "predict": [[1800.0]], "target": None}  # fmt: skip
-    record = {"id": job_id, "framework": framework, "variant": "single", "config": config, "status": status}
+    record = {"id": job_id, "framework": framework, "variant": "single", "config": config, "status": status,
+              "convergence": "converged", "params": {"weights": [0.1] * features, "bias": -0.5}}  # fmt: skip
     if status != "succeeded":
         return {**record, "loss": None, "history": None, "timings": {}}
     return {
@@ -149,6 +151,146 @@ def test_writing_event_files_imports_no_framework(tmp_path):
     assert finished.returncode == 0, finished.stderr
     assert finished.stdout.strip() == "[]"
     assert len(event_files(tmp_path)) == 1
+
+
+def test_a_thinned_history_is_written_at_its_recorded_epochs(tmp_path):
+    record = job_record("torch-b2", "torch", epochs=4)
+    record["history_epochs"] = [1, 2, 50, 100]  # a 100-epoch job kept 4 epochs (workers/entry.py)
+    record["history"]["epoch_s"] = [0.5] * 4
+    write_event_files([record], tmp_path)
+
+    scalars, accumulator = read_back(tmp_path / "tensorboard" / "torch-b2")
+    assert [step for step, _ in scalars["loss/train"]] == [0, 1, 49, 99]  # epoch 1 is step 0, as before
+    assert [value for _, value in scalars["parameters/bias"]] == pytest.approx(record["history"]["bias"])
+    assert scalars["result/final_loss"] == [(99, pytest.approx(0.25))]
+    # Each kept epoch's time stands for the epochs since the one before: 100 epochs of 0.5 s.
+    wall_times = [event.wall_time for event in accumulator.Scalars("loss/train")]
+    assert wall_times[-1] - wall_times[0] == pytest.approx(0.5 * 99, abs=0.01)
+
+
+def seed_sweep(seeds, learning_rates=(0.1, 0.01, 0.001, 0.0001, 0.00001), frameworks=("tensorflow", "torch")):
+    """Records of a sweep: every framework x learning rate x seed, each a 100-epoch job thinned to 4
+    epochs whose loss is its seed above a curve, so a group's mean, min and max are known."""
+    records = []
+    for framework in frameworks:
+        for learning_rate in learning_rates:
+            for seed in range(seeds):
+                record = job_record(f"{framework}-{len(records):04d}", framework, epochs=4)
+                record["config"] = {**record["config"], "lr": learning_rate, "seed": seed}
+                record["history_epochs"] = [1, 10, 50, 100]
+                record["loss"]["history"] = [100.0 / epoch + seed for epoch in (1, 10, 50, 100)]
+                record["loss"]["final"] = 1.0 + seed
+                records.append(record)
+    return records
+
+
+def test_past_the_limit_each_group_of_seeds_is_one_run_of_its_mean_min_and_max(tmp_path):
+    from tensorboard.plugins.hparams import metadata
+
+    seeds = (MAX_JOB_RUNS + 50) // 10 + 1  # 2 frameworks x 5 learning rates: past the limit
+    records = seed_sweep(seeds)
+    assert len(records) > MAX_JOB_RUNS
+    written = write_event_files({"jobs": records}, tmp_path)
+
+    runs = sorted(path.name for path in written)
+    assert runs == sorted(
+        f"{framework},lr={rate}"
+        for framework in ("tensorflow", "torch")
+        for rate in (0.1, 0.01, 0.001, 0.0001, 1e-05)
+    )
+    assert len(event_files(tmp_path)) == 10
+    assert sorted(path.name for path in (tmp_path / "tensorboard").iterdir()) == ["seed_groups"]
+
+    scalars, accumulator = read_back(tmp_path / "tensorboard" / "seed_groups" / "torch,lr=0.001")
+    curve = [100.0 / epoch for epoch in (1, 10, 50, 100)]
+    mean_seed = (seeds - 1) / 2
+    assert scalars["loss/train"] == [
+        (step, pytest.approx(value + mean_seed)) for step, value in zip([0, 9, 49, 99], curve)
+    ]
+    assert [value for _, value in scalars["loss/train_min"]] == pytest.approx(curve)
+    assert [value for _, value in scalars["loss/train_max"]] == pytest.approx(
+        [value + seeds - 1 for value in curve]
+    )
+    assert scalars["result/final_loss"] == [(99, pytest.approx(1.0 + mean_seed))]
+    assert scalars["result/final_loss_max"] == [(99, pytest.approx(float(seeds)))]
+    # Every job of a group had the same bias history, so its spread is none.
+    assert scalars["parameters/bias_min"] == scalars["parameters/bias_max"] == scalars["parameters/bias"]
+    assert {"parameters/weight", "time/epoch_s_max", "time/train_s_min"} <= set(scalars)
+
+    content = accumulator.SummaryMetadata(metadata.SESSION_START_INFO_TAG).plugin_data.content
+    session = metadata.parse_session_start_info_plugin_data(content)
+    assert session.hparams["lr"].number_value == pytest.approx(0.001)
+    assert session.hparams["jobs"].number_value == seeds
+    assert "seed" not in session.hparams
+
+
+def test_the_runs_follow_the_report_from_jobs_to_groups_and_back(tmp_path):
+    few = seed_sweep(2)
+    write_event_files(few, tmp_path)
+    assert len(event_files(tmp_path)) == len(few)  # below the limit: a run per job, as always
+
+    many = few + seed_sweep(MAX_JOB_RUNS // 10 + 1)[len(few) :]
+    write_event_files(many, tmp_path)
+    assert sorted(path.name for path in (tmp_path / "tensorboard").iterdir()) == ["seed_groups"]
+    assert len(event_files(tmp_path)) == 10
+
+    write_event_files(few, tmp_path)
+    assert sorted(path.name for path in (tmp_path / "tensorboard").iterdir()) == sorted(
+        job["id"] for job in few
+    )
+
+
+def test_groups_past_the_limit_are_named_in_a_note_instead_of_written(tmp_path, monkeypatch):
+    from tensorboard.plugins.text import metadata as text_metadata
+
+    monkeypatch.setattr(tensorboard, "MAX_JOB_RUNS", 4)  # small, so the test writes few files
+    records = seed_sweep(1, learning_rates=[0.1 / 2**index for index in range(6)], frameworks=("torch",))
+    written = write_event_files(records, tmp_path)
+
+    assert [path.name for path in written] == [f"torch,lr={0.1 / 2**index}" for index in range(4)]
+    note = (tmp_path / "tensorboard" / "seed_groups" / "left_out.txt").read_text()
+    assert note.startswith("2 of 6 groups of seeds (2 jobs) have no TensorBoard run")
+    assert "torch,lr=0.003125: 1 job(s)" in note and "torch,lr=0.00625: 1 job(s)" in note
+    # And TensorBoard itself says so, in its Text tab.
+    _, accumulator = read_back(written[0])
+    assert (
+        accumulator.SummaryMetadata("runjobs/left_out").plugin_data.plugin_name == text_metadata.PLUGIN_NAME
+    )
+
+
+def test_jobs_a_stopping_rule_ended_are_a_group_of_their_own_over_every_epoch_any_reached(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(tensorboard, "MAX_JOB_RUNS", 3)  # small, so the test writes few files
+    records = seed_sweep(3, learning_rates=(0.1, 0.01), frameworks=("torch",))
+    for seed, epochs in ((3, 2), (4, 3)):  # two more seeds of lr 0.1, stopped after 2 and 3 epochs
+        record = job_record(f"torch-stopped{seed}", "torch", epochs=epochs, status="succeeded")
+        record.update(status="stopped", config={**records[0]["config"], "seed": seed})
+        record["loss"]["history"] = [1000.0 * (seed - 2)] * epochs
+        records.append(record)
+    written = write_event_files(records, tmp_path)
+
+    assert [path.name for path in written] == ["torch,lr=0.1", "torch,lr=0.01", "torch,lr=0.1,stopped"]
+    scalars, _ = read_back(written[2])
+    assert scalars["loss/train"] == [(0, 1500.0), (1, 1500.0), (2, 2000.0)]  # the third epoch: one job
+    assert scalars["loss/train_min"] == [(0, 1000.0), (1, 1000.0), (2, 2000.0)]
+
+
+def test_event_records_are_framed_byte_for_byte_as_tensorboards_record_writer():
+    import io
+    import random
+
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    generator = random.Random(7)
+    payloads = [
+        bytes(generator.getrandbits(8) for _ in range(length)) for length in (1, 8, 100, 255, 4097, 0, 3000)
+    ]
+    expected = io.BytesIO()
+    writer = RecordWriter(expected)
+    for payload in payloads:
+        writer.write(payload)
+    assert tensorboard.framed_records(payloads) == expected.getvalue()
 
 
 def test_tensorboard_command_on_a_run_without_files_says_what_to_type(tmp_path):

@@ -23,6 +23,9 @@ Adding a framework takes one new module and one entry here:
    variant constants, or declare a new `Variant`), its formats (reuse `ONNX`, or declare
    a `ModelFormat` with its file name and how `runjobs predict` recognises a file), the
    module whose `__version__` the result reports, and its `Display`.
+3. Optionally, packed sweeps: implement `train_pack` (many single-device jobs as one
+   vectorised program; base.py states what it must match) and name in `packs` the models
+   it vectorises; without it, the framework's jobs train one at a time.
 
 Nothing else needs an edit: the task body (workers/entry.py), export, `runjobs predict`
 and the reports (pairs, colours) ask these functions, as should any other code that
@@ -107,7 +110,8 @@ class FrameworkDescription:
     in_default_comparison: bool = True
     # Which models its `train_pack` vectorises (jobs/plan/packing.py): "built-in" (linear,
     # mlp) and "user" (a user's model, where the framework can vectorise arbitrary code).
-    packs: tuple[str, ...] = ("built-in",)
+    # Empty: its jobs never pack (a framework without `train_pack`).
+    packs: tuple[str, ...] = ()
 
     @property
     def variant_names(self) -> tuple[str, ...]:
@@ -137,6 +141,7 @@ ONNX = ModelFormat(
 _BUILT_IN = (
     FrameworkDescription(
         name="tensorflow",
+        packs=("built-in",),  # batched variables in one tf.function; a Keras model cannot vmap
         implementation="workers.frameworks.tensorflow:TensorFlowFramework",
         variants=(SINGLE, MIRRORED, MULTIWORKER),
         formats=(
