@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -46,33 +47,46 @@ def grid_spec(directory: Path, rates: int, seeds: int) -> Path:
     return path
 
 
-def run_measured(command: list[str]) -> tuple[float, float]:
-    """Wall seconds of `command`, and its own peak resident memory in MiB (sampled)."""
+def run_measured(command: list[str]) -> tuple[float, float, float]:
+    """Wall seconds of `command`, its own peak resident memory in MiB (sampled), and that peak
+    until its last job was recorded (its progress line `[N/N done]`): training and recording
+    alone, before the reports are built from every record."""
     import psutil
 
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENVIRONMENT)
-    peak = 0
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENVIRONMENT
+    )
+    peak = [0, 0]  # overall, until the last job was recorded
+    recording = threading.Event()
     finished = threading.Event()
 
     def sample() -> None:
-        nonlocal peak
         watched = psutil.Process(process.pid)
         while not finished.is_set():
             try:
-                peak = max(peak, watched.memory_info().rss)
+                rss = watched.memory_info().rss
             except psutil.Error:
                 return
+            peak[0] = max(peak[0], rss)
+            if not recording.is_set():
+                peak[1] = max(peak[1], rss)
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    _, errors = process.communicate()
+    errors = []
+    for line in process.stderr:
+        errors.append(line)
+        done = re.search(r"\[(\d+)/(\d+) done", line)
+        if done and done.group(1) == done.group(2):
+            recording.set()
+    process.wait()
     finished.set()
     elapsed = time.perf_counter() - started
     if process.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed ({process.returncode}):\n{errors.decode()[-2000:]}")
-    return elapsed, peak / 2**20
+        raise SystemExit(f"{' '.join(command)} failed ({process.returncode}):\n{''.join(errors[-40:])}")
+    return elapsed, peak[0] / 2**20, (peak[1] or peak[0]) / 2**20
 
 
 def main() -> None:
@@ -86,15 +100,23 @@ def main() -> None:
         sweeps["10,000 configs"] = grid_spec(scratch, 50, 100)
     results: dict[str, list[float]] = {}
     memory: dict[str, list[float]] = {}
+    training_memory: dict[str, list[float]] = {}
     for round_number in range(arguments.rounds):
         for name, spec in sweeps.items():
             output = scratch / f"{name.split()[0].replace(',', '')}-{round_number}"
-            seconds, peak = run_measured([RUNJOBS, "submit", str(spec), "--output", str(output)])
+            seconds, peak, training_peak = run_measured(
+                [RUNJOBS, "submit", str(spec), "--output", str(output)]
+            )
             results.setdefault(f"submit, {name}", []).append(seconds)
             memory.setdefault(name, []).append(peak)
-            print(f"round {round_number + 1}: {name}: {seconds:.2f} s, peak {peak:.0f} MiB", flush=True)
+            training_memory.setdefault(name, []).append(training_peak)
+            print(
+                f"round {round_number + 1}: {name}: {seconds:.2f} s, driver peak {peak:.0f} MiB "
+                f"({training_peak:.0f} MiB until the last job was recorded)",
+                flush=True,
+            )
             if name.startswith("10,000"):
-                seconds, _ = run_measured([RUNJOBS, "report", str(output)])
+                seconds, _, _ = run_measured([RUNJOBS, "report", str(output)])
                 results.setdefault("runjobs report, 10,000 configs", []).append(seconds)
                 print(f"round {round_number + 1}: runjobs report: {seconds:.2f} s", flush=True)
     print(f"\nmachine: {machine()}; {time.strftime('%Y-%m-%d')}; {arguments.rounds} round(s)\n")
@@ -107,6 +129,9 @@ def main() -> None:
         summary["10,000 / 8"] = ten_thousand / base
         summary["marginal ms per config"] = 1000 * (ten_thousand - thousand) / 9000
     summary["driver peak MiB (median)"] = {name: statistics.median(values) for name, values in memory.items()}
+    summary["driver peak MiB until the last job was recorded (median)"] = {
+        name: statistics.median(values) for name, values in training_memory.items()
+    }
     print("\n" + json.dumps(summary, indent=2))
 
 

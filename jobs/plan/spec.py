@@ -385,7 +385,9 @@ class JobSpec:
 
     def to_record(self) -> dict[str, Any]:
         """The fields as JSON-ready values, as `config` in report.json."""
-        record = dataclasses.asdict(self)
+        # Field by field (dataclasses.asdict deep-copies every value: 0.2 ms a job, felt at
+        # 10,000 jobs); the only containers are the tuples made lists below.
+        record = {name: getattr(self, name) for name in _FIELD_NAMES_IN_ORDER}
         record["features"] = list(self.features)
         record["predict"] = [list(point) for point in self.predict]
         record["hidden"] = list(self.hidden)
@@ -393,6 +395,7 @@ class JobSpec:
         return record
 
 
+_FIELD_NAMES_IN_ORDER = tuple(field.name for field in dataclasses.fields(JobSpec))
 FIELDS = {declared.name: declared for declared in declared_fields(JobSpec)}
 FIELD_NAMES = tuple(FIELDS)
 

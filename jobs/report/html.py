@@ -22,6 +22,8 @@ import json
 import math
 from typing import Any
 
+import orjson
+
 from jobs.report import combined as reports
 from workers import frameworks
 
@@ -366,15 +368,30 @@ def _line(job: dict[str, Any]) -> dict[str, Any]:
 def _varying_fields(configs: list[dict[str, Any]], exclude: tuple[str, ...] = ()) -> list[str]:
     """The config fields whose values differ between the given configs, in a stable order."""
     keys = sorted({key for config in configs for key in config} - set(exclude))
-    return [
-        key for key in keys if len({json.dumps(config.get(key), sort_keys=True) for config in configs}) > 1
-    ]
+    varying = []
+    for key in keys:
+        first = _comparable(configs[0].get(key)) if configs else None
+        if any(_comparable(config.get(key)) != first for config in configs[1:]):
+            varying.append(key)
+    return varying
+
+
+def _comparable(value: Any) -> Any:
+    """A config value as equality should see it: 1, 1.0 and true apart, lists by their JSON."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return type(value), value
+    if isinstance(value, (list, tuple)):
+        return tuple(_comparable(item) for item in value)
+    if isinstance(value, dict):
+        return tuple(sorted((str(key), _comparable(item)) for key, item in value.items()))
+    return repr(value)
 
 
 def _training_key(job: dict[str, Any], ignore: tuple[str, ...] = ()) -> str:
     """What a job trained, apart from the framework and how it was spread over devices."""
     ignored = {"framework", *reports.DISTRIBUTION_FIELDS, *ignore}
-    return json.dumps({k: v for k, v in job["config"].items() if k not in ignored}, sort_keys=True)
+    kept = {key: value for key, value in job["config"].items() if key not in ignored}
+    return orjson.dumps(kept, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS).decode()
 
 
 def _grouped(jobs: list[dict[str, Any]], key: Any) -> dict[str, list[dict[str, Any]]]:
