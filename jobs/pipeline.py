@@ -524,10 +524,11 @@ def _finish(
         )
     timings = dict(summary.timings)
     ledger.set_meta(finished_at=time.time(), cluster=summary.cluster, driver_timings=timings, progress={})
-    records = [record for record in ledger.records() if record["id"] in wanted]
+    # Light records (no per-epoch series): report.json and TensorBoard read whole ones from the ledger.
+    records = [record for record in ledger.records(light=True) if record["id"] in wanted]
     report = reports.build_report(run_id, summary.cluster, records, timings, ledger.meta().get("search"))
     if write_report_files:
-        write_reports(output_dir, report)
+        write_reports(output_dir, report, ledger)
     # Ray shuts down while the reports are written (jobs/run/cluster.py, BackgroundShutdown);
     # its time reaches report.json, written again once it is known.
     disconnect_s = executor.closed()
@@ -536,7 +537,7 @@ def _finish(
         report["driver"]["timings"]["disconnect_s"] = disconnect_s
         ledger.set_meta(driver_timings=timings)
         if write_report_files:
-            write_report_json(output_dir, report)
+            write_report_json(output_dir, report, ledger)
     if tracker is not None:
         tracker.run_finished(output_dir, report)
     if interrupted is not None:

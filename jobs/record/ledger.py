@@ -254,9 +254,34 @@ class Ledger:
             counts[state] = count
         return counts
 
-    def records(self) -> list[dict[str, Any]]:
-        """Every job's latest record, in job order; a job without one gets a stub."""
-        return [job.record or stub_record(job) for job in self.jobs()]
+    def records(self, light: bool = False) -> list[dict[str, Any]]:
+        """Every job's latest record, in job order; a job without one gets a stub.
+
+        `light`: without the per-epoch `history` series (seconds, a line's weights and bias),
+        which SQLite drops before Python parses anything: what the report's tables and
+        figures read, in a third of the memory at 10,000 jobs (raw_records has them all).
+        """
+        if not light:
+            return [job.record or stub_record(job) for job in self.jobs()]
+        rows = self.connection.execute(
+            f"SELECT id, position, config, {self.status_column}, attempts, "
+            "json_remove(record, '$.history'), updated_at FROM jobs ORDER BY position"
+        ).fetchall()
+        return [orjson.loads(row[5]) if row[5] else _stub_of_row(row) for row in rows]
+
+    def raw_records(self, job_ids: set[str] | None = None) -> Iterator[tuple[str, bytes]]:
+        """(id, record as compact JSON) of every job (or of `job_ids`), in job order, unparsed."""
+        rows = self.connection.execute(
+            f"SELECT id, position, config, {self.status_column}, attempts, record, updated_at "
+            "FROM jobs ORDER BY position"
+        )
+        for row in rows:
+            if job_ids is not None and row[0] not in job_ids:
+                continue
+            if row[5]:
+                yield row[0], row[5] if isinstance(row[5], bytes) else row[5].encode()
+            else:
+                yield row[0], record_json(_stub_of_row(row))
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
@@ -381,6 +406,11 @@ class _Transaction:
 
     def __exit__(self, exc_type, *rest) -> None:
         self.connection.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _stub_of_row(row: tuple) -> dict[str, Any]:
+    """The stub record of a jobs-table row (id, position, config, status, attempts, record, updated_at)."""
+    return stub_record(LedgerJob(row[0], row[1], orjson.loads(row[2]), row[3], row[4], None, row[6]))
 
 
 def stub_record(job: LedgerJob) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import io
 import itertools
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -524,25 +524,41 @@ def to_json(report: dict[str, Any]) -> str:
     return "".join(json_parts(report))
 
 
-def json_parts(report: dict[str, Any]) -> Iterator[str]:
+def json_parts(
+    report: dict[str, Any], whole_records: Iterable[tuple[str, bytes]] | None = None
+) -> Iterator[str]:
     """The report as JSON, in parts: indented to its jobs, each job on one line.
 
     json.dumps with an indent runs the pure-Python encoder (and puts every value of every
     history on a line of its own): about ten times slower, and three times larger, at
     10,000 jobs. Each job compact on its own line (orjson: non-finite floats as null)
     reads as well and greps by id.
+
+    `whole_records`: (id, each job's whole record as the ledger keeps it, compact JSON), in the
+    report's job order, when the report's own are light (jobs/report/files.py): written as
+    they are, with the report's `speed_vs_single` added.
     """
+    whole = iter(whole_records) if whole_records is not None else None
     separator = "{\n"
     for key, value in report.items():
         yield f"{separator}  {json.dumps(key)}: "
         separator = ",\n"
         if key == "jobs" and value:
             for index, job in enumerate(value):
-                yield ("[\n    " if index == 0 else ",\n    ") + record_json(job).decode()
+                text = record_json(job) if whole is None else _with_speed(next(whole), job)
+                yield ("[\n    " if index == 0 else ",\n    ") + text.decode()
             yield "\n  ]"
         else:
             yield record_json(value, indent=True).decode().replace("\n", "\n  ")
     yield "\n}\n" if separator == ",\n" else "{}\n"
+
+
+def _with_speed(whole: tuple[str, bytes], job: dict[str, Any]) -> bytes:
+    """A whole record's JSON with the report's speed_vs_single for it added, as build_report adds it."""
+    job_id, record = whole
+    if job_id != job["id"]:
+        raise RuntimeError(f"report.json: the ledger's next record is {job_id}'s, not {job['id']}'s")
+    return record.rstrip()[:-1] + b',"speed_vs_single":' + record_json(job.get("speed_vs_single")) + b"}"
 
 
 def to_csv(report: dict[str, Any]) -> str:
