@@ -127,3 +127,49 @@ def test_a_diverging_job_leaves_its_pack_mates_alone(framework):
     _, packed = trained_alone_and_packed(framework, specs_for(framework, [calm[0], wild, calm[1]], **shared))
     assert not np.isfinite(packed[1].loss_history[-1])
     assert_same(alone, [packed[0], packed[2]], TOLERANCE["float32"])
+
+
+EXAMPLES = __import__("pathlib").Path(__file__).resolve().parent.parent / "examples"
+JAX_MODEL = """
+import numpy as np
+import jax.numpy as jnp
+
+def build_jax(features, config):
+    def apply(parameters, x):
+        return jnp.tanh(x @ parameters["hidden"] + parameters["shift"]) @ parameters["out"]
+    return apply, {"hidden": np.zeros((features, 6)), "shift": np.zeros(6), "out": np.zeros((6, 1))}
+"""
+# Dropout draws random numbers inside the forward pass, which torch.func's vmap refuses by
+# default: the pack's jobs then train one after another (workers/packed.py).
+DROPOUT_MODEL = """
+def build_torch(features, config):
+    import torch
+    return torch.nn.Sequential(torch.nn.Linear(features, 4), torch.nn.Dropout(0.1), torch.nn.Linear(4, 1))
+"""
+
+
+def test_user_models_pack_in_torch_and_jax(tmp_path):
+    torch_specs = specs_for("torch", SWEEP, model=str(EXAMPLES / "user_model.py"), epochs=30, batch_size=32)
+    alone, packed = trained_alone_and_packed("torch", torch_specs)
+    assert_same(alone, packed, TOLERANCE["float32"])
+    path = tmp_path / "tanh_net.py"
+    path.write_text(JAX_MODEL)
+    jax_specs = specs_for("jax", SWEEP, model=str(path), epochs=30, dtype="float64")
+    alone, packed = trained_alone_and_packed("jax", jax_specs)
+    assert_same(alone, packed, TOLERANCE["float64"])
+
+
+def test_a_user_model_that_cannot_vectorise_trains_its_pack_one_job_after_another(tmp_path):
+    import time
+
+    from workers.packed import TrainingPack, run_pack
+
+    path = tmp_path / "dropout.py"
+    path.write_text(DROPOUT_MODEL)
+    specs = specs_for("torch", SWEEP, model=str(path), epochs=5)
+    with pytest.raises(frameworks.base.PackingUnsupported, match="torch.func cannot vectorise"):
+        trained_alone_and_packed("torch", specs)
+    result = run_pack(TrainingPack("pack-torch-test", tuple(specs)), load_dataset(DATA), time.time())
+    assert result["pack"]["vectorised"] is False and "torch.func cannot vectorise" in result["pack"]["why"]
+    assert [member["status"] for member in result["members"]] == ["succeeded"] * len(SWEEP)
+    assert all(member["result"]["timings"]["pack"]["vectorised"] is False for member in result["members"])

@@ -93,6 +93,7 @@ def test_a_packed_sweep_records_every_job_as_the_unpacked_sweep_does(ray_session
     alone = run_cli(["submit", str(spec), "--set", "packing=off"], tmp_path / "alone")
     assert alone.exit_code == 0, alone.stderr
     assert "job(s) into" not in alone.stderr
+    assert packed.report()["summary"]["packed_jobs"] == 32 and alone.report()["summary"]["packs"] == 0
     packed_jobs, alone_jobs = jobs_by_id(packed.report()), jobs_by_id(alone.report())
     assert packed_jobs.keys() == alone_jobs.keys() and len(packed_jobs) == 32  # packing leaves ids alone
     for job_id, job in packed_jobs.items():
@@ -215,3 +216,13 @@ def test_a_long_jobs_record_keeps_its_history_at_the_epochs_it_names():
     assert long["history"]["weights"][-1] == pytest.approx(long["params"]["weights"], rel=1e-9)
     short = run_job(make_spec({"framework": "torch", "epochs": 60}).for_worker(), dataset, clock.time())
     assert "history_epochs" not in short and len(short["loss"]["history"]) == 60
+
+
+@pytest.mark.slow
+def test_a_pack_past_its_timeout_records_every_member_timed_out(ray_session, tmp_path):
+    spec = write(tmp_path, LONG_PACK.replace("epochs: 4000", "epochs: 100000, timeout_s: 3"))
+    result = run_cli(["submit", str(spec), "--max-concurrent", "1"], tmp_path / "run")
+    assert result.exit_code == 1, result.stderr
+    jobs = result.report()["jobs"]
+    assert len(jobs) == 6 and {job["status"] for job in jobs} == {"cancelled"}
+    assert all(job["error"] == "timed out after 3s (timeout_s)" for job in jobs)

@@ -54,11 +54,19 @@ def build_report(
             "stopped": sum(record["status"] == "stopped" for record in records),
             "failed": sum(record["status"] == "failed" for record in records),
             "cancelled": sum(record["status"] == "cancelled" for record in records),
+            # Packed sweeps (jobs/plan/packing.py): how many packs trained how many of the jobs.
+            **_pack_counts(records),
         },
     }
     if search is not None:
         report["search"] = search_summary(search, records)
     return {key: value if key == "jobs" else finite_only(value) for key, value in report.items()}
+
+
+def _pack_counts(records: list[dict[str, Any]]) -> dict[str, int]:
+    packs = [((record.get("timings") or {}).get("pack") or {}).get("id") for record in records]
+    packed = [pack for pack in packs if pack]
+    return {"packs": len(set(packed)), "packed_jobs": len(packed)}
 
 
 def search_summary(search: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:

@@ -179,7 +179,13 @@ def _header(report: dict[str, Any]) -> str:
         lines.append(
             f'<p class="meta">{summary.get("jobs", 0)} job(s): {summary.get("succeeded", 0)} succeeded, '
             + (f"{summary['stopped']} stopped early, " if summary.get("stopped") else "")
-            + f"{summary.get('failed', 0)} failed, {summary.get('cancelled', 0)} cancelled</p>"
+            + f"{summary.get('failed', 0)} failed, {summary.get('cancelled', 0)} cancelled"
+            + (
+                f"; {summary['packed_jobs']} of them trained in {summary['packs']} pack(s)"
+                if summary.get("packs")
+                else ""
+            )
+            + "</p>"
         )
     if driver:
         parts = [
