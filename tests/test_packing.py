@@ -226,3 +226,22 @@ def test_a_pack_past_its_timeout_records_every_member_timed_out(ray_session, tmp
     jobs = result.report()["jobs"]
     assert len(jobs) == 6 and {job["status"] for job in jobs} == {"cancelled"}
     assert all(job["error"] == "timed out after 3s (timeout_s)" for job in jobs)
+
+
+@pytest.mark.slow
+def test_a_packed_sweep_saves_every_members_model(ray_session, tmp_path):
+    spec = write(
+        tmp_path, "defaults: {framework: torch, epochs: 100, save_models: true}\ngrid: {lr: [0.01, 0.02]}\n"
+    )
+    result = run_cli(["submit", str(spec), "--max-concurrent", "1"], tmp_path / "run")
+    assert result.exit_code == 0, result.stderr
+    jobs = result.report()["jobs"]
+    assert {job["timings"]["pack"]["size"] for job in jobs} == {2}
+    for job in jobs:
+        shown = run_cli(
+            ["predict", str(tmp_path / "run" / "models" / job["id"]), "--input", "1800", "--json"]
+        )
+        assert shown.exit_code == 0, shown.stderr
+        assert json.loads(shown.stdout)[0]["output"] == pytest.approx(
+            job["predictions"][0]["output"], rel=1e-5
+        )

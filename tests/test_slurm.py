@@ -42,7 +42,10 @@ VENV = Path(sys.executable).parent.parent  # not resolved: the venv, not the int
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "scancel", "scontrol", "squeue", "sinfo")
 # Each torch job trains for about 3 s here: a cancel lands while one runs.
-SWEEP = "name: slurm\ndefaults: {{framework: torch, epochs: 30000}}\ngrid: {{seed: [{seeds}]}}\n"
+# packing off: these tests cancel and kill between one job finished and the next running.
+SWEEP = (
+    "name: slurm\ndefaults: {{framework: torch, epochs: 30000, packing: off}}\ngrid: {{seed: [{seeds}]}}\n"
+)
 
 
 def find_command(name: str) -> str | None:

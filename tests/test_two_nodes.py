@@ -65,7 +65,7 @@ def write_spec(directory, text):
 def test_four_one_gpu_jobs_land_on_both_nodes_never_sharing_a_gpu(two_nodes, tmp_path):
     spec = write_spec(
         tmp_path,
-        "name: spread\ndefaults: {epochs: 3000, gpus_per_job: 1}\n"
+        "name: spread\ndefaults: {epochs: 3000, gpus_per_job: 1, packing: off}\n"
         "grid: {framework: [tensorflow, torch], seed: [0, 1]}\n",
     )
     result = submit(two_nodes, tmp_path / "run", str(spec), "--wait-for-nodes", "2")
@@ -123,8 +123,9 @@ def test_a_node_lost_mid_sweep_has_its_jobs_retried_and_loses_no_finished_result
     output = tmp_path / "run"
     spec = write_spec(
         tmp_path,
-        "name: leave\ndefaults: {framework: torch, epochs: 40000, gpus_per_job: 1, retries: 1}\n"
-        "grid: {seed: [0, 1, 2, 3]}\n",
+        # packing off: each job holds its own GPU, so some land on the node that leaves.
+        "name: leave\ndefaults: {framework: torch, epochs: 40000, gpus_per_job: 1, retries: 1,"
+        " packing: off}\ngrid: {seed: [0, 1, 2, 3]}\n",
     )
     driver = subprocess.Popen(
         [RUNJOBS, "submit", str(spec), "--address", cluster.address, "--output", str(output),

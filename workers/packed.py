@@ -30,7 +30,7 @@ from workers.capture import captured_output
 from workers.data import Dataset
 from workers.devices import ray_gpu_ids
 from workers.distributed import SINGLE_WORKER
-from workers.entry import judged_result, process_start_time, start_times
+from workers.entry import export_model_files, judged_result, process_start_time, start_times
 from workers.frameworks.base import PackingUnsupported
 from workers.training import Scaling, TrainerOutcome, TrainingData, TrainingJob
 
@@ -118,7 +118,7 @@ def _train_pack(
             continue
         try:
             shared = _shared(outcome, size) if how["vectorised"] else outcome
-            result, _ = judged_result(
+            result, trained = judged_result(
                 job,
                 dataset,
                 plan,
@@ -131,6 +131,8 @@ def _train_pack(
                 queued_s,
                 startup_s / size,
             )
+            if job.save_models:  # --save-models: each member's model, as a job alone exports it
+                result["model_files"] = export_model_files(job, dataset, trained)
         except Exception as error:  # one member's judging failed: the others are still recorded
             traceback.print_exc()
             members.append({"status": "failed", "error": f"{type(error).__name__}: {error}"})
