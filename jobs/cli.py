@@ -663,13 +663,12 @@ def logs(directory, job_id, stream) -> None:
 
     job = _input(lambda: job_detail(directory, job_id))  # an unknown job names the known ones
     suffixes = {"both": (".out", ".err"), "stdout": (".out",), "stderr": (".err",)}[stream]
-    paths = [path for path in log_paths(directory, job_id) if path.suffix in suffixes]
     pack = ((job["record"] or {}).get("timings") or {}).get("pack") or {}
-    if not paths and pack.get("id"):
-        # A packed job's output is its pack's, kept once under the pack's name.
-        paths = [path for path in log_paths(directory, pack["id"]) if path.suffix in suffixes]
-        if paths:
-            click.echo(f"{job_id} trained in {pack['id']} with {pack.get('size')} jobs: the pack's output")
+    # A packed job's output is its pack's, kept once under the pack's name (a JOB.out beside
+    # it is an earlier run's, when the job last trained alone).
+    paths = [path for path in log_paths(directory, pack.get("id") or job_id) if path.suffix in suffixes]
+    if pack.get("id") and paths:
+        click.echo(f"{job_id} trained in {pack['id']} with {pack.get('size')} jobs: the pack's output")
     if not paths and job["state"] in ("pending", "running"):
         raise InputError(f"job {job_id} in {directory} is {job['state']}: its output is kept when it ends")
     if not paths:

@@ -15,6 +15,7 @@ Job on a head, or this process.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import secrets
 import shutil
@@ -480,14 +481,30 @@ def keeping_callbacks(
         if not quiet:
             progress.started(job_id)
 
+    # A pack's records are kept in one ledger transaction; the tracker (HTTP to MLflow)
+    # hears of them once it is committed, so the ledger is never held while it talks.
+    held_for_tracker: list[JobOutcome] = []
+
     def on_record(outcome: JobOutcome, quiet: bool) -> None:
         if listener is not None:
             listener.ended(outcome)
         keep_record(output_dir, ledger, outcome)
         if tracker is not None:
-            tracker.job_kept(outcome, output_dir)
+            if ledger.batching:
+                held_for_tracker.append(outcome)
+            else:
+                tracker.job_kept(outcome, output_dir)
         if not quiet:
             progress.ended(outcome.record)
+
+    @contextlib.contextmanager
+    def together():
+        try:
+            with ledger.batch():
+                yield
+        finally:
+            while held_for_tracker:
+                tracker.job_kept(held_for_tracker.pop(0), output_dir)
 
     def on_progress(latest: dict[str, list[float]]) -> None:
         ledger.set_meta(progress=finite_only(latest))  # for `runjobs status` while the run goes on
@@ -503,7 +520,7 @@ def keeping_callbacks(
         progress.say,
         ledger.set_meta,
         on_progress,
-        together=ledger.batch,
+        together=together,
         on_pack=on_pack,
     )
 

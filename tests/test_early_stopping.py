@@ -191,3 +191,12 @@ def test_on_ray_the_driver_stops_a_running_job_from_its_reports_shown_by_status(
     assert slow["status"] == "stopped" and 200 <= slow["stopped"]["epochs"] < 200000
     assert len(slow["loss"]["history"]) == slow["stopped"]["epochs"]
     assert json.loads(run_cli(["status", str(output), "--json"]).stdout)["progress"] == {}
+
+
+def test_a_thinned_history_joins_the_comparison_at_the_epochs_it_holds():
+    """A record past 100 epochs keeps only some epochs (history_epochs): each loss at its own epoch."""
+    policy = StoppingPolicy(StoppingRule("median", every=10, grace=20, min_jobs=2))
+    policy.ended("thinned", [9.0, 5.0, 4.0, 3.0], [1, 10, 25, 30])
+    assert policy.losses["thinned"] == {10: 5.0, 30: 3.0}
+    policy.ended("none of its epochs", [9.0, 8.0], [1, 7])
+    assert "none of its epochs" not in policy.losses

@@ -17,6 +17,7 @@ import pytest
 from jobs.plan.spec import make_spec
 from workers import frameworks, models
 from workers.data import load_dataset
+from workers.frameworks.base import PackingUnsupported
 from workers.training import Scaling, TrainingData
 
 DATA = "synthetic:rows=96,features=2,noise=0.1,seed=3,function=linear"
@@ -167,9 +168,25 @@ def test_a_user_model_that_cannot_vectorise_trains_its_pack_one_job_after_anothe
     path = tmp_path / "dropout.py"
     path.write_text(DROPOUT_MODEL)
     specs = specs_for("torch", SWEEP, model=str(path), epochs=5)
-    with pytest.raises(frameworks.base.PackingUnsupported, match="torch.func cannot vectorise"):
+    with pytest.raises(PackingUnsupported, match="torch.func cannot vectorise"):
         trained_alone_and_packed("torch", specs)
     result = run_pack(TrainingPack("pack-torch-test", tuple(specs)), load_dataset(DATA), time.time())
     assert result["pack"]["vectorised"] is False and "torch.func cannot vectorise" in result["pack"]["why"]
     assert [member["status"] for member in result["members"]] == ["succeeded"] * len(SWEEP)
     assert all(member["result"]["timings"]["pack"]["vectorised"] is False for member in result["members"])
+
+
+SEEDED_MODEL = """
+def build_torch(features, config):
+    import torch
+    width = 3 + config["seed"] % 2
+    return torch.nn.Sequential(torch.nn.Linear(features, width), torch.nn.Linear(width, 1))
+"""
+
+
+def test_a_user_model_built_otherwise_for_another_seed_is_not_vectorised(tmp_path):
+    path = tmp_path / "seeded.py"
+    path.write_text(SEEDED_MODEL)
+    specs = specs_for("torch", SWEEP, model=str(path), epochs=5)
+    with pytest.raises(PackingUnsupported, match="builds another model for seed 1"):
+        trained_alone_and_packed("torch", specs)

@@ -397,3 +397,24 @@ def test_a_real_submit_writes_both_frameworks_files_and_report_rebuilds_them(ray
     assert rebuilt.exit_code == 0, rebuilt.stderr
     assert len(event_files(output_dir)) == 2
     assert final_values() == first
+
+
+def test_a_run_past_the_limit_rebuilt_from_its_ledger_writes_its_seed_groups(tmp_path):
+    """runjobs report: the report's records are light (no per-epoch series), and still make the group runs."""
+    from jobs.record.ledger import Ledger
+    from jobs.record.records import empty_record
+    from jobs.report.files import rebuild_report
+
+    records = [
+        {**empty_record(record["id"], {**record["config"], "workers": 1}, "succeeded", None), **record}
+        for record in seed_sweep(MAX_JOB_RUNS // 5 + 1, frameworks=("torch",))  # one framework: no pairs
+    ]
+    with Ledger.open(tmp_path, for_writing=True) as ledger:
+        ledger.add_jobs([(record["id"], record["config"]) for record in records])
+        with ledger.batch():
+            for record in records:
+                ledger.mark(record["id"], "succeeded", record)
+    rebuild_report(tmp_path)
+    groups = sorted(path.name for path in (tmp_path / "tensorboard" / "seed_groups").iterdir())
+    assert len(groups) == 5 and "torch,lr=0.1" in groups
+    assert json.loads((tmp_path / "report.json").read_text())["jobs"][0]["history_epochs"] == [1, 10, 50, 100]

@@ -8,8 +8,9 @@ pack's (the pack's divided by its size, so a sweep's seconds still add up), and
 `timings.pack` holds the pack's own: its id, size, whether it was vectorised, and its
 start-up, set-up, train and predict seconds.
 
-A framework that cannot vectorise the pack's model (PackingUnsupported) trains the
-members one after another in the same task; their records say why. One member whose
+A framework that cannot vectorise the pack's model (PackingUnsupported), or whose
+vectorised program fails as a whole (out of memory), trains the members one after
+another in the same task; their records say why. One member whose
 judging fails is recorded failed with its error; the others are not held back.
 """
 
@@ -100,7 +101,12 @@ def _train_pack(
         )
         how = {"vectorised": True, "how": "trained as one vectorised program"}
         seconds = {key: getattr(outcomes[0], key) for key in ("setup_s", "train_s", "predict_s")}
-    except PackingUnsupported as why:
+    except Exception as error:
+        # A model the framework cannot vectorise, or a program that failed as a whole (out
+        # of memory on its device): each job trains alone, and fails alone if it fails.
+        if not isinstance(error, PackingUnsupported):
+            traceback.print_exc()
+        why = error if isinstance(error, PackingUnsupported) else f"the vectorised program failed: {error}"
         print(f"runjobs: {why}; its jobs train one after another", flush=True)
         how = {"vectorised": False, "why": str(why), "how": f"trained one job after another ({why})"}
         outcomes = [_train_alone(framework, job, plan, data, device) for job in pack.jobs]

@@ -174,7 +174,8 @@ class Ledger:
         """One state change, in one transaction; `running` counts an attempt."""
         assert state in STATES, state
         # orjson writes a non-finite float (a diverged job's NaN) as null, as finite_only does.
-        text = None if record is None else record_json(record)
+        # Text, not bytes: a BLOB is not JSON to every SQLite's json_extract (3.45.0 took it for JSONB).
+        text = None if record is None else record_json(record).decode()
         with self._transaction():
             self.connection.execute(
                 f"UPDATE jobs SET {self.status_column} = ?, record = COALESCE(?, record), updated_at = ?, "
@@ -294,13 +295,14 @@ class Ledger:
         if self.batching:
             yield
             return
-        self.connection.execute("BEGIN IMMEDIATE")
-        self.batching = True
         try:
+            self.connection.execute("BEGIN IMMEDIATE")
+            self.batching = True
             yield
         finally:
             self.batching = False
-            self.connection.execute("COMMIT")
+            if self.connection.in_transaction:
+                self.connection.execute("COMMIT")
 
     def _transaction(self):
         return contextlib.nullcontext() if self.batching else _Transaction(self.connection)

@@ -126,7 +126,10 @@ DISTRIBUTION_FIELDS = (
 
 
 def single_twin(record: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The succeeded single-device job that trained the same config as this variant job."""
+    """The succeeded single-device job that trained the same config as this variant job.
+
+    Not one trained in a pack: its train_s is its share of the pack's, not a time of its own.
+    """
 
     def training_fields(job: dict[str, Any]) -> dict[str, Any]:
         return {key: value for key, value in trained_config(job).items() if key not in DISTRIBUTION_FIELDS}
@@ -139,6 +142,7 @@ def single_twin(record: dict[str, Any], records: list[dict[str, Any]]) -> dict[s
             for job in records
             if job["variant"] == "single"
             and job["status"] == "succeeded"
+            and not (job.get("timings") or {}).get("pack")
             and training_fields(job) == training_fields(record)
         ),
         None,

@@ -192,10 +192,11 @@ def _weight_tags(feature_count: int) -> list[str]:
 
 
 def has_history(job: Mapping[str, Any]) -> bool:
-    """Whether the job has a run (job_history is not None), without copying its series."""
-    history = job.get("history")
-    if not history:
-        return False
+    """Whether the job has a run (job_history is not None), without copying its series.
+
+    A light record (jobs/report/files.py) has no `history` series but its loss history.
+    """
+    history = job.get("history") or {}
     return bool(
         (job.get("loss") or {}).get("history")
         or history.get("bias")
@@ -210,7 +211,7 @@ def job_history(job: Mapping[str, Any]) -> RunHistory | None:
     Each series gets one value per epoch of `history_epochs` (every epoch 1..N without
     it), padded with None where the record holds fewer.
     """
-    if not job.get("history"):
+    if not has_history(job):
         return None
     per_epoch = per_epoch_scalars(job)
     count = max(map(len, per_epoch.values()), default=0)

@@ -171,7 +171,9 @@ class Driver:
         self.dataset_refs: dict[int, Any] = {}
         self.executions: dict[Any, Execution] = {}  # pending ObjectRef -> its job's execution
         self.by_job: dict[str, Execution] = {}  # job id -> its execution, while it runs
-        self.delivering: JobOutcome | None = None  # a record on its way to on_record
+        # Records decided but not yet kept by on_record (a pack's members, in order): an
+        # interrupt finds them here and hands them over before anything is cancelled.
+        self.delivering: list[JobOutcome] = []
         self.scheduler: Scheduler | None = None
         # Early stopping (jobs/run/stopping.py): the run's board, an actor the jobs report
         # to, and the policy that reads it here; each running job's latest report.
@@ -374,7 +376,7 @@ class Driver:
         self.latest.pop(job_id, None)
         reason = self.stop_reasons.pop(job_id, None)
         loss = (result or {}).get("loss") or {}
-        self.policy.ended(job_id, loss.get("history"))
+        self.policy.ended(job_id, loss.get("history"), (result or {}).get("history_epochs"))
         if result is not None and result.get("stopped"):
             result["stopped"]["reason"] = reason or "stopped by the stopping rule"
             result["stopped"]["rule"] = self.stopping.described()
@@ -397,8 +399,8 @@ class Driver:
         start is not lost; a record the interrupt caught on its way to on_record is handed
         over again (on_record is idempotent).
         """
-        if self.delivering is not None:
-            self._deliver(self.delivering)
+        for outcome in list(self.delivering):
+            self._deliver(outcome)
         cancellation = self.scheduler.cancel(reason)
         self._carry_out(cancellation.decisions)
         return RunInterrupted(cancellation.running, cancellation.pending, requested)
@@ -587,6 +589,8 @@ class Driver:
                 entry = members[index]
                 status, error = entry["status"], entry.get("error")
                 fields = dict(entry.get("result") or {})
+            elif decision.status == "succeeded":
+                status, error, fields = "failed", "its pack's result held no outcome for it", {}
             else:
                 status, error, fields = decision.status, decision.error, {}
             if not fields.get("timings"):
@@ -598,19 +602,29 @@ class Driver:
             outcome = planned_outcome(member, status, error, fields)
             outcome.record["timings"]["total_s"] = decision.total_s
             outcomes.append(outcome)
-        with self.together():
-            for outcome in outcomes:
-                self._deliver(outcome, quiet=self.on_pack is not None)
-        if self.on_pack is not None and outcomes:
-            self.on_pack(decision.job, outcomes)
+        # Every member is on its way before the first is kept: an interrupt while they are
+        # kept finds the rest in `delivering`, so no trained member is recorded cancelled.
+        self.delivering.extend(outcomes)
+        kept = []
+        try:
+            with self.together():
+                for outcome in outcomes:
+                    self._deliver(outcome, quiet=self.on_pack is not None)
+                    kept.append(outcome)
+        finally:
+            # Shown once, with what was kept (all of it, unless an interrupt cut in).
+            if self.on_pack is not None and kept:
+                self.on_pack(decision.job, kept)
 
     def _deliver(self, outcome: JobOutcome, quiet: bool = False) -> None:
         # The scheduler hears of the record only once on_record has kept it: an interrupt
         # in between finds it in `delivering` and hands it over again.
-        self.delivering = outcome
+        if not any(item is outcome for item in self.delivering):
+            self.delivering.append(outcome)
         self.on_record(outcome, quiet)
         self.scheduler.recorded(outcome.id, outcome.status)
-        self.delivering = None
+        # By identity: a pack's members are delivered in order, so this is the first.
+        del self.delivering[next(index for index, item in enumerate(self.delivering) if item is outcome)]
 
     # Ray's outcomes, reported to the scheduler.
 

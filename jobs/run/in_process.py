@@ -112,6 +112,10 @@ class InProcessSession:
                 outcome = planned_outcome(job, "failed", describe_error(error), extra)
             outcome.record["timings"]["total_s"] = time.time() - submitted_at
             if policy is not None:
-                policy.ended(job.id, (outcome.record.get("loss") or {}).get("history"))
+                policy.ended(
+                    job.id,
+                    (outcome.record.get("loss") or {}).get("history"),
+                    outcome.record.get("history_epochs"),
+                )
             callbacks.on_record(outcome, False)
         return RunSummary(CLUSTER, {"jobs_s": time.perf_counter() - started})

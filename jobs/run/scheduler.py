@@ -343,7 +343,7 @@ class Scheduler:
         return Cancellation(
             decisions,
             sum(len(run.job.jobs) for run in running),
-            sum(len(job.jobs) for job in never_started),
+            sum(1 for job in never_started for member in job.jobs if member.id not in self.kept_statuses),
         )
 
     def recorded(self, job_id: str, status: str) -> None:

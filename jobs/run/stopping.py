@@ -63,17 +63,32 @@ class StoppingPolicy:
         for at_rung in self.rung_losses.values():
             at_rung.pop(job_id, None)
 
-    def ended(self, job_id: str, loss_history: list[float] | None) -> None:
-        """A job ended (any status): its per-epoch losses join the comparison base."""
+    def ended(
+        self, job_id: str, loss_history: list[float] | None, history_epochs: list[int] | None = None
+    ) -> None:
+        """A job ended (any status): its per-epoch losses join the comparison base.
+
+        `history_epochs`: the epochs a thinned history holds (a record's, past 100 epochs);
+        only the rule's epochs it holds are compared.
+        """
         if not loss_history:
             return
-        kept = self.losses.setdefault(job_id, {})
-        for epoch in range(self.rule.every, len(loss_history) + 1, self.rule.every):
-            kept.setdefault(epoch, _worst_if_not_finite(float(loss_history[epoch - 1])))
-        for rung in self.rule.rungs_up_to(len(loss_history)):
-            self.rung_losses.setdefault(rung, {}).setdefault(
-                job_id, _worst_if_not_finite(float(loss_history[rung - 1]))
-            )
+        by_epoch = dict(zip(history_epochs or range(1, len(loss_history) + 1), loss_history))
+        last = max(by_epoch)
+        points = {
+            epoch: _worst_if_not_finite(float(by_epoch[epoch]))
+            for epoch in range(self.rule.every, last + 1, self.rule.every)
+            if epoch in by_epoch
+        }
+        if points:  # a job with none of the rule's epochs takes no part (the rule reads max(epochs))
+            kept = self.losses.setdefault(job_id, {})
+            for epoch, loss in points.items():
+                kept.setdefault(epoch, loss)
+        for rung in self.rule.rungs_up_to(last):
+            if rung in by_epoch:
+                self.rung_losses.setdefault(rung, {}).setdefault(
+                    job_id, _worst_if_not_finite(float(by_epoch[rung]))
+                )
 
     def _median(self, job_id: str, epoch: int) -> str | None:
         own = self.losses[job_id]

@@ -540,7 +540,7 @@ def _starts(specs: list[JobSettings], plan: ModelPlan, template: torch.nn.Module
     first_spec = specs[0]
     dtype = getattr(torch, first_spec.dtype)
     named = list(template.named_parameters())
-    if first_spec.initial_value is not None and not first_spec.shared_start:
+    if plan.user is None and first_spec.initial_value is not None and not first_spec.shared_start:
         values = torch.tensor([spec.initial_value for spec in specs], dtype=dtype)
         return {
             name: values.reshape(-1, *([1] * parameter.dim())).expand(len(specs), *parameter.shape).clone()
@@ -553,9 +553,11 @@ def _starts(specs: list[JobSettings], plan: ModelPlan, template: torch.nn.Module
             name: canonical_stack(torch.from_numpy(np.stack([member[index] for member in drawn])))
             for index, (name, _) in enumerate(named)
         }
-    # The framework's own initialiser (or a user model's shared start): each job's module,
-    # built after its own seed, as it is alone.
+    # The framework's own initialiser, or a user model: each job's module, built after its
+    # own seed, as it is alone. A user's builder sees the seed and may build another model
+    # for another seed; the pack runs the template's code, so every member must match it.
     members = []
+    template_buffers = dict(template.named_buffers())
     for spec in specs:
         # The CPU generator alone: a module is initialised on the CPU, and torch.manual_seed
         # would also queue a seed for every lazily initialised accelerator, with a stack
@@ -563,8 +565,26 @@ def _starts(specs: list[JobSettings], plan: ModelPlan, template: torch.nn.Module
         torch.random.default_generator.manual_seed(spec.seed)
         member = build_model(spec, plan)
         initialise_parameters(spec, plan, member)
+        if plan.user is not None:
+            _check_same_model(plan, spec, template, template_buffers, member)
         members.append(dict(member.named_parameters()))
     return {name: torch.stack([member[name].detach() for member in members]) for name, _ in named}
+
+
+def _check_same_model(plan, spec, template, template_buffers, member) -> None:
+    """A user model's member as the pack's template is: the same parameters' shapes, the same buffers."""
+    shapes = [(name, tuple(parameter.shape)) for name, parameter in member.named_parameters()]
+    template_shapes = [(name, tuple(parameter.shape)) for name, parameter in template.named_parameters()]
+    buffers = dict(member.named_buffers())
+    same_buffers = buffers.keys() == template_buffers.keys() and all(
+        buffers[name].shape == template_buffers[name].shape
+        and torch.equal(buffers[name].to(template_buffers[name].device), template_buffers[name])
+        for name in buffers
+    )
+    if shapes != template_shapes or not same_buffers:
+        raise PackingUnsupported(
+            f"{plan.name} builds another model for seed {spec.seed} than for the pack's first job"
+        )
 
 
 def canonical_stack(parameter: torch.Tensor) -> torch.Tensor:
