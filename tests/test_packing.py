@@ -245,3 +245,14 @@ def test_a_packed_sweep_saves_every_members_model(ray_session, tmp_path):
         assert json.loads(shown.stdout)[0]["output"] == pytest.approx(
             job["predictions"][0]["output"], rel=1e-5
         )
+
+
+def test_packing_off_in_a_spec_file_is_the_word_yaml_reads_as_false(tmp_path):
+    spec = write(tmp_path, "defaults: {framework: torch, packing: off}\ngrid: {seed: [0, 1, 2]}\n")
+    shown = run_cli(["submit", str(spec), "--dry-run"], tmp_path / "run")
+    assert shown.exit_code == 0, shown.stderr
+    assert "0 pack(s) of 0 job(s), 3 job(s) alone" in shown.stdout and "(packing: off)" in shown.stdout
+    refused = run_cli(
+        ["submit", str(write(tmp_path, "defaults: {packing: sometimes}\n", "bad.yaml")), "--dry-run"]
+    )
+    assert refused.exit_code == 2 and "packing='sometimes': choose one of auto, off" in refused.stderr

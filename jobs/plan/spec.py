@@ -49,6 +49,16 @@ OPTIMIZERS = ("adam", "sgd")
 PLACEMENTS = ("pack", "spread")
 LOOPS = ("fast", "article")
 PACKING = ("auto", "off")  # jobs/plan/packing.py
+
+
+def _packing_from_document(value: Any) -> Any:
+    """YAML reads `packing: off` as false (and on, yes, true as true): the words meant."""
+    if isinstance(value, bool):
+        return "auto" if value else "off"
+    return value
+
+
+PACKING_KIND = dataclasses.replace(choice(*PACKING), from_document=_packing_from_document)
 INIT_KEYWORDS = ("framework", "zeros", "shared")
 ACTIVATIONS = models.ACTIVATIONS
 DTYPES = models.DTYPES
@@ -183,7 +193,7 @@ class JobSpec:
     )
     packing: str = job_field(
         "auto",
-        choice(*PACKING),
+        PACKING_KIND,
         "auto: train single-device jobs that differ only in lr, betas, epsilon, seed or init value "
         "together, as one vectorised program per worker (each still its own job and record); "
         "off: every job trains alone.",
@@ -221,6 +231,7 @@ class JobSpec:
         _require_choice("optimizer", self.optimizer, OPTIMIZERS)
         _require_choice("loop", self.loop, LOOPS)
         _require_choice("placement", self.placement, PLACEMENTS)
+        _require_choice("packing", self.packing, PACKING)
         for declared in FIELDS.values():
             _require_kind(declared, getattr(self, declared.name))
         if self.label is not None and not (0 < len(self.label) <= 200 and self.label.isprintable()):
