@@ -14,6 +14,7 @@ import socket
 import statistics
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,18 +56,29 @@ def run_job(
     the exception as `runjobs_logs`, with the traceback at the end of stderr.
     """
     entered_at = time.time()
+
+    def train() -> dict[str, Any]:
+        print(
+            f"runjobs: {spec.framework} {spec.variant} job, rank {context.rank} of {context.world_size}, "
+            f"on {socket.gethostname()} (pid {os.getpid()})",
+            flush=True,
+        )
+        result, trained = _train(spec, dataset, submitted_at, context, entered_at, monitor)
+        print(f"runjobs: {result['convergence']}, final loss {result['loss']['final']:.6g}", flush=True)
+        # --save-models: every rank learned the same parameters, so rank 0 exports.
+        if spec.save_models and context.rank == 0:
+            result["model_files"] = export_model_files(spec, dataset, trained)
+        return result
+
+    return with_captured_logs(train)
+
+
+def with_captured_logs(body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """`body()`'s result with its stdout and stderr as `logs`; when it raises, they ride on the
+    exception as `runjobs_logs`, with the traceback at the end of stderr (a job's, a pack's)."""
     with captured_output() as output:
         try:
-            print(
-                f"runjobs: {spec.framework} {spec.variant} job, rank {context.rank} of {context.world_size}, "
-                f"on {socket.gethostname()} (pid {os.getpid()})",
-                flush=True,
-            )
-            result, trained = _train(spec, dataset, submitted_at, context, entered_at, monitor)
-            print(f"runjobs: {result['convergence']}, final loss {result['loss']['final']:.6g}", flush=True)
-            # --save-models: every rank learned the same parameters, so rank 0 exports.
-            if spec.save_models and context.rank == 0:
-                result["model_files"] = export_model_files(spec, dataset, trained)
+            result = body()
         except BaseException as error:
             traceback.print_exc()
             failure = error

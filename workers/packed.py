@@ -27,11 +27,16 @@ from typing import Any
 import numpy as np
 
 from workers import frameworks, models
-from workers.capture import captured_output
 from workers.data import Dataset
 from workers.devices import ray_gpu_ids
 from workers.distributed import SINGLE_WORKER
-from workers.entry import export_model_files, judged_result, process_start_time, start_times
+from workers.entry import (
+    export_model_files,
+    judged_result,
+    process_start_time,
+    start_times,
+    with_captured_logs,
+)
 from workers.frameworks.base import PackingUnsupported
 from workers.training import Scaling, TrainerOutcome, TrainingData, TrainingJob
 
@@ -57,26 +62,18 @@ def run_pack(pack: TrainingPack, dataset: Dataset, submitted_at: float) -> dict[
     raises, they ride on the exception as `runjobs_logs`, as a job's do.
     """
     entered_at = time.time()
-    with captured_output() as output:
-        try:
-            first = pack.jobs[0]
-            print(
-                f"runjobs: {pack.id}, {len(pack.jobs)} {first.framework} jobs trained together, "
-                f"on {socket.gethostname()} (pid {os.getpid()})",
-                flush=True,
-            )
-            result = _train_pack(pack, dataset, submitted_at, entered_at)
-            print(f"runjobs: {pack.id} {result['pack']['how']}", flush=True)
-        except BaseException as error:
-            traceback.print_exc()
-            failure = error
-        else:
-            failure = None
-    if failure is not None:
-        failure.runjobs_logs = output.as_dict()
-        raise failure
-    result["logs"] = output.as_dict()
-    return result
+
+    def train() -> dict[str, Any]:
+        print(
+            f"runjobs: {pack.id}, {len(pack.jobs)} {pack.framework} jobs trained together, "
+            f"on {socket.gethostname()} (pid {os.getpid()})",
+            flush=True,
+        )
+        result = _train_pack(pack, dataset, submitted_at, entered_at)
+        print(f"runjobs: {pack.id} {result['pack']['how']}", flush=True)
+        return result
+
+    return with_captured_logs(train)
 
 
 def _train_pack(

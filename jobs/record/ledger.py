@@ -190,22 +190,8 @@ class Ledger:
         return {key: json.loads(value) for key, value in rows}
 
     def jobs(self) -> list[LedgerJob]:
-        rows = self.connection.execute(
-            f"SELECT id, position, config, {self.status_column}, attempts, record, updated_at "
-            "FROM jobs ORDER BY position"
-        ).fetchall()
-        return [
-            LedgerJob(
-                row[0],
-                row[1],
-                orjson.loads(row[2]),
-                row[3],
-                row[4],
-                orjson.loads(row[5]) if row[5] else None,
-                row[6],
-            )
-            for row in rows
-        ]
+        rows = self.connection.execute(f"SELECT {self._job_columns()} FROM jobs ORDER BY position").fetchall()
+        return [_job_of_row(row) for row in rows]
 
     def summaries(self) -> list[dict[str, Any]]:
         """Each job's id, status, attempts, convergence, train_s and total_s, in job order.
@@ -224,24 +210,16 @@ class Ledger:
     def job(self, job_id: str) -> LedgerJob | None:
         """One job, or None when the ledger has no job of that id."""
         row = self.connection.execute(
-            f"SELECT id, position, config, {self.status_column}, attempts, record, updated_at "
-            "FROM jobs WHERE id = ?",
-            (job_id,),
+            f"SELECT {self._job_columns()} FROM jobs WHERE id = ?", (job_id,)
         ).fetchone()
-        if row is None:
-            return None
-        return LedgerJob(
-            row[0],
-            row[1],
-            orjson.loads(row[2]),
-            row[3],
-            row[4],
-            orjson.loads(row[5]) if row[5] else None,
-            row[6],
-        )
+        return None if row is None else _job_of_row(row)
 
     def job_ids(self) -> list[str]:
         return [row[0] for row in self.connection.execute("SELECT id FROM jobs ORDER BY position")]
+
+    def _job_columns(self, record: str = "record") -> str:
+        """A jobs-table row as _job_of_row reads it; `record`: the expression selected for the record."""
+        return f"id, position, config, {self.status_column}, attempts, {record}, updated_at"
 
     def cancel_requested(self) -> bool:
         """Whether `runjobs cancel` asked this driver (not an earlier one) to stop."""
@@ -264,18 +242,13 @@ class Ledger:
         """
         if not light:
             return [job.record or stub_record(job) for job in self.jobs()]
-        rows = self.connection.execute(
-            f"SELECT id, position, config, {self.status_column}, attempts, "
-            "json_remove(record, '$.history'), updated_at FROM jobs ORDER BY position"
-        ).fetchall()
+        columns = self._job_columns(record="json_remove(record, '$.history')")
+        rows = self.connection.execute(f"SELECT {columns} FROM jobs ORDER BY position").fetchall()
         return [orjson.loads(row[5]) if row[5] else _stub_of_row(row) for row in rows]
 
     def raw_records(self, job_ids: set[str] | None = None) -> Iterator[tuple[str, bytes]]:
         """(id, record as compact JSON) of every job (or of `job_ids`), in job order, unparsed."""
-        rows = self.connection.execute(
-            f"SELECT id, position, config, {self.status_column}, attempts, record, updated_at "
-            "FROM jobs ORDER BY position"
-        )
+        rows = self.connection.execute(f"SELECT {self._job_columns()} FROM jobs ORDER BY position")
         for row in rows:
             if job_ids is not None and row[0] not in job_ids:
                 continue
@@ -410,9 +383,16 @@ class _Transaction:
         self.connection.execute("ROLLBACK" if exc_type else "COMMIT")
 
 
+def _job_of_row(row: tuple) -> LedgerJob:
+    """A jobs-table row (Ledger._job_columns) as a LedgerJob, its config and record parsed."""
+    return LedgerJob(
+        row[0], row[1], orjson.loads(row[2]), row[3], row[4], orjson.loads(row[5]) if row[5] else None, row[6]
+    )
+
+
 def _stub_of_row(row: tuple) -> dict[str, Any]:
-    """The stub record of a jobs-table row (id, position, config, status, attempts, record, updated_at)."""
-    return stub_record(LedgerJob(row[0], row[1], orjson.loads(row[2]), row[3], row[4], None, row[6]))
+    """The stub record of a jobs-table row that has no record yet."""
+    return stub_record(_job_of_row(row))
 
 
 def stub_record(job: LedgerJob) -> dict[str, Any]:
